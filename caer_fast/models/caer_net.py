@@ -1,0 +1,154 @@
+"""CAER-Net (video, 3-D) and CAER-Net-S (image, 2-D).
+
+Both share one layout, the community CAER-S model's (``two_stream_net`` with the face, context and
+attention encoders; ``fusion_net`` with the adaptive fusion), so that its state_dicts load strictly
+into :class:`CAERSNet` and the video model reads the same way.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..constants import CLIP_FRAMES, NUM_CLASSES
+from ..ops import adaptive_fusion, attention_pool
+
+ENCODER_WIDTHS = (3, 32, 64, 128, 256, 256)
+ATTENTION_WIDTHS = (256, 128, 1)
+
+
+class Encoder(nn.Module):
+    """[conv k3 p1 → BN → ReLU] per layer, max-pool after every layer but the last (if pooling)."""
+
+    def __init__(self, widths: Sequence[int], dims: int = 2, pool: bool = True,
+                 pool_sizes: Sequence = ()):
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+        n = len(widths) - 1
+        self.convs = nn.ModuleList(conv(widths[i], widths[i + 1], 3, padding=1) for i in range(n))
+        self.bn = nn.ModuleList(norm(widths[i + 1]) for i in range(n))
+        self.dims = dims
+        # one max-pool size per pooled layer (all but the last); default 2 in every dimension
+        if not pool:
+            self.pool_sizes = ()
+        else:
+            self.pool_sizes = tuple(pool_sizes) or (2,) * (n - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = F.max_pool2d if self.dims == 2 else F.max_pool3d
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bn)):
+            x = F.relu(bn(conv(x)))
+            if i < len(self.pool_sizes):
+                x = pool(x, self.pool_sizes[i])
+        return x
+
+
+class TwoStreamNetwork(nn.Module):
+    def __init__(self, dims: int = 2, pool_sizes: Sequence = ()):
+        super().__init__()
+        self.face_encoding_module = Encoder(ENCODER_WIDTHS, dims, pool_sizes=pool_sizes)
+        self.context_encoding_module = Encoder(ENCODER_WIDTHS, dims, pool_sizes=pool_sizes)
+        self.attention_inference_module = Encoder(ATTENTION_WIDTHS, dims, pool=False)
+
+    def forward(self, face: torch.Tensor, context: torch.Tensor):
+        """Returns pooled face N×256, attended context N×256 and the attention map N×1×(S…)."""
+        face = self.face_encoding_module(face)
+        face = face.flatten(2).mean(dim=-1)
+        context = self.context_encoding_module(context)
+        logits = self.attention_inference_module(context)
+        context, attention = attention_pool(context, logits, return_attention=True)
+        return face, context, attention
+
+
+class FusionNetwork(nn.Module):
+    def __init__(self, use_face: bool = True, use_context: bool = True, concat: bool = False,
+                 num_class: int = NUM_CLASSES):
+        super().__init__()
+        self.face_bn = nn.BatchNorm1d(256)
+        self.context_bn = nn.BatchNorm1d(256)
+        self.use_face, self.use_context, self.concat = use_face, use_context, concat
+        self.face_1 = nn.Linear(256, 128)
+        self.face_2 = nn.Linear(128, 1)
+        self.context_1 = nn.Linear(256, 128)
+        self.context_2 = nn.Linear(128, 1)
+        self.fc1 = nn.Linear(512, 128)
+        self.fc2 = nn.Linear(128, num_class)
+        self.dropout = nn.Dropout()
+
+    def forward(self, face: torch.Tensor, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns logits and the N×2 fusion weights (λ_face, λ_context)."""
+        face, context = self.face_bn(face), self.context_bn(context)
+        if self.concat:
+            features = torch.cat([face, context], dim=-1)
+            weights = torch.full((face.shape[0], 2), 0.5, dtype=face.dtype, device=face.device)
+        else:
+            face_score = self.face_2(F.relu(self.face_1(face)))
+            context_score = self.context_2(F.relu(self.context_1(context)))
+            features, weights = adaptive_fusion(face, context, face_score, context_score, return_weights=True)
+        if not (self.use_face and self.use_context):  # ablations: drop a stream after weighting
+            f, c = features.split([face.shape[1], context.shape[1]], dim=-1)
+            features = torch.cat([f if self.use_face else torch.zeros_like(f),
+                                  c if self.use_context else torch.zeros_like(c)], dim=-1)
+        features = self.dropout(F.relu(self.fc1(features)))
+        return self.fc2(features), weights
+
+
+class _CAERBase(nn.Module):
+    def forward(self, face: torch.Tensor, context: torch.Tensor, return_details: bool = False):
+        face_vec, context_vec, attention = self.two_stream_net(face, context)
+        logits, weights = self.fusion_net(face_vec, context_vec)
+        if return_details:
+            return logits, {"attention": attention, "fusion_weights": weights}
+        return logits
+
+
+class CAERSNet(_CAERBase):
+    """CAER-Net-S, the image model: face N×3×96×96 and context N×3×112×112 → N×7 logits.
+
+    Module names, constructor arguments and state_dict are the community model's, so its
+    checkpoints load strictly (see :func:`caer_fast.load_checkpoint`).
+
+    Example:
+        >>> model = CAERSNet().eval()
+        >>> logits, details = model(torch.randn(2, 3, 96, 96), torch.randn(2, 3, 112, 112), return_details=True)
+        >>> logits.shape, details["attention"].shape, details["fusion_weights"].shape
+        (torch.Size([2, 7]), torch.Size([2, 1, 7, 7]), torch.Size([2, 2]))
+    """
+
+    def __init__(self, use_face: bool = True, use_context: bool = True, concat: bool = False,
+                 num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.two_stream_net = TwoStreamNetwork(dims=2)
+        self.fusion_net = FusionNetwork(use_face, use_context, concat, num_classes)
+
+
+class CAERNet(_CAERBase):
+    """CAER-Net, the video model: face clips N×3×T×96×96, context clips N×3×T×112×112 → N×7 logits.
+
+    3-D convolutions; the first max-pool is spatial only (1×2×2, the C3D choice), the next three
+    halve time too, so 16-frame clips give 2×6×6 face and 2×7×7 context maps; the attention
+    softmax runs over space-time.
+
+    Example:
+        >>> model = CAERNet().eval()
+        >>> model(torch.randn(1, 3, 16, 96, 96), torch.randn(1, 3, 16, 112, 112)).shape
+        torch.Size([1, 7])
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES, frames: int = CLIP_FRAMES, use_face: bool = True,
+                 use_context: bool = True, concat: bool = False):
+        super().__init__()
+        self.frames = frames
+        self.two_stream_net = TwoStreamNetwork(dims=3, pool_sizes=((1, 2, 2), 2, 2, 2))
+        self.fusion_net = FusionNetwork(use_face, use_context, concat, num_classes)
+
+    def forward(self, face: torch.Tensor, context: torch.Tensor, return_details: bool = False):
+        if face.dim() != 5 or context.dim() != 5:
+            raise ValueError(f"CAERNet takes clips N×3×T×H×W, got face {tuple(face.shape)} and "
+                             f"context {tuple(context.shape)}")
+        if face.shape[2] < 8:
+            raise ValueError(f"CAERNet needs clips of at least 8 frames (three temporal pools), got {face.shape[2]}")
+        return super().forward(face, context, return_details)

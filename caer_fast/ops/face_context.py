@@ -1,0 +1,96 @@
+"""`face_context`: face crop and face-masked context from uint8 frames, in one op.
+
+The torch backend below is the readable reference the fused backends are tested against.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..constants import CONTEXT_SIZE, FACE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from . import _dispatch
+
+
+def _check_inputs(frames: torch.Tensor, boxes: torch.Tensor) -> None:
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+        raise ValueError(
+            f"face_context: frames must be uint8 N×H×W×3 (RGB), got {tuple(frames.shape)} {frames.dtype}")
+    if boxes.dim() != 2 or boxes.shape != (frames.shape[0], 4):
+        raise ValueError(f"face_context: boxes must be N×4 xyxy with N={frames.shape[0]}, got {tuple(boxes.shape)}")
+    if boxes.is_floating_point():
+        raise ValueError("face_context: boxes must be integer pixels (xyxy)")
+
+
+def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Clip xyxy boxes to the frame; boxes with no area become (0, 0, 0, 0)."""
+    b = boxes.to(torch.int64).clone()
+    b[:, 0::2] = b[:, 0::2].clamp(0, width)
+    b[:, 1::2] = b[:, 1::2].clamp(0, height)
+    empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    b[empty] = 0
+    return b
+
+
+def face_context_reference(frames, boxes, face_size=FACE_SIZE, context_size=CONTEXT_SIZE,
+                           crop: Optional[Tuple[int, int, int, int]] = None,
+                           mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                           antialias: bool = True, dtype: torch.dtype = torch.float32):
+    """Per-frame PyTorch reference of :func:`face_context` (float32 math, then cast)."""
+    _check_inputs(frames, boxes)
+    n, h, w, _ = frames.shape
+    boxes = clip_boxes(boxes, h, w).tolist()
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=frames.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=frames.device).view(3, 1, 1)
+    faces = torch.zeros(n, 3, *face_size, dtype=torch.float32, device=frames.device)
+    contexts = []
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        img = frames[i].permute(2, 0, 1).float()  # 3×H×W in [0, 255]
+        if x2 > x1 and y2 > y1:
+            face = F.interpolate(img[None, :, y1:y2, x1:x2], size=face_size, mode="bilinear",
+                                 align_corners=False, antialias=antialias)[0]
+            faces[i] = (face / 255.0 - mean_t) / std_t
+            img = img.clone()
+            img[:, y1:y2, x1:x2] = 0
+        ctx = F.interpolate(img[None], size=context_size, mode="bilinear", align_corners=False,
+                            antialias=antialias)[0]
+        contexts.append((ctx / 255.0 - mean_t) / std_t)
+    context = torch.stack(contexts) if contexts else torch.zeros(0, 3, *context_size, device=frames.device)
+    if crop is not None:
+        top, left, ch, cw = crop
+        context = context[:, :, top:top + ch, left:left + cw]
+    return faces.to(dtype), context.contiguous().to(dtype)
+
+
+def face_context(frames: torch.Tensor, boxes: torch.Tensor, face_size=FACE_SIZE, context_size=CONTEXT_SIZE,
+                 crop: Optional[Tuple[int, int, int, int]] = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, antialias: bool = True,
+                 dtype: torch.dtype = torch.float32):
+    """Face crop and face-masked context, normalised, from uint8 RGB frames.
+
+    Args:
+        frames: uint8 N×H×W×3 (clips: N·T×H×W×3).
+        boxes: integer N×4 xyxy pixel boxes, clipped to the frame; an empty box means "no face"
+            (the face output is zeros and nothing is masked).
+        face_size: (h, w) of the face output.
+        context_size: (h, w) the masked frame is resized to.
+        crop: optional (top, left, height, width) crop of the resized context.
+
+    Returns:
+        (face N×3×fh×fw, context N×3×h×w), normalised with ``mean``/``std``.
+
+    Example:
+        >>> frames = torch.randint(0, 256, (2, 400, 712, 3), dtype=torch.uint8)
+        >>> boxes = torch.tensor([[300, 80, 420, 220], [0, 0, 0, 0]])
+        >>> face, context = face_context(frames, boxes, crop=(8, 29, 112, 112))
+        >>> face.shape, context.shape
+        (torch.Size([2, 3, 96, 96]), torch.Size([2, 3, 112, 112]))
+    """
+    _check_inputs(frames, boxes)
+    impl = _dispatch.implementation("face_context", frames)
+    return impl(frames, boxes, tuple(face_size), tuple(context_size), None if crop is None else tuple(crop),
+                tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(antialias), dtype)
+
+
+_dispatch.register("face_context", "torch", face_context_reference)

@@ -1,0 +1,54 @@
+"""Build and install caer_fast.
+
+Install with ``pip install --no-build-isolation -e .`` (build isolation would pull a CUDA torch).
+The CPU extension ``caer_fast._C`` (csrc/cpu/*.cpp) is built on every machine. The CUDA sources
+(csrc/cuda/*.cu) are compiled in only where a CUDA build of torch and nvcc exist; set
+``CAER_FAST_BUILD_CUDA=0`` to skip them, ``CAER_FAST_BUILD_EXT=0`` to build no extension at all.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions():
+    if os.environ.get("CAER_FAST_BUILD_EXT", "1") == "0":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    if not cpu_sources:
+        return [], {}
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    build_cuda = (os.environ.get("CAER_FAST_BUILD_CUDA", "1") != "0" and torch.version.cuda is not None
+                  and shutil.which("nvcc") is not None)
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if build_cuda else []
+    if cuda_sources:
+        ext = CUDAExtension("caer_fast._C", cpu_sources + cuda_sources,
+                            include_dirs=[os.path.join(HERE, "csrc")],
+                            define_macros=[("CAER_FAST_WITH_CUDA", "1")],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+                            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("caer_fast._C", cpu_sources, include_dirs=[os.path.join(HERE, "csrc")],
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="caer_fast",
+    version="0.1.0",
+    description="Fast CAER-Net: context-aware emotion recognition from video, with fused kernels",
+    python_requires=">=3.10",
+    packages=find_packages(include=["caer_fast", "caer_fast.*"]) + ["caer_fast.kernels"],
+    package_dir={"caer_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
