@@ -1,0 +1,379 @@
+"""Train and evaluate CAER-Net (video) or CAER-Net-S (image).
+
+    python -m caer_fast.train --demo                              # built-in demo data, face-only vs face+context
+    python -m caer_fast.train --data CAER --model caer -b 32      # the video model on CAER
+    python -m caer_fast.train --data CAER-S --model caers --epochs 30 --output-dir runs/caers
+    python -m caer_fast.train --data CAER --resume runs/x/checkpoint.pth --output-dir runs/x
+    python -m caer_fast.train --data CAER --test-only --resume runs/x/checkpoint.pth
+    torchrun --nproc_per_node=2 -m caer_fast.train --data CAER ...   # multi-process (DDP)
+
+Each epoch writes ``checkpoint.pth`` atomically (model, optimizer, lr_scheduler, epoch, args, …);
+``--resume`` continues from it exactly: data order and augmentation are seeded per epoch.
+Evaluation reports clip and video top-1 (video = mean of its clips' probabilities), per-class
+accuracy, ``metrics.json`` and confusion-matrix PNGs in ``--output-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .constants import CLASSES, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE
+
+# The demo trains on small inputs so two trainings finish in minutes on a 2-core CPU.
+DEMO_SETTINGS = dict(clip_frames=8, face_size=48, context_size=(64, 86), crop=56, epochs=10, batch_size=8,
+                     lr=0.01)
+
+
+def _size_pair(text: str):
+    parts = [int(p) for p in str(text).lower().replace("x", ",").split(",") if p]
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+    return parts[0], parts[1]
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m caer_fast.train", add_help=add_help,
+        description="Train and evaluate CAER-Net (video, --model caer) or CAER-Net-S (image, --model caers).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Example: python -m caer_fast.train --demo    |    "
+               "torchrun --nproc_per_node=2 -m caer_fast.train --data CAER --model caer")
+    p.add_argument("--data", type=Path, default=None,
+                   help="dataset root: a CAER tree ({train,validation,test}/<Emotion>/*.avi + <split>.faces.csv) "
+                        "or a CAER-S tree ({train,test}/<Emotion>/*.png + <split>.txt)")
+    p.add_argument("--model", choices=("caer", "caers"), default="caer",
+                   help="caer: video CAER-Net (3-D); caers: image CAER-Net-S")
+    p.add_argument("--streams", choices=("both", "face", "context"), default="both",
+                   help="ablation: use both streams, or only the face / only the context")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="batch size per process")
+    p.add_argument("--lr", type=float, default=5e-3, help="SGD learning rate (paper: 5e-3)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4)
+    p.add_argument("--lr-step-size", type=int, default=4, help="divide the lr by --lr-gamma every N epochs")
+    p.add_argument("--lr-gamma", type=float, default=0.1)
+    p.add_argument("-j", "--workers", type=int, default=2, help="data loading worker processes")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (first compile takes a while)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--loader", choices=("torch", "dali"), default="torch",
+                   help="torch: PyAV decoding in DataLoader workers; dali: NVIDIA DALI (needs nvidia-dali)")
+    p.add_argument("--output-dir", type=Path, default=Path("runs/latest"))
+    p.add_argument("--resume", type=Path, default=None, help="checkpoint.pth to continue from")
+    p.add_argument("--test-only", action="store_true", help="only evaluate (--resume gives the weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    p.add_argument("--clip-frames", type=int, default=CLIP_FRAMES, help="frames per clip (sampled at 10 fps)")
+    p.add_argument("--face-size", type=_size_pair, default=FACE_SIZE, help="face crop size, N or HxW")
+    p.add_argument("--context-size", type=_size_pair, default=CONTEXT_SIZE,
+                   help="size the masked frame is resized to, HxW")
+    p.add_argument("--crop", type=int, default=CONTEXT_CROP, help="square context crop (random in training)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="CAER-S has no validation split: this fraction of train (by a seeded split) becomes one")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("--demo", action="store_true",
+                   help="generate the built-in demo data (if --data has none) and train face-only and "
+                        "face+context on it, then compare; small inputs so it finishes in minutes on a CPU")
+    return p
+
+
+def _log(*a):
+    from .training.distributed import is_main_process
+
+    if is_main_process():
+        print(*a, flush=True)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def build_datasets(args):
+    from .data.datasets import CAERSImageDataset, CAERVideoDataset
+
+    root = Path(args.data)
+    if not root.is_dir():
+        raise SystemExit(f"error: --data {root}: no such directory")
+    common = dict(face_size=tuple(args.face_size), context_size=tuple(args.context_size), crop=args.crop,
+                  strict=args.strict)
+    if args.model == "caer":
+        def make(split, train):
+            return CAERVideoDataset(root, split, train=train, clip_frames=args.clip_frames, **common)
+        val_split = "validation" if (root / "validation").is_dir() else "test"
+        return make("train", True), make(val_split, False), make("test", False), val_split
+
+    def make(split, train):
+        return CAERSImageDataset(root, split, train=train, **common)
+    train_set, test_set = make("train", True), make("test", False)
+    # CAER-S ships no validation split: carve a seeded one out of train.
+    val_set = make("train", False)
+    n = len(train_set)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_val = int(round(n * args.val_fraction))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    val_name = f"{n_val} images ({args.val_fraction:.0%}) carved from train with seed {args.seed}"
+    return (torch.utils.data.Subset(train_set, train_idx), torch.utils.data.Subset(val_set, val_idx), test_set,
+            val_name)
+
+
+def build_model(args):
+    from .models import CAERNet, CAERSNet
+
+    streams = dict(use_face=args.streams != "context", use_context=args.streams != "face")
+    if args.model == "caer":
+        return CAERNet(frames=args.clip_frames, **streams)
+    return CAERSNet(**streams)
+
+
+def model_args(args) -> dict:
+    """Constructor arguments, stored in checkpoints so predict/serve can rebuild the model."""
+    d = dict(use_face=args.streams != "context", use_context=args.streams != "face")
+    if args.model == "caer":
+        d["frames"] = args.clip_frames
+    return d
+
+
+def make_loader(dataset, args, train: bool, epoch: int = 0, distributed: bool = False):
+    from .data.datasets import collate
+
+    sampler = None
+    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order on resume
+    if distributed:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=train, seed=args.seed)
+        sampler.set_epoch(epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
+        num_workers=args.workers, collate_fn=collate, generator=generator, drop_last=False,
+        persistent_workers=False, pin_memory=False)
+
+
+def _metrics_line(name, m):
+    return (f"{name}: clip top-1 {m['clip']['top1']:.2f}% ({m['clip']['count']} clips), "
+            f"video top-1 {m['video']['top1']:.2f}% ({m['video']['count']} videos)")
+
+
+def _save_eval(m, out_dir: Path, tag: str, title: str):
+    from .training.metrics import save_confusion_png
+
+    save_confusion_png(torch.tensor(m["video"]["confusion_matrix"]), out_dir / f"confusion_{tag}.png",
+                       f"{title} — video top-1 {m['video']['top1']:.1f}%")
+
+
+def main(args) -> dict:
+    from .models.checkpoint import read_checkpoint, save_checkpoint
+    from .training import distributed as dist_utils
+    from .training.engine import SkipLog, evaluate, train_one_epoch
+    from .training.metrics import write_json
+
+    if args.loader == "dali":
+        raise SystemExit("error: --loader dali is not in this version yet (the DALI pipeline is tracked in the "
+                         "video-input issue); use --loader torch, which decodes every codec with PyAV")
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this torch has no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu")
+    distributed = dist_utils.init_distributed(device)
+    if distributed and device.type == "cuda":
+        import os
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    _seed_everything(args.seed)
+    out_dir = Path(args.output_dir)
+    if dist_utils.is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    train_set, val_set, test_set, val_name = build_datasets(args)
+    _log(f"data: {args.data} | train {len(train_set)} {'clips' if args.model == 'caer' else 'images'}, "
+         f"validation: {val_name} ({len(val_set)}), test {len(test_set)} | model {args.model}, streams "
+         f"{args.streams} | device {device}{f' × {dist_utils.world_size()} processes' if distributed else ''}")
+    for ds in (train_set, val_set, test_set):
+        base = getattr(ds, "dataset", ds)
+        for path, reason in getattr(base, "bad_files", ())[:20]:
+            _log(f"warning: skipped {path}: {reason}")
+
+    model = build_model(args).to(device)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
+    scaler = torch.amp.GradScaler("cuda") if (args.amp and device.type == "cuda") else None
+    start_epoch, best = 0, -1.0
+    history = []
+    if args.resume:
+        ckpt = read_checkpoint(args.resume)
+        from .models.checkpoint import load_checkpoint
+
+        load_checkpoint(ckpt, model)
+        if not args.test_only:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["lr_scheduler"])
+            if scaler is not None and "scaler" in ckpt:
+                scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt.get("epoch", -1)) + 1
+        best = float(ckpt.get("best_acc", -1.0))
+        history = list(ckpt.get("history", []))
+        _log(f"resumed from {args.resume} at epoch {start_epoch}")
+
+    train_model = model
+    if distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        from . import optimize
+
+        t = time.perf_counter()
+        train_model = optimize(train_model, mode="train")
+        _log(f"compiled (first step pays the compile time; set up in {time.perf_counter() - t:.1f}s)")
+    progress = not args.no_progress and dist_utils.is_main_process()
+    num_classes = len(CLASSES)
+    eval_kw = dict(amp=args.amp, progress=progress)
+
+    if not args.test_only:
+        for epoch in range(start_epoch, args.epochs):
+            torch.manual_seed(args.seed * 1000 + epoch)  # augmentation and dropout: same on resume
+            skips = SkipLog()
+            loader = make_loader(train_set, args, train=True, epoch=epoch, distributed=distributed)
+            stats = train_one_epoch(train_model, criterion, optimizer, loader, device, epoch, amp=args.amp,
+                                    scaler=scaler, progress=progress, skip_log=skips,
+                                    desc=f"train [{args.streams}]")
+            scheduler.step()
+            record = {"epoch": epoch, "train": stats, "skipped": skips.items}
+            if dist_utils.is_main_process():
+                val = evaluate(model, make_loader(val_set, args, train=False), device, num_classes,
+                               skip_log=skips, desc="validate", **eval_kw)
+                record["val"] = {"clip_top1": val["clip"]["top1"], "video_top1": val["video"]["top1"],
+                                 "loss": val["loss"]}
+                history.append(record)
+                is_best = val["video"]["top1"] > best
+                best = max(best, val["video"]["top1"])
+                ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars_for_checkpoint(args),
+                        "model_type": args.model, "model_args": model_args(args), "classes": list(CLASSES),
+                        "best_acc": best, "history": history}
+                if scaler is not None:
+                    ckpt["scaler"] = scaler.state_dict()
+                save_checkpoint(ckpt, out_dir / "checkpoint.pth")
+                if is_best:
+                    save_checkpoint(ckpt, out_dir / "model_best.pth")
+                _log(f"epoch {epoch}: loss {stats['loss']:.4f}, train acc {stats['acc']:.1f}%, "
+                     f"{stats['samples_per_s']:.1f} {'clips' if args.model == 'caer' else 'images'}/s, "
+                     f"lr {stats['lr']:.2g} | val clip {val['clip']['top1']:.1f}%, video {val['video']['top1']:.1f}%"
+                     + (f" | {skips.summary()}" if len(skips) else ""))
+                if args.strict is False and len(skips):
+                    write_json({"epoch": epoch, "skipped": skips.items}, out_dir / "skipped.json")
+            dist_utils.barrier()
+
+    result = {}
+    if dist_utils.is_main_process():
+        skips = SkipLog()
+        test = evaluate(model, make_loader(test_set, args, train=False), device, num_classes, skip_log=skips,
+                        desc="test", **eval_kw)
+        _log(_metrics_line("test", test))
+        per_class = ", ".join(f"{c} {v:.0f}%" if v is not None else f"{c} -" for c, v in test["video"]["per_class"].items())
+        _log(f"per-class (video): {per_class}")
+        if len(skips):
+            _log(f"test: {skips.summary()}")
+        _save_eval(test, out_dir, "test", f"{args.model} [{args.streams}] test")
+        result = {"model": args.model, "streams": args.streams, "test": test, "history": history,
+                  "skipped_test": skips.items}
+        write_json(result, out_dir / "metrics.json")
+        _log(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'confusion_test.png'}"
+             + ("" if args.test_only else f", {out_dir / 'checkpoint.pth'}"))
+    dist_utils.barrier()
+    dist_utils.cleanup()
+    return result
+
+
+def vars_for_checkpoint(args) -> dict:
+    """argparse values as plain types (checkpoints are read with weights_only=True)."""
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, Path):
+            v = str(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+def run_demo(args) -> None:
+    """Generate the demo data if needed, train face-only and face+context, compare them."""
+    from .data.synthetic import make_demo_dataset
+
+    out = Path(args.output_dir if args.output_dir != Path("runs/latest") else "runs/demo")
+    data_root = Path(args.data) if args.data else out / "demo-data"
+    sub = "CAER" if args.model == "caer" else "CAER-S"
+    if not (data_root / sub / "train").is_dir():
+        print(f"writing the demo dataset to {data_root} …", flush=True)
+        t = time.perf_counter()
+        make_demo_dataset(data_root, seed=args.seed)
+        print(f"  done in {time.perf_counter() - t:.1f}s", flush=True)
+    defaults = get_args_parser().parse_args([])
+    for k, v in DEMO_SETTINGS.items():  # demo sizes unless the user set them
+        if getattr(args, k) == getattr(defaults, k):
+            setattr(args, k, v)
+    if args.model == "caers" and args.epochs == DEMO_SETTINGS["epochs"]:
+        args.epochs = 6
+    args.data = data_root / sub
+    print(f"demo: {args.model} on {args.data}, {args.epochs} epochs, batch {args.batch_size}, "
+          f"clips of {args.clip_frames} frames, face {args.face_size[0]}x{args.face_size[1]}, "
+          f"context {args.context_size[0]}x{args.context_size[1]} cropped to {args.crop}", flush=True)
+    results = {}
+    t0 = time.perf_counter()
+    for streams in ("face", "both"):
+        run = argparse.Namespace(**vars(args))
+        run.streams, run.output_dir, run.demo = streams, out / streams, False
+        print(f"\n=== training with {'face only' if streams == 'face' else 'face + context'} ===", flush=True)
+        results[streams] = main(run)
+    face, both = results["face"]["test"], results["both"]["test"]
+    unit = "video" if args.model == "caer" else "image"
+    gain = both["video"]["top1"] - face["video"]["top1"]
+    print(f"\n=== demo result ({time.perf_counter() - t0:.0f}s) — test {unit} top-1 ===")
+    print(f"  face only       {face['video']['top1']:6.2f}%   (clips {face['clip']['top1']:.2f}%)")
+    print(f"  face + context  {both['video']['top1']:6.2f}%   (clips {both['clip']['top1']:.2f}%)")
+    print(f"  context helps by {gain:+.2f} points" + ("" if gain > 0 else "  (unexpected: see the runs)"))
+    print(f"  runs, checkpoints and confusion matrices in {out}/face and {out}/both")
+    summary = {"face_only": face["video"]["top1"], "face_context": both["video"]["top1"], "gain": gain}
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        if args.demo:
+            run_demo(args)
+        else:
+            if args.data is None:
+                raise SystemExit("error: --data is required (or use --demo for the built-in demo data)")
+            if args.test_only and args.resume is None:
+                raise SystemExit("error: --test-only needs --resume CHECKPOINT")
+            main(args)
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch's checkpoint.pth is intact; continue with --resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
