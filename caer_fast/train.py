@@ -239,7 +239,7 @@ def main(args) -> dict:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        from . import optimize
+        from .models.optimize import optimize
 
         t = time.perf_counter()
         train_model = optimize(train_model, mode="train")
