@@ -1,0 +1,221 @@
+"""Face detection CLI (`python -m caer_fast.faces`) on a real photograph composited into real files.
+
+The face is the astronaut portrait that ships with scikit-image (``skimage.data.astronaut()``, no
+download), pasted onto scikit-image's brick texture, written as an MPEG-4 .avi (PyAV) and as PNGs.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+skdata = pytest.importorskip("skimage.data")
+av = pytest.importorskip("av")
+
+from caer_fast.data.boxes import read_image_boxes, read_video_boxes  # noqa: E402
+from caer_fast.data.detectors import HaarDetector, best_face  # noqa: E402
+from caer_fast.faces import FacesError, fill_track, run  # noqa: E402
+from caer_fast.faces.__main__ import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+H, W = 288, 512
+PATCH = skdata.astronaut()[20:230, 140:310]  # 210×170 around the face
+FACE_IN_PATCH = (37, 46, 132, 141)  # where OpenCV's cascade puts the face on the full photo, minus (140, 20)
+N_FRAMES, FACE_FRAMES, EVERY = 25, 13, 5  # the face leaves after frame 12, between samples 10 and 15
+
+
+def _background():
+    import cv2
+
+    return cv2.resize(skdata.brick(), (W, H), interpolation=cv2.INTER_AREA)[..., None].repeat(3, 2)
+
+
+def _composite(x, y):
+    img = _background()
+    img[y:y + PATCH.shape[0], x:x + PATCH.shape[1]] = PATCH
+    fx1, fy1, fx2, fy2 = FACE_IN_PATCH
+    return img, (x + fx1, y + fy1, x + fx2, y + fy2)
+
+
+def _iou(a, b):
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _write_clip(path, frames):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt, s.bit_rate = W, H, "yuv420p", 3_000_000
+        for img in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+
+
+def _moving_face_clip(path):
+    """Face moves right 12 px per frame for FACE_FRAMES frames, then only the background: truth per frame."""
+    frames, truth = [], {}
+    for t in range(N_FRAMES):
+        if t < FACE_FRAMES:
+            img, box = _composite(40 + 12 * t, 30 + (t % 3) * 4)
+            truth[t] = box
+        else:
+            img = _background()
+        frames.append(img)
+    _write_clip(path, frames)
+    return truth
+
+
+def _main(capsys, root, *args):
+    """The same command line in-process (no second torch import: keeps the suite fast)."""
+    t0 = time.perf_counter()
+    rc = main(["--data", str(root), "--no-progress", *args])
+    cap = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, cap.out, cap.err), time.perf_counter() - t0
+
+
+def _cli(root, *args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "caer_fast.faces", "--data", str(root), "--no-progress", *args],
+                       capture_output=True, text=True, env=env, timeout=timeout)
+    return p, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def video_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caer")
+    truth = _moving_face_clip(root / "train" / "Happy" / "clip.avi")
+    (root / "train" / "Sad").mkdir(parents=True)
+    (root / "train" / "Sad" / "empty.avi").write_bytes(b"")
+    (root / "train" / "Anger").mkdir(parents=True)
+    (root / "train" / "Anger" / "garbage.avi").write_bytes(np.random.default_rng(0).bytes(4096))
+    return root, truth
+
+
+# ---------------------------------------------------------------- in-process: the rules
+
+def test_haar_finds_the_astronaut_and_not_the_bricks():
+    img, box = _composite(200, 40)
+    d = best_face(HaarDetector().detect(img))
+    assert d is not None and _iou(d[:4], box) >= 0.5, (d, box)
+    assert HaarDetector().detect(_background()) == []
+
+
+def test_fill_track_interpolates_and_never_invents():
+    a, b = (10, 10, 60, 60, 2.0), (20, 10, 70, 60, 4.0)
+    out = fill_track({0: a, 5: b, 10: None, 15: None}, num_frames=18, max_gap=5)
+    assert out[0][0] == a[:4] and out[5][0] == b[:4]
+    assert out[2] == ((14, 10, 64, 60), pytest.approx(2.8))  # linear between 0 and 5
+    assert out[7][0] == b[:4]  # nearer to 5 (a face) than to 10 (none): carried
+    assert 8 not in out and 10 not in out and 17 not in out  # nearer to a face-less sample
+    # Far-apart boxes (a cut / another person) are not blended: each side carries its own.
+    far = fill_track({0: a, 5: (300, 10, 350, 60, 1.0)}, num_frames=6, max_gap=5)
+    assert far[1][0] == a[:4] and far[4][0] == (300, 10, 350, 60)
+    # Tail after the last sample: carried at most max_gap frames.
+    assert sorted(fill_track({0: a}, num_frames=20, max_gap=5)) == [0, 1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- the CLI on a video tree
+
+def test_video_tree_boxes_resume_and_bad_files(video_tree, capsys):
+    root, truth = video_tree
+    p, first = _cli(root, "--workers", "2", "--every", str(EVERY))
+    assert p.returncode == 0, p.stderr
+    out = root / "train.faces.csv"
+    boxes, bad = read_video_boxes(out)
+    assert not bad and list(boxes) == ["train/Happy/clip.avi"]
+    got = {f: b for f, (b, _) in boxes["train/Happy/clip.avi"].items()}
+    # Every box sits on the face, and the face is found on most of the frames that show it.
+    for f, b in got.items():
+        assert f in truth, f"frame {f} has a box but no face"
+        assert _iou(b, truth[f]) >= 0.5, (f, b, truth[f])
+    assert len(got) >= 0.8 * FACE_FRAMES, sorted(got)
+    assert all(f < FACE_FRAMES for f in got)  # frames after the face left get no box
+    # Bad files: skipped, counted, named.
+    assert "3 files: 3 processed now, 0 already done" in p.stdout and "2 skipped as bad" in p.stdout
+    assert "train/Sad/empty.avi: empty file (0 bytes)" in p.stdout
+    assert "train/Anger/garbage.avi" in p.stdout
+    assert "frames with a face: %d of %d" % (len(got), N_FRAMES) in p.stdout
+
+    # Resume: a killed run loses the clip's log line (and leaves a torn one); a new file appears.
+    log = root / ".faces-train.log.jsonl"
+    lines = log.read_text().splitlines()
+    kept = [ln for ln in lines if "clip.avi" not in ln]
+    assert len(kept) == len(lines) - 1
+    log.write_text("\n".join(kept) + "\n" + lines[-1][:20])  # torn last line, no newline
+    out.unlink()
+    _moving_face_clip(root / "train" / "Happy" / "clip2.avi")
+    p, second = _main(capsys, root, "--workers", "1", "--every", str(EVERY))
+    assert p.returncode == 0, p.stderr
+    assert "4 files: 2 processed now, 2 already done" in p.stdout, p.stdout
+    boxes2, _ = read_video_boxes(out)
+    assert boxes2["train/Happy/clip.avi"] == boxes["train/Happy/clip.avi"]
+    assert boxes2["train/Happy/clip2.avi"] == boxes["train/Happy/clip.avi"]  # same clip, same boxes
+
+    # A third run has nothing left to do.
+    p, third = _main(capsys, root, "--every", str(EVERY))
+    assert "4 files: 0 processed now, 4 already done" in p.stdout, p.stdout
+    assert read_video_boxes(out)[0] == boxes2
+    # Other settings must not silently mix with the logged ones.
+    assert third < 0.5 * first, (first, third)  # nothing decoded again (first includes process start)
+    p, _ = _main(capsys, root, "--every", "3")
+    assert p.returncode != 0 and "--overwrite" in p.stderr
+
+
+def test_video_strict_names_the_bad_file(video_tree, capsys):
+    root, _ = video_tree
+    p, _ = _main(capsys, root, "--strict", "--overwrite", "--workers", "1")
+    assert p.returncode != 0
+    assert "garbage.avi" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+# ---------------------------------------------------------------- the CLI on a CAER-S image tree
+
+def test_image_tree_community_csv(tmp_path, capsys):
+    from PIL import Image
+
+    truth = {}
+    for split, emo, name, pos in [("train", "Happy", "0001.png", (60, 20)), ("train", "Sad", "0002.png", None),
+                                  ("test", "Surprise", "0003.png", (300, 60))]:
+        d = tmp_path / split / emo
+        d.mkdir(parents=True, exist_ok=True)
+        img, box = _composite(*pos) if pos else (_background(), None)
+        Image.fromarray(img).save(d / name)
+        truth[(split, f"{emo}/{name}")] = box
+    (tmp_path / "train" / "Fear").mkdir()
+    (tmp_path / "train" / "Fear" / "0004.png").write_bytes(b"")
+    (tmp_path / "train" / "Fear" / "0005.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+
+    p, _ = _cli(tmp_path, "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    assert "[train] 4 files: 4 processed now" in p.stdout and "2 skipped as bad" in p.stdout
+    assert "Fear/0004.png" in p.stdout and "Fear/0005.png" in p.stdout
+    assert "images with a face: 1 of 2" in p.stdout
+    for split in ("train", "test"):
+        boxes, bad = read_image_boxes(tmp_path / f"{split}.txt")
+        assert not bad
+        want = {rel: b for (s, rel), b in truth.items() if s == split and b is not None}
+        assert set(boxes) == set(want), boxes
+        for rel, (label, box) in boxes.items():
+            assert label == ["Anger", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"].index(rel.split("/")[0])
+            assert _iou(box, want[rel]) >= 0.5, (rel, box, want[rel])
+    # Community format: plain CSV rows, no header.
+    assert next(csv.reader(open(tmp_path / "train.txt")))[:2] == ["Happy/0001.png", "3"]
+
+    p, _ = _main(capsys, tmp_path, "--strict", "--overwrite", "--splits", "train")
+    assert p.returncode != 0 and "0004.png" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_tree_without_media_is_a_clear_error(tmp_path):
+    with pytest.raises(FacesError, match="no CAER videos"):
+        run(tmp_path)
