@@ -1,0 +1,192 @@
+"""Emotion of a video or an image with a trained CAER-Net / CAER-Net-S checkpoint.
+
+    python -m caer_fast.predict clip.avi --checkpoint runs/demo/both/checkpoint.pth
+    python -m caer_fast.predict photo.png --checkpoint model_best.pth --json          # community CAER-S checkpoint
+    python -m caer_fast.predict clip.avi --checkpoint ck.pth --save-viz clip.png      # attention + fusion picture
+
+Videos are sampled at 10 fps, faces are detected every few frames (``--detector``), clips of the model's
+clip length (8-frame stride) are classified and their probabilities averaged. Without a face the
+prediction rests on the context only; the output says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .data.detectors import DETECTORS
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m caer_fast.predict", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("path", type=Path, help="a video (.avi, .mp4, …) or an image (.png, .jpg, …)")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="our checkpoint.pth (train.py) or a community CAER-S checkpoint ({'state_dict': …})")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON instead of a summary")
+    p.add_argument("--save-viz", type=Path, default=None, metavar="OUT.png",
+                   help="save a picture: face box, context attention heat-map, fusion weights, probabilities")
+    p.add_argument("--detector", default="haar", choices=DETECTORS + ("none",),
+                   help="face detector (none: context only)")
+    p.add_argument("--detect-every", type=int, default=4, help="detect faces on every k-th sampled frame")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--top", type=int, default=3, help="probabilities shown per line in the summary")
+    return p
+
+
+def _top(probs: dict, k: int) -> str:
+    items = sorted(probs.items(), key=lambda kv: -kv[1])[:k]
+    return ", ".join(f"{c} {p:.1%}" for c, p in items)
+
+
+def format_summary(r: dict, path, top: int = 3) -> str:
+    lines = [f"{path}: {r['kind']}, model {r['model']}" + (f", {r['frames_used']} frames at 10 fps, "
+                                                           f"{len(r['clips'])} clips" if r["kind"] == "video" else "")]
+    if r["kind"] == "video" and len(r["clips"]) > 1:
+        for c in r["clips"]:
+            lines.append(f"  clip {c['clip']:>2} {c['start_s']:6.1f}-{c['end_s']:<6.1f}s  {c['emotion']:<8}  "
+                         f"{_top(c['probabilities'], top)}" + ("" if c["face_found"] else "  [no face]"))
+    fw = r["fusion_weights"]
+    lines.append(f"emotion: {r['emotion']} ({r['confidence']:.1%})  |  {_top(r['probabilities'], top)}")
+    lines.append(f"fusion weights: face {fw['face']:.2f}, context {fw['context']:.2f}  |  face found in "
+                 f"{r['frames_with_face']}/{r['frames_used']} frames ({r['detector']})")
+    if r["note"]:
+        lines.append(f"note: {r['note']}")
+    return "\n".join(lines)
+
+
+def save_visualization(r: dict, out: Path, title: str = "") -> Path:
+    """Face box on the frame, attention heat-map over the masked context, λ and probability bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    v = r["_visual"]
+    frame = v["frame"]
+    h, w = frame.shape[:2]
+    x1, y1, x2, y2 = v["box"]
+    has_box = x2 > x1 and y2 > y1
+    # The region of the frame the context stream saw: the centre crop of the resized frame, mapped back.
+    ch, cw = v["context_size"]
+    top, left, kh, kw = v["crop"] or (0, 0, ch, cw)
+    sy, sx = h / ch, w / cw
+    ry1, ry2, rx1, rx2 = int(round(top * sy)), int(round((top + kh) * sy)), int(round(left * sx)), int(round((left + kw) * sx))
+    masked = frame.copy()
+    if has_box:
+        masked[y1:y2, x1:x2] = 0
+    region = masked[ry1:ry2, rx1:rx2]
+    att = torch.from_numpy(np.asarray(v["attention"], dtype=np.float32))[None, None]
+    att = F.interpolate(att, size=region.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
+    # In units of the uniform weight (1 = the map's mean), so an untrained or indifferent map reads as flat.
+    n_pos = int(np.asarray(v["attention"]).size)
+    att = att * n_pos
+    vmax = max(2.0, float(att.max()))
+
+    video_strip = r["kind"] == "video" and len(r["clips"]) > 1
+    fig = plt.figure(figsize=(12, 6.0 if video_strip else 4.6), dpi=110, constrained_layout=True)
+    grid = fig.add_gridspec(2 if video_strip else 1, 3, width_ratios=[1.15, 1.15, 0.9],
+                            height_ratios=[3, 1.0] if video_strip else [1])
+    ax_f = fig.add_subplot(grid[0, 0])
+    ax_c = fig.add_subplot(grid[0, 1])
+    right = grid[0, 2].subgridspec(2, 1, height_ratios=[1, 2.6], hspace=0.15)
+    ax_l = fig.add_subplot(right[0])
+    ax_p = fig.add_subplot(right[1])
+
+    ax_f.imshow(frame)
+    if has_box:
+        ax_f.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="#00e676", lw=2.2))
+        ax_f.text(x1, max(y1 - 4, 0), "face", color="#00e676", fontsize=9, va="bottom", weight="bold")
+    else:
+        ax_f.text(w / 2, h - 6, "no face found: context only", color="white", ha="center", va="bottom",
+                  fontsize=9, bbox=dict(fc="#c62828", ec="none", alpha=0.85, pad=3))
+    ax_f.add_patch(plt.Rectangle((rx1, ry1), rx2 - rx1, ry2 - ry1, fill=False, ec="white", lw=1, ls="--"))
+    ax_f.set_title(f"{r['emotion']}  {r['confidence']:.0%}", fontsize=14, weight="bold")
+    ax_c.imshow(region)
+    im = ax_c.imshow(att, cmap="inferno", alpha=0.5, vmin=0, vmax=vmax)
+    ax_c.set_title("context attention (face masked)", fontsize=11)
+    cb = fig.colorbar(im, ax=ax_c, fraction=0.046, pad=0.02)
+    cb.set_label("× uniform weight", fontsize=8)
+    cb.ax.tick_params(labelsize=8)
+    if float(att.max() - att.min()) < 1e-3:
+        ax_c.text(region.shape[1] / 2, region.shape[0] - 6, "attention is uniform", color="white", ha="center",
+                  va="bottom", fontsize=9, bbox=dict(fc="#37474f", ec="none", alpha=0.85, pad=3))
+    for ax in (ax_f, ax_c):
+        ax.set_xticks([]), ax.set_yticks([])
+
+    fw = r["fusion_weights"]
+    ax_l.barh([1, 0], [fw["face"], fw["context"]], color=["#00c853", "#ff6d00"], height=0.6)
+    ax_l.set_yticks([1, 0], ["λ face", "λ context"], fontsize=9)
+    ax_l.set_xlim(0, 1)
+    ax_l.axvline(0.5, color="grey", lw=0.8, ls=":")
+    for y, val in ((1, fw["face"]), (0, fw["context"])):
+        ax_l.text(min(val + 0.02, 0.86), y, f"{val:.2f}", va="center", fontsize=9)
+    ax_l.set_title("fusion weights", fontsize=10)
+    ax_l.tick_params(axis="x", labelsize=8)
+
+    items = sorted(r["probabilities"].items(), key=lambda kv: kv[1])
+    names, vals = [k for k, _ in items], [p for _, p in items]
+    colors = ["#1565c0" if n == r["emotion"] else "#90a4ae" for n in names]
+    ax_p.barh(range(len(names)), vals, color=colors)
+    ax_p.set_yticks(range(len(names)), names, fontsize=9)
+    ax_p.set_xlim(0, 1)
+    for i, val in enumerate(vals):
+        ax_p.text(min(val + 0.02, 0.86), i, f"{val:.0%}", va="center", fontsize=8)
+    ax_p.set_title("class probabilities" + (" (clip mean)" if r["kind"] == "video" else ""), fontsize=10)
+    ax_p.tick_params(axis="x", labelsize=8)
+
+    if video_strip:  # per-clip probabilities of the three most likely classes over time
+        ax_t = fig.add_subplot(grid[1, :])
+        cp, times = np.asarray(v["clip_probs"]), v["clip_times"]
+        classes = list(r["probabilities"])
+        for j in np.argsort(-cp.mean(0))[:3]:
+            ax_t.plot(times, cp[:, j], marker="o", ms=3, label=classes[j])
+        ax_t.set_ylim(0, 1)
+        ax_t.set_xlabel("time (s, clip centre)", fontsize=9)
+        ax_t.set_ylabel("probability", fontsize=9)
+        ax_t.legend(fontsize=8, ncol=3, loc="upper right")
+        ax_t.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10, color="#444")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    from .data.detectors import DetectorUnavailable
+    from .data.video import MediaDecodeError
+    from .models.checkpoint import CheckpointError
+    from .serving.inference import Predictor
+
+    try:
+        predictor = Predictor(args.checkpoint, device=args.device, detect_every=args.detect_every,
+                              detector=None if args.detector == "none" else args.detector)
+        result = predictor.predict_file(args.path, with_arrays=args.save_viz is not None)
+    except (CheckpointError, MediaDecodeError, DetectorUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    visual = result.pop("_visual", None)
+    if args.save_viz is not None:
+        result["_visual"] = visual
+        save_visualization(result, args.save_viz, title=f"{args.path.name} — {args.checkpoint.name}")
+        result.pop("_visual")
+    if args.json:
+        result["path"] = str(args.path)
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_summary(result, args.path, args.top))
+        if args.save_viz is not None:
+            print(f"picture: {args.save_viz}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
