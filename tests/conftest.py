@@ -1,0 +1,20 @@
+"""Shared fixtures."""
+import pytest
+
+# Small on purpose (a few seconds to write): 2 train videos per class, 1 validation, 1 test; images 2 / 1.
+DEMO_VIDEOS = {"train": 2, "validation": 1, "test": 1}
+DEMO_IMAGES = {"train": 2, "test": 1}
+DEMO_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A small demo tree written once per test session: yields DIR with DIR/CAER and DIR/CAER-S.
+
+    Tests must not modify it (copy what you need to damage into ``tmp_path``).
+    """
+    from caer_fast.data.synthetic import make_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(out, seed=DEMO_SEED, videos_per_class=DEMO_VIDEOS, images_per_class=DEMO_IMAGES)
+    yield out
