@@ -27,7 +27,6 @@ keeps the boxes of the frames it decoded (counted as "truncated").
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
