@@ -50,5 +50,9 @@ setup(
     package_dir={"caer_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    extras_require={
+        # dlib's CNN face detector, the one the community used (python -m caer_fast.faces --detector dlib-cnn)
+        "dlib": ["dlib-bin==20.0.1.post1", "face-recognition-models==0.3.0"],
+    },
     zip_safe=False,
 )

@@ -26,7 +26,7 @@ import torch
 from .constants import CLASSES, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE
 
 # The demo trains on small inputs so two trainings finish in minutes on a 2-core CPU.
-DEMO_SETTINGS = dict(clip_frames=8, face_size=48, context_size=(64, 86), crop=56, epochs=10, batch_size=8,
+DEMO_SETTINGS = dict(clip_frames=8, face_size=(48, 48), context_size=(64, 86), crop=56, epochs=10, batch_size=8,
                      lr=0.01)
 
 
