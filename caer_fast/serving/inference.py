@@ -19,7 +19,6 @@ The work is split so a server can batch several requests into one model call:
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from ..constants import CLASSES, CLIP_FPS, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE, TEST_CLIP_STRIDE
+from ..data.datasets import clip_starts as _dataset_clip_starts, resample_indices
 from ..data.video import MediaDecodeError, decode_video, probe_video
 from ..models.caer_net import CAERNet
 from ..models.checkpoint import load_checkpoint, read_checkpoint
@@ -61,23 +61,14 @@ def center_crop(context_size: Tuple[int, int], crop: Optional[int]) -> Optional[
 
 
 def sample_indices(num_frames: int, fps: float, target_fps: float = CLIP_FPS) -> np.ndarray:
-    """Decode-order indices that resample a ``fps`` video at ``target_fps`` (frames repeat if fps is lower)."""
-    if num_frames <= 0:
-        return np.zeros(0, dtype=np.int64)
-    step = float(fps) / float(target_fps) if fps and fps > 0 else 1.0
-    count = max(1, int(math.floor((num_frames - 1) / step + 1e-9)) + 1)
-    idx = np.floor(np.arange(count) * step + 1e-9).astype(np.int64)
-    return idx[idx < num_frames]
+    """Decode-order indices that resample a ``fps`` video at 10 fps: the datasets' rule, so a prediction
+    sees the frames evaluation sees."""
+    return np.asarray(resample_indices(num_frames, fps, target_fps), dtype=np.int64)
 
 
 def clip_starts(num_frames: int, clip_frames: int, stride: int = TEST_CLIP_STRIDE) -> List[int]:
-    """Starts of the test clips over ``num_frames`` sampled frames (one padded clip if too short)."""
-    if num_frames <= clip_frames:
-        return [0]
-    starts = list(range(0, num_frames - clip_frames + 1, stride))
-    if starts[-1] + clip_frames < num_frames:  # one more clip, aligned to the end, so the tail counts too
-        starts.append(num_frames - clip_frames)
-    return starts
+    """Starts of the test clips (the datasets' rule: stride 8, one padded clip if the video is short)."""
+    return _dataset_clip_starts(num_frames, clip_frames, stride) or [0]
 
 
 def is_image_file(path) -> bool:

@@ -1,0 +1,119 @@
+"""Export a CAER-Net / CAER-Net-S checkpoint to ONNX.
+
+    python -m caer_fast.export --checkpoint runs/demo/both/checkpoint.pth --format onnx --output caer.onnx
+
+The graph takes the preprocessed inputs (``face``, ``context``: float32, normalised, as
+:func:`caer_fast.ops.face_context` gives them; the batch dimension is dynamic) and returns ``logits``
+N×7, ``attention`` (N×1×h×w, or N×1×t×h×w for the video model) and ``fusion_weights`` N×2 (λ face,
+λ context). Decoding, face detection and preprocessing stay outside the graph.
+
+The fused ops (``attention_pool``, ``adaptive_fusion``) are traced through their PyTorch reference
+backend (``CAER_FAST_BACKEND=torch`` is set during export): the C++/Triton/CUDA kernels are not ONNX
+operators, the reference is plain softmax/multiply/mean, which every ONNX runtime has.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .models.caer_net import CAERNet
+
+
+class _Exported(torch.nn.Module):
+    """The model with its details as plain outputs (ONNX graphs return tensors, not dicts)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, face, context):
+        logits, d = self.model(face, context, return_details=True)
+        return logits, d["attention"], d["fusion_weights"]
+
+
+@contextlib.contextmanager
+def reference_backend():
+    """Force the PyTorch reference ops while tracing, then restore the caller's choice."""
+    old = os.environ.get("CAER_FAST_BACKEND")
+    os.environ["CAER_FAST_BACKEND"] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CAER_FAST_BACKEND", None)
+        else:
+            os.environ["CAER_FAST_BACKEND"] = old
+
+
+def example_inputs(model, face_size, crop_size, clip_frames: int, batch: int = 2):
+    if isinstance(model, CAERNet):
+        return (torch.randn(batch, 3, clip_frames, *face_size), torch.randn(batch, 3, clip_frames, *crop_size))
+    return torch.randn(batch, 3, *face_size), torch.randn(batch, 3, *crop_size)
+
+
+def export_onnx(checkpoint, output, opset: Optional[int] = None, dynamo: bool = False) -> dict:
+    """Write ``output`` (.onnx) for the checkpoint's model; returns what was exported (names, shapes).
+
+    ``dynamo=False`` (default) uses the TorchScript-based exporter: a few seconds, one self-contained file.
+    ``dynamo=True`` uses the ``torch.export`` one (needs ``onnxscript``; about 4× slower to export here).
+    Both give the same numbers (checked to 1e-8 on the logits)."""
+    from .serving.inference import Predictor
+
+    p = Predictor(checkpoint, device="cpu", detector=None)  # reads the sizes the same way predict does
+    model = p.model.eval()
+    crop = p.crop[2:] if p.crop else p.context_size
+    inputs = example_inputs(model, p.face_size, crop, p.clip_frames)
+    dynamic = {"face": {0: "batch"}, "context": {0: "batch"}, "logits": {0: "batch"}, "attention": {0: "batch"},
+               "fusion_weights": {0: "batch"}}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {} if opset is None else {"opset_version": int(opset)}
+    with reference_backend(), torch.no_grad(), warnings.catch_warnings():
+        # the ops' input checks read shapes as Python bools: harmless constants in the trace
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        names = dict(input_names=["face", "context"], output_names=["logits", "attention", "fusion_weights"])
+        if dynamo:
+            batch = torch.export.Dim("batch")
+            torch.onnx.export(_Exported(model), inputs, str(output), dynamic_shapes=({0: batch}, {0: batch}),
+                              dynamo=True, external_data=False, **names, **kwargs)
+        else:
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
+            torch.onnx.export(_Exported(model), inputs, str(output), dynamic_axes=dynamic, dynamo=False,
+                              **names, **kwargs)
+    return {"output": str(output), "model": p.model_type, "classes": p.classes,
+            "face": list(inputs[0].shape[1:]), "context": list(inputs[1].shape[1:])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m caer_fast.export", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint.pth or a community CAER-S one")
+    ap.add_argument("--format", choices=("onnx",), default="onnx")
+    ap.add_argument("--output", type=Path, default=None, help="default: the checkpoint's name with .onnx")
+    ap.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    ap.add_argument("--dynamo", action="store_true",
+                    help="use the torch.export-based exporter (needs onnxscript) instead of the TorchScript one")
+    args = ap.parse_args(argv)
+    from .models.checkpoint import CheckpointError
+
+    out = args.output or args.checkpoint.with_suffix(".onnx")
+    try:
+        info = export_onnx(args.checkpoint, out, args.opset, dynamo=args.dynamo)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {info['output']}: {info['model']}, inputs face N×{'×'.join(map(str, info['face']))}, "
+          f"context N×{'×'.join(map(str, info['context']))}; outputs logits N×{len(info['classes'])}, "
+          f"attention, fusion_weights N×2")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
