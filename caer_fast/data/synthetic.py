@@ -175,12 +175,11 @@ def _draw_face(draw, expr: str, cx: float, cy: float, fw: float, fh: float, skin
     by = ey - fh * 0.14
     bx0, bx1 = fw * 0.08, fw * 0.34
     if expr == "frown":  # brows pulled down toward the nose
-        brows = [(by - fh * 0.06, by + fh * 0.05)]
+        outer, inner = by - fh * 0.06, by + fh * 0.05
     elif expr == "open":  # brows raised high
-        brows = [(by - fh * 0.09, by - fh * 0.09)]
+        outer, inner = by - fh * 0.09, by - fh * 0.09
     else:
-        brows = [(by, by)]
-    (outer, inner), = brows
+        outer, inner = by, by
     for s in (-1, 1):
         draw.line([(cx + s * bx1, outer), (cx + s * bx0, inner)], fill=dark, width=lw)
     mw, my = fw * 0.27, cy + fh * 0.25
