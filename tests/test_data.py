@@ -10,7 +10,7 @@ import torch
 from caer_fast.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from caer_fast.data import boxes as boxes_io
 from caer_fast.data import synthetic
-from caer_fast.data.datasets import (CAERSImageDataset, CAERVideoDataset, DatasetError, clip_starts, collate,
+from caer_fast.data.datasets import (CAERSImageDataset, CAERVideoDataset, DatasetError, Skipped, clip_starts, collate,
                                      resample_indices)
 from caer_fast.data.video import decode_video, probe_video, read_image
 from caer_fast.ops import face_context
@@ -324,17 +324,18 @@ def test_file_that_breaks_after_indexing_is_skipped_and_named(demo_root, tmp_pat
     broken = root / ds.videos[1][0]
     broken.write_bytes(b"")
     j = next(i for i, (v, _) in enumerate(ds.clips) if v == 1)
-    assert ds[j] is None
+    assert isinstance(ds[j], Skipped) and ds[j].path == str(broken)
     assert ds.failures and ds.failures[0][0] == str(broken) and "empty" in ds.failures[0][1]
     out = collate([ds[0], ds[j], ds[len(ds) - 1]])
     assert out["skipped"] == 1 and out["face"].shape[0] == 2 and out["label"].dtype == torch.long
+    assert len(out["skipped_items"]) == 1 and str(broken) in out["skipped_items"][0]
     with pytest.raises(DatasetError, match=str(broken.name)):
         strict[j]
     # garbage bytes instead of a video
     broken.write_bytes(b"RIFF not really an avi" * 50)
-    assert ds[j] is None and ds.failures[-1][0] == str(broken) and "not a readable" in ds.failures[-1][1]
+    assert isinstance(ds[j], Skipped) and ds.failures[-1][0] == str(broken) and "not a readable" in ds.failures[-1][1]
     # all failed: the batch has nothing to stack
-    out = collate([None, None])
+    out = collate([Skipped("a", "x"), None])
     assert out["skipped"] == 2 and out["face"] is None and out["label"].numel() == 0
 
 

@@ -29,7 +29,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,11 +46,21 @@ Box = Tuple[int, int, int, int]
 NO_FACE: Box = (0, 0, 0, 0)
 
 __all__ = ["CAERVideoDataset", "CAERSImageDataset", "collate", "resample_indices", "clip_starts",
-           "color_jitter_", "DatasetError"]
+           "color_jitter_", "DatasetError", "Skipped"]
 
 
 class DatasetError(RuntimeError):
     """A bad input met in ``strict`` mode (or a dataset that cannot be used at all); names the file."""
+
+
+class Skipped(NamedTuple):
+    """What ``__getitem__`` returns for a sample it could not read; :func:`collate` drops and names it."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
 # --- clip sampling ----------------------------------------------------------------------------------
@@ -218,7 +228,7 @@ class _Base(Dataset):
             raise DatasetError(f"{path}: {reason}") from exc
         self.failures.append((str(path), reason))
         log.warning("skipping %s: %s", path, reason)
-        return None
+        return Skipped(str(path), reason)
 
 
 class CAERVideoDataset(_Base):
@@ -353,21 +363,24 @@ class CAERSImageDataset(_Base):
 
 
 def collate(batch):
-    """Stack dataset samples, dropping ``None`` (failed reads) and counting them in ``skipped``.
+    """Stack dataset samples, dropping failed reads (:class:`Skipped` or ``None``).
 
-    When every sample of the batch failed, ``face`` and ``context`` are ``None`` and ``label`` is
-    empty: skip such a batch.
+    ``skipped`` counts them and ``skipped_items`` names them ("path: reason"), so a trainer can report
+    them even when they happened in DataLoader worker processes. When every sample of the batch
+    failed, ``face`` and ``context`` are ``None`` and ``label`` is empty: skip such a batch.
 
     >>> s = dict(face=torch.zeros(3, 4, 4), context=torch.zeros(3, 5, 5), label=2, video=7)
-    >>> out = collate([s, None, s])
-    >>> out["face"].shape, out["label"].tolist(), out["skipped"]
-    (torch.Size([2, 3, 4, 4]), [2, 2], 1)
+    >>> out = collate([s, Skipped("a.avi", "empty file"), s])
+    >>> out["face"].shape, out["label"].tolist(), out["skipped"], out["skipped_items"]
+    (torch.Size([2, 3, 4, 4]), [2, 2], 1, ['a.avi: empty file'])
     """
-    items = [b for b in batch if b is not None]
+    items = [b for b in batch if isinstance(b, dict)]
+    skipped_items = [str(b) for b in batch if isinstance(b, Skipped)]
     skipped = len(batch) - len(items)
     if not items:
         return dict(face=None, context=None, label=torch.zeros(0, dtype=torch.long),
-                    video=torch.zeros(0, dtype=torch.long), skipped=skipped)
+                    video=torch.zeros(0, dtype=torch.long), skipped=skipped, skipped_items=skipped_items)
     return dict(face=torch.stack([b["face"] for b in items]), context=torch.stack([b["context"] for b in items]),
                 label=torch.tensor([b["label"] for b in items], dtype=torch.long),
-                video=torch.tensor([b["video"] for b in items], dtype=torch.long), skipped=skipped)
+                video=torch.tensor([b["video"] for b in items], dtype=torch.long), skipped=skipped,
+                skipped_items=skipped_items)
