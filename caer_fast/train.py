@@ -159,7 +159,9 @@ def make_loader(dataset, args, train: bool, epoch: int = 0, distributed: bool = 
         sampler.set_epoch(epoch)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=args.workers, collate_fn=collate, generator=generator, drop_last=False,
+        # a last training batch of 1 would break batch norm: drop the remainder (a new order each epoch)
+        num_workers=args.workers, collate_fn=collate, generator=generator,
+        drop_last=train and len(dataset) > args.batch_size,
         persistent_workers=False, pin_memory=False)
 
 

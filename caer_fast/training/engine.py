@@ -65,7 +65,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device: torch.device, e
     for batch in bar:
         if skip_log is not None:
             skip_log.add(batch)
-        if batch["label"].numel() == 0:
+        if batch["label"].numel() < 2:  # nothing left after skipped reads, or too few for batch norm
             continue
         face, context, target = _to_device(batch, device, channels_last)
         with _autocast(device, amp):
