@@ -360,6 +360,11 @@ def run_demo(args) -> None:
 
 
 def cli(argv=None) -> int:
+    from .data.datasets import DatasetError
+    from .data.video import MediaDecodeError
+    from .models.checkpoint import CheckpointError
+    from .training.engine import TrainingDiverged
+
     args = get_args_parser().parse_args(argv)
     try:
         if args.demo:
@@ -370,6 +375,9 @@ def cli(argv=None) -> int:
             if args.test_only and args.resume is None:
                 raise SystemExit("error: --test-only needs --resume CHECKPOINT")
             main(args)
+    except (DatasetError, CheckpointError, TrainingDiverged, MediaDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: the last completed epoch's checkpoint.pth is intact; continue with --resume",
               file=sys.stderr)
