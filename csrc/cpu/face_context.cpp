@@ -1,0 +1,323 @@
+// Fused face_context on CPU: uint8 N×H×W×3 frames -> normalised face crop and face-masked context.
+//
+// Per frame, the rows of the frame are visited once, top to bottom. Each needed row is widened to
+// float RGBX (one small row buffer), resampled horizontally for the face and then, with the box
+// zeroed, for the context, into per-stream ring buffers of K rows at the OUTPUT width. An output row
+// is finished (vertical pass + normalisation) as soon as its K input rows are in its ring. No
+// full-resolution float frame exists, and only the cropped context pixels are computed.
+//
+// Resampling matches F.interpolate(mode="bilinear", align_corners=False, antialias=...) on the
+// float frame (aten UpSample.h / UpSampleKernel.cpp _compute_weights_aa, guard_index_and_lambda).
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+// One clone per ISA, chosen at load time (same scheme as simd.cpp): no -march flag needed.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FC_CLONES
+#endif
+
+namespace {
+
+// 1-D resampling table for output indices [o_begin, o_end): output o reads inputs
+// start[o]..start[o]+k-1 with weights w[o*k..]. Windows are shifted to end inside the input (the
+// extra taps get weight 0), so every read is in bounds and no padding is needed.
+struct Taps {
+  int64_t k = 1;
+  std::vector<int64_t> start;
+  std::vector<float> w;
+  // Horizontal form: taps in groups of 4, each weight repeated for the R, G, B, X lanes, so one
+  // output is kq 16-float FMAs over contiguous RGBX pixels (reads up to 3 pixels past the window).
+  int64_t kq = 1;
+  std::vector<float> w4;
+  int64_t lo = 0, hi = 0;  // union of the windows: input range this axis touches
+};
+
+Taps make_taps(int64_t in, int64_t out, int64_t o_begin, int64_t o_end, bool antialias) {
+  const int64_t n = o_end - o_begin;
+  std::vector<int64_t> xmin(n);
+  std::vector<std::vector<float>> ws(n);
+  // aten's float arithmetic, mixed float/double exactly as written there: on noisy frames a window
+  // position off by one float ulp moves outputs by ~1e-4 after normalisation.
+  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t o = o_begin + i;
+    if (antialias) {
+      // Triangle filter widened by the downscale factor, weights normalised over the window.
+      const float support = scale >= 1.0 ? scale : 1.0f;
+      const float invscale = scale >= 1.0 ? static_cast<float>(1.0 / scale) : 1.0f;
+      const float center = static_cast<float>(scale * (o + 0.5));
+      const int64_t lo = std::max<int64_t>(static_cast<int64_t>((center - support) + 0.5), 0);
+      const int64_t size = std::min<int64_t>(static_cast<int64_t>((center + support) + 0.5), in) - lo;
+      float total = 0.f;
+      for (int64_t j = 0; j < size; ++j) {
+        float x = static_cast<float>(((static_cast<float>(j + lo) - center) + 0.5) * invscale);
+        x = x < 0.f ? -x : x;
+        const float w = x < 1.f ? static_cast<float>(1.0 - x) : 0.f;
+        ws[i].push_back(w);
+        total += w;
+      }
+      if (total != 0.f)
+        for (auto& w : ws[i]) w /= total;
+      xmin[i] = lo;
+    } else if (in == out) {
+      xmin[i] = o;
+      ws[i] = {1.f};
+    } else {
+      // Plain bilinear: source index clamped at 0, last pixel repeated.
+      float src = scale * (static_cast<float>(o) + 0.5f) - 0.5f;
+      src = src < 0.f ? 0.f : src;
+      const int64_t i0 = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
+      const float lam = std::min(std::max(src - static_cast<float>(i0), 0.f), 1.f);
+      xmin[i] = i0;
+      ws[i] = i0 < in - 1 ? std::vector<float>{1.f - lam, lam} : std::vector<float>{1.f};
+    }
+  }
+  Taps t;
+  for (const auto& w : ws) t.k = std::max<int64_t>(t.k, static_cast<int64_t>(w.size()));
+  t.k = std::min(t.k, in);
+  t.start.resize(n);
+  t.w.assign(n * t.k, 0.f);
+  t.lo = in;
+  t.hi = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = std::min(xmin[i], in - t.k);  // shift the window left to end inside
+    const int64_t off = xmin[i] - s;
+    for (size_t j = 0; j < ws[i].size(); ++j) t.w[i * t.k + off + j] = ws[i][j];
+    t.start[i] = s;
+    t.lo = std::min(t.lo, s);
+    t.hi = std::max(t.hi, s + t.k);
+  }
+  t.kq = (t.k + 3) / 4;
+  t.w4.assign(n * 16 * t.kq, 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < t.k; ++j)
+      for (int c = 0; c < 4; ++c) t.w4[i * 16 * t.kq + 4 * j + c] = t.w[i * t.k + j];
+  return t;
+}
+
+// uint8 RGB pixels [x0, x1) -> float RGBX at dst[4x..] (X = 0: the 4th lane keeps a tap one vector).
+void widen_row_scalar(const uint8_t* __restrict src, float* __restrict dst, int64_t x0, int64_t x1) {
+  for (int64_t x = x0; x < x1; ++x) {
+    dst[4 * x + 0] = src[3 * x + 0];
+    dst[4 * x + 1] = src[3 * x + 1];
+    dst[4 * x + 2] = src[3 * x + 2];
+    dst[4 * x + 3] = 0.f;
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+// GCC does not vectorise the 3->4 de-interleave well: a byte shuffle widens 4 pixels at a time.
+__attribute__((target("avx2"))) void widen_row_avx2(const uint8_t* __restrict src, float* __restrict dst,
+                                                     int64_t x0, int64_t x1) {
+  const __m128i rgbx = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  int64_t x = x0;
+  for (; x + 6 <= x1; x += 4) {  // the 16-byte load covers pixels x..x+5: stays inside [x0, x1)
+    const __m128i q = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 3 * x)), rgbx);
+    _mm256_storeu_ps(dst + 4 * x, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)));
+    _mm256_storeu_ps(dst + 4 * x + 8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8))));
+  }
+  widen_row_scalar(src, dst, x, x1);
+}
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+void widen_row(const uint8_t* src, float* dst, int64_t x0, int64_t x1) {
+  if (x1 <= x0) return;
+  if (kHasAvx2)
+    widen_row_avx2(src, dst, x0, x1);
+  else
+    widen_row_scalar(src, dst, x0, x1);
+}
+#else
+void widen_row(const uint8_t* src, float* dst, int64_t x0, int64_t x1) { widen_row_scalar(src, dst, x0, x1); }
+#endif
+
+// Horizontal pass: row (RGBX, already offset to the stream's first column) -> planar 3×n at out.
+FC_CLONES void hpass(const float* __restrict row, const Taps& t, float* __restrict out) {
+  const int64_t n = static_cast<int64_t>(t.start.size()), kq = t.kq;
+  const int64_t* start = t.start.data();
+  const float* w4 = t.w4.data();
+  for (int64_t o = 0; o < n; ++o) {
+    const float* p = row + 4 * start[o];
+    const float* w = w4 + o * 16 * kq;
+    float a[16] = {};
+    for (int64_t g = 0; g < kq; ++g) {
+#pragma omp simd
+      for (int l = 0; l < 16; ++l) a[l] += w[16 * g + l] * p[16 * g + l];
+    }
+    out[o] = (a[0] + a[4]) + (a[8] + a[12]);
+    out[n + o] = (a[1] + a[5]) + (a[9] + a[13]);
+    out[2 * n + o] = (a[2] + a[6]) + (a[10] + a[14]);
+  }
+}
+
+// Vertical pass for one output row of one channel: out = (sum_j w[j]*rows[j]) * a + b.
+FC_CLONES void vpass(const float* const* rows, const float* w, int64_t k, int64_t n, float a, float b,
+                     float* __restrict acc, float* __restrict out) {
+  for (int64_t x = 0; x < n; ++x) acc[x] = w[0] * rows[0][x];
+  for (int64_t j = 1; j < k; ++j) {
+    const float wj = w[j];
+    const float* r = rows[j];
+    for (int64_t x = 0; x < n; ++x) acc[x] += wj * r[x];
+  }
+  for (int64_t x = 0; x < n; ++x) out[x] = acc[x] * a + b;
+}
+
+// One resized output (face or context) fed row by row through a ring of tv.k horizontal results.
+struct Stream {
+  const Taps* th = nullptr;  // columns (cropped outputs only)
+  const Taps* tv = nullptr;  // rows (cropped outputs only)
+  int64_t x0 = 0, y0 = 0;    // frame position of input index 0 (the box corner for the face)
+  float* out = nullptr;      // 3 planes of tv->start.size() × th->start.size()
+  std::vector<float> ring;
+  std::vector<const float*> rows;  // the k ring rows of one output row's window
+  int64_t next = 0;          // next output row to finish
+
+  int64_t ow() const { return static_cast<int64_t>(th->start.size()); }
+  int64_t oh() const { return static_cast<int64_t>(tv->start.size()); }
+  bool wants(int64_t y) const { return y >= y0 + tv->lo && y < y0 + tv->hi; }
+
+  void reset(float* out_) {
+    out = out_;
+    next = 0;
+    ring.resize(static_cast<size_t>(tv->k * 3 * ow()));
+    rows.resize(static_cast<size_t>(tv->k));
+  }
+
+  // Row y (frame coordinates) is widened in rgbx: resample it, then finish every output row whose
+  // window ends here (windows are nondecreasing, so the ring holds exactly that window).
+  void push(int64_t y, const float* rgbx, const float* a, const float* b, float* acc) {
+    const int64_t r = y - y0, k = tv->k, w = ow();
+    hpass(rgbx + 4 * x0, *th, ring.data() + (r % k) * 3 * w);
+    while (next < oh() && tv->start[next] + k <= r + 1) {
+      const int64_t s = tv->start[next];
+      for (int c = 0; c < 3; ++c) {
+        for (int64_t j = 0; j < k; ++j) rows[j] = ring.data() + ((s + j) % k) * 3 * w + c * w;
+        vpass(rows.data(), tv->w.data() + next * k, k, w, a[c], b[c], acc, out + (c * oh() + next) * w);
+      }
+      ++next;
+    }
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> face_context_forward(const at::Tensor& frames, const at::Tensor& boxes,
+                                                        int64_t face_h, int64_t face_w, int64_t ctx_h,
+                                                        int64_t ctx_w, int64_t crop_top, int64_t crop_left,
+                                                        int64_t crop_h, int64_t crop_w, std::vector<double> mean,
+                                                        std::vector<double> std, bool antialias) {
+  TORCH_CHECK(frames.device().is_cpu(), "face_context (cpp): frames must be a CPU tensor, got ", frames.device());
+  TORCH_CHECK(frames.scalar_type() == at::kByte && frames.dim() == 4 && frames.size(3) == 3,
+              "face_context (cpp): frames must be uint8 N×H×W×3 (RGB), got ", frames.sizes(), " ",
+              frames.scalar_type());
+  const int64_t n = frames.size(0), H = frames.size(1), W = frames.size(2);
+  TORCH_CHECK(H > 0 && W > 0, "face_context (cpp): frames must have H, W > 0, got ", frames.sizes());
+  TORCH_CHECK(boxes.device().is_cpu(), "face_context (cpp): boxes must be a CPU tensor");
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == n && boxes.size(1) == 4,
+              "face_context (cpp): boxes must be N×4 xyxy with N=", n, ", got ", boxes.sizes());
+  TORCH_CHECK(!boxes.is_floating_point() && !boxes.is_complex() && boxes.scalar_type() != at::kBool,
+              "face_context (cpp): boxes must be integer pixels, got ", boxes.scalar_type());
+  TORCH_CHECK(face_h > 0 && face_w > 0 && ctx_h > 0 && ctx_w > 0,
+              "face_context (cpp): output sizes must be positive, got face ", face_h, "×", face_w, ", context ",
+              ctx_h, "×", ctx_w);
+  if (crop_h == -1) {
+    crop_top = 0;
+    crop_left = 0;
+    crop_h = ctx_h;
+    crop_w = ctx_w;
+  }
+  TORCH_CHECK(crop_top >= 0 && crop_left >= 0 && crop_h > 0 && crop_w > 0 && crop_top + crop_h <= ctx_h &&
+                  crop_left + crop_w <= ctx_w,
+              "face_context (cpp): crop (top=", crop_top, ", left=", crop_left, ", h=", crop_h, ", w=", crop_w,
+              ") must lie inside the ", ctx_h, "×", ctx_w, " context");
+  TORCH_CHECK(mean.size() == 3 && std.size() == 3, "face_context (cpp): mean and std need 3 values, got ",
+              mean.size(), " and ", std.size());
+  float a[3], b[3];  // (v/255 - mean)/std == v*a + b
+  for (int c = 0; c < 3; ++c) {
+    TORCH_CHECK(std[c] != 0.0, "face_context (cpp): std must be nonzero");
+    a[c] = static_cast<float>(1.0 / (255.0 * std[c]));
+    b[c] = static_cast<float>(-mean[c] / std[c]);
+  }
+
+  const at::Tensor src = frames.contiguous();
+  const at::Tensor bx = boxes.to(at::kLong).contiguous();
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor face = at::empty({n, 3, face_h, face_w}, opts);
+  at::Tensor ctx = at::empty({n, 3, crop_h, crop_w}, opts);
+  if (n == 0) return {face, ctx};
+
+  // The context tables are the same for every frame.
+  const Taps cth = make_taps(W, ctx_w, crop_left, crop_left + crop_w, antialias);
+  const Taps ctv = make_taps(H, ctx_h, crop_top, crop_top + crop_h, antialias);
+
+  const uint8_t* src_p = src.data_ptr<uint8_t>();
+  const int64_t* box_p = bx.data_ptr<int64_t>();
+  float* face_p = face.data_ptr<float>();
+  float* ctx_p = ctx.data_ptr<float>();
+  const int64_t face_numel = 3 * face_h * face_w, ctx_numel = 3 * crop_h * crop_w;
+
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> rgbx(static_cast<size_t>(4 * (W + 4)), 0.f);  // +4: hpass over-reads, weight 0
+    std::vector<float> acc(static_cast<size_t>(std::max(face_w, crop_w)));
+    Stream cs;
+    cs.th = &cth;
+    cs.tv = &ctv;
+    Stream fs;
+    Taps fth, ftv;
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* frame = src_p + i * H * W * 3;
+      // Clip like clip_boxes: coordinates into the frame, zero area means no face.
+      const int64_t* bb = box_p + 4 * i;
+      const int64_t x1 = std::clamp<int64_t>(bb[0], 0, W), y1 = std::clamp<int64_t>(bb[1], 0, H);
+      const int64_t x2 = std::clamp<int64_t>(bb[2], 0, W), y2 = std::clamp<int64_t>(bb[3], 0, H);
+      const bool has_face = x2 > x1 && y2 > y1;
+      cs.reset(ctx_p + i * ctx_numel);
+      int64_t y_begin = ctv.lo, y_end = ctv.hi;
+      if (has_face) {
+        fth = make_taps(x2 - x1, face_w, 0, face_w, antialias);
+        ftv = make_taps(y2 - y1, face_h, 0, face_h, antialias);
+        fs.th = &fth;
+        fs.tv = &ftv;
+        fs.x0 = x1;
+        fs.y0 = y1;
+        fs.reset(face_p + i * face_numel);
+        y_begin = std::min(y_begin, y1 + ftv.lo);
+        y_end = std::max(y_end, y1 + ftv.hi);
+      } else {
+        std::fill(face_p + i * face_numel, face_p + (i + 1) * face_numel, 0.f);
+      }
+      for (int64_t y = y_begin; y < y_end; ++y) {
+        const bool for_face = has_face && fs.wants(y), for_ctx = cs.wants(y);
+        if (!for_face && !for_ctx) continue;
+        const uint8_t* row = frame + y * W * 3;
+        if (for_face) {
+          widen_row(row, rgbx.data(), x1 + fth.lo, x1 + fth.hi);
+          fs.push(y, rgbx.data(), a, b, acc.data());
+        }
+        if (for_ctx) {
+          // Widen only what the face pass did not already widen; then black out the box.
+          if (for_face) {
+            widen_row(row, rgbx.data(), cth.lo, std::min(cth.hi, x1 + fth.lo));
+            widen_row(row, rgbx.data(), std::max(cth.lo, x1 + fth.hi), cth.hi);
+          } else {
+            widen_row(row, rgbx.data(), cth.lo, cth.hi);
+          }
+          if (has_face && y >= y1 && y < y2) {
+            const int64_t m0 = std::max(x1, cth.lo), m1 = std::min(x2, cth.hi);
+            if (m1 > m0) std::fill(rgbx.data() + 4 * m0, rgbx.data() + 4 * m1, 0.f);
+          }
+          cs.push(y, rgbx.data(), a, b, acc.data());
+        }
+      }
+    }
+  });
+  return {face, ctx};
+}
