@@ -11,10 +11,10 @@
 
 namespace {
 
-using caer_fast_simd::axpy;
+using caer_fast_simd::gemv;
+using caer_fast_simd::gemv_t_outer;
 using caer_fast_simd::dot;
 using caer_fast_simd::rescale;
-using caer_fast_simd::scale;
 
 constexpr int64_t kTile = 256;  // positions per online-softmax step (exp weights live on the stack)
 
@@ -58,28 +58,30 @@ void forward_kernel(const T* F, const T* X, T* out, T* att, int64_t N, int64_t C
       const T* f = F + n * C * S;
       const T* x = X + n * S;
       T* o = out + n * C;  // running (unnormalised) sums live in the output row
-      T m = -std::numeric_limits<T>::infinity();
+      const T ninf = -std::numeric_limits<T>::infinity();
+      T m = ninf;
       T l = 0;
       for (int64_t s0 = 0; s0 < S; s0 += kTile) {
         const int64_t len = std::min(kTile, S - s0);
-        T tile_max = -std::numeric_limits<T>::infinity();
+        T tile_max = ninf;
         for (int64_t i = 0; i < len; ++i) tile_max = std::max(tile_max, x[s0 + i]);
+        if (tile_max == ninf) continue;  // all weights exactly 0
         const T m_new = std::max(m, tile_max);
         T tile_sum = 0;
         for (int64_t i = 0; i < len; ++i) {
           w[i] = std::exp(x[s0 + i] - m_new);
           tile_sum += w[i];
         }
-        if (s0 == 0) {
-          for (int64_t c = 0; c < C; ++c) o[c] = dot(w, f + c * S, len);
-          l = tile_sum;
-        } else {
-          const T r = std::exp(m - m_new);  // earlier tiles were weighted with the old max
-          if (r != T(1)) rescale(o, r, C);
-          for (int64_t c = 0; c < C; ++c) o[c] += dot(w, f + c * S + s0, len);
-          l = l * r + tile_sum;
-        }
+        // earlier tiles were weighted with the old max: rescale them (nothing to keep before the first)
+        const T r = m == ninf ? T(0) : std::exp(m - m_new);
+        gemv(f + s0, C, len, S, w, r, o);
+        l = l * r + tile_sum;
         m = m_new;
+      }
+      if (m == ninf) {  // every logit -inf: softmax is undefined (NaN), as in torch.softmax
+        std::fill(o, o + C, std::numeric_limits<T>::quiet_NaN());
+        std::fill(att + n * S, att + (n + 1) * S, std::numeric_limits<T>::quiet_NaN());
+        continue;
       }
       const T inv_l = T(1) / l;
       rescale(o, inv_l / T(S), C);
@@ -102,10 +104,7 @@ void backward_kernel(const T* G, const T* GA, const T* F, const T* A, const T* O
       const T* a = A + n * S;
       T* gf = GF + n * C * S;
       std::fill(gf_dot.begin(), gf_dot.end(), T(0));
-      for (int64_t c = 0; c < C; ++c) {  // the one pass over features (read f, write grad_f)
-        axpy(gf_dot.data(), g[c], f + c * S, S);
-        scale(gf + c * S, g[c] * inv_s, a, S);
-      }
+      gemv_t_outer(f, g, C, S, gf_dot.data(), a, inv_s, gf);  // the one pass: read f, write grad_f
       const T g_dot_out = dot(g, O + n * C, C);
       T* gx = GX + n * S;
       if (GA != nullptr) {

@@ -18,4 +18,14 @@ void scale(double* y, double alpha, const double* x, int64_t n);
 void rescale(float* y, float beta, int64_t n);
 void rescale(double* y, double beta, int64_t n);
 
+// y[r] = beta * y[r] + sum_c A[r * ld + c] * x[c] for r < rows (beta == 0: y is only written).
+void gemv(const float* A, int64_t rows, int64_t cols, int64_t ld, const float* x, float beta, float* y);
+void gemv(const double* A, int64_t rows, int64_t cols, int64_t ld, const double* x, double beta, double* y);
+// attention_pool backward rows, for r < rows and c < cols:
+//   y[c] += g[r] * A[r * cols + c]   and   out[r * cols + c] = g[r] * alpha * a[c]
+void gemv_t_outer(const float* A, const float* g, int64_t rows, int64_t cols, float* y, const float* a, float alpha,
+                  float* out);
+void gemv_t_outer(const double* A, const double* g, int64_t rows, int64_t cols, double* y, const double* a,
+                  double alpha, double* out);
+
 }  // namespace caer_fast_simd
