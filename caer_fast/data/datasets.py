@@ -120,8 +120,8 @@ def color_jitter_(tensors: Sequence[torch.Tensor], brightness: float, contrast: 
     """
     for z in tensors:
         shape = (3,) + (1,) * (z.dim() - 1)
-        m = torch.tensor(mean, dtype=z.dtype).view(shape)
-        s = torch.tensor(std, dtype=z.dtype).view(shape)
+        m = torch.tensor(mean, dtype=z.dtype, device=z.device).view(shape)  # device: the DALI GPU path
+        s = torch.tensor(std, dtype=z.dtype, device=z.device).view(shape)
         x = z * s + m
         x = x * brightness
         grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
@@ -210,16 +210,22 @@ class _Base(Dataset):
         face, context = face_context(torch.from_numpy(frames),
                                      torch.tensor(boxes, dtype=torch.int64).view(-1, 4),
                                      self.face_size, self.context_size, crop=self._crop_window())
+        b_t = clip_boxes(torch.tensor(boxes, dtype=torch.int64).view(-1, 4), frames.shape[1], frames.shape[2])
+        return self._augment(face, context, b_t[:, 2] > b_t[:, 0])
+
+    def _augment(self, face: torch.Tensor, context: torch.Tensor, has_face: torch.Tensor):
+        """Flip and colour jitter of one clip (T×3×h×w, any device); ``has_face`` is a T bool mask.
+
+        Shared with the DALI loader, which calls face_context once per batch and then this per clip.
+        """
         if self.train and self.flip_p > 0 and torch.rand(()).item() < self.flip_p:
             face, context = face.flip(-1), context.flip(-1)
         if self.color_jitter:
             br, co, sa = (1.0 + 0.4 * (torch.rand(3) - 0.5)).tolist()  # each factor in [0.8, 1.2]
             # keep "no face" frames exactly zero, as face_context returns them
-            b_t = clip_boxes(torch.tensor(boxes, dtype=torch.int64).view(-1, 4), frames.shape[1], frames.shape[2])
-            has_face = (b_t[:, 2] > b_t[:, 0]).to(face.dtype)
             f2, c2 = face.transpose(0, 1).contiguous(), context.transpose(0, 1).contiguous()
             color_jitter_([f2, c2], br, co, sa)
-            face, context = f2.transpose(0, 1) * has_face.view(-1, 1, 1, 1), c2.transpose(0, 1)
+            face, context = f2.transpose(0, 1) * has_face.to(face.dtype).view(-1, 1, 1, 1), c2.transpose(0, 1)
         return face, context
 
     def _failed(self, path, exc: Exception):
@@ -269,6 +275,7 @@ class CAERVideoDataset(_Base):
         self.videos: List[Tuple[str, int]] = []
         self.num_frames: List[int] = []  # decoded frame count of each video
         self.native_fps: List[float] = []
+        self.codecs: List[str] = []  # FFmpeg codec name of each video (the DALI loader checks it)
         self.clips: List[Tuple[int, Tuple[int, ...]]] = []
         self._boxes: List[Dict[int, Box]] = []
         stride = self.clip_frames if self.train else self.test_stride
@@ -283,6 +290,7 @@ class CAERVideoDataset(_Base):
             self.videos.append((rel, label))
             self.num_frames.append(info.num_frames)
             self.native_fps.append(info.fps)
+            self.codecs.append(info.codec)
             self._boxes.append({f: b for f, (b, _score) in table.get(rel, {}).items()})
             idx = resample_indices(info.num_frames, info.fps, self.fps)
             for s in clip_starts(len(idx), self.clip_frames, stride):
