@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum, is_distributed
 from .metrics import confusion_matrix, summarize
 
 
@@ -65,7 +66,10 @@ def train_one_epoch(model, criterion, optimizer, loader, device: torch.device, e
     for batch in bar:
         if skip_log is not None:
             skip_log.add(batch)
-        if batch["label"].numel() < 2:  # nothing left after skipped reads, or too few for batch norm
+        skip = batch["label"].numel() < 2  # nothing left after skipped reads, or too few for batch norm
+        if is_distributed():  # every process must skip together, or DDP's gradient all-reduce hangs
+            skip = bool(all_reduce_sum(torch.tensor([float(skip)])).item())
+        if skip:
             continue
         face, context, target = _to_device(batch, device, channels_last)
         with _autocast(device, amp):
@@ -90,9 +94,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device: torch.device, e
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                         lr=f"{optimizer.param_groups[0]['lr']:.2g}", clips_s=f"{seen / elapsed:.1f}")
-    bar.close()
-    elapsed = time.perf_counter() - start
-    return {"loss": total_loss / max(seen, 1), "acc": 100.0 * correct / max(seen, 1), "samples": seen,
+XX: total_loss / max(seen, 1), "acc": 100.0 * correct / max(seen, 1), "samples": seen,
             "samples_per_s": seen / max(elapsed, 1e-9), "seconds": elapsed, "lr": optimizer.param_groups[0]["lr"]}
 
 
