@@ -152,6 +152,9 @@ def model_args(args) -> dict:
 def make_loader(dataset, args, train: bool, epoch: int = 0, distributed: bool = False):
     from .data.datasets import collate
 
+    if getattr(args, "loader", "torch") == "dali":  # DALI decoding (GPU: NVDEC; CPU: VP8/VP9/MJPEG)
+        from .data.dali_loader import make_dali_loader
+        return make_dali_loader(dataset, args, train, epoch, distributed)
     sampler = None
     generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order on resume
     if distributed:
@@ -183,9 +186,13 @@ def main(args) -> dict:
     from .training.engine import SkipLog, evaluate, train_one_epoch
     from .training.metrics import write_json
 
-    if args.loader == "dali":
-        raise SystemExit("error: --loader dali is not in this version yet (the DALI pipeline is tracked in the "
-                         "video-input issue); use --loader torch, which decodes every codec with PyAV")
+    if args.loader == "dali":  # --loader dali: make_loader hands CAER clips to caer_fast.data.dali_loader
+        if args.model != "caer":
+            raise SystemExit("error: --loader dali reads videos (--model caer); CAER-S images use --loader torch")
+        from .data.dali_loader import dali_available
+        if not dali_available():
+            raise SystemExit("error: --loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+                             "(or use --loader torch, which decodes every codec with PyAV)")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -159,3 +159,31 @@ def test_h264_and_mpeg4_files_give_a_clear_codec_error(caer_tree, tmp_path):
     assert sum(len(b["label"]) for b in batches) == len(ds) - n_bad
     items = [s for b in batches for s in b["skipped_items"]]
     assert any("0009.mp4: codec h264 needs a GPU" in s for s in items)
+
+
+def _train(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "caer_fast.train", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_train_cli_with_loader_dali(caer_tree, tmp_path):
+    import shutil
+
+    root = tmp_path / "CAER"
+    shutil.copytree(caer_tree[0], root)
+    shutil.copytree(root / "train", root / "test")  # tiny tree: test = train
+    (root / "test.faces.csv").write_bytes((root / "train.faces.csv").read_bytes())
+    common = ["--data", root, "--loader", "dali", "--device", "cpu", "--epochs", "1", "-b", "2", "--no-progress",
+              "--clip-frames", "8", "--face-size", "16", "--context-size", "24x32", "--crop", "20", "-j", "1"]
+    proc = _train(*common, "--output-dir", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test: clip top-1" in proc.stdout and (tmp_path / "run" / "checkpoint.pth").is_file()
+    assert "skipped" not in proc.stdout
+    # CAER-S images are not videos
+    proc = _train("--data", root, "--loader", "dali", "--model", "caers", "--output-dir", tmp_path / "r2")
+    assert proc.returncode != 0 and "--loader torch" in proc.stderr

@@ -35,7 +35,7 @@ import torch
 
 from .datasets import CAERVideoDataset, DatasetError
 
-__all__ = ["DALIVideoLoader", "UnsupportedCodecError", "CPU_CODECS", "dali_available", "clip_pipeline"]
+__all__ = ["DALIVideoLoader", "make_dali_loader", "UnsupportedCodecError", "CPU_CODECS", "dali_available", "clip_pipeline"]
 
 # FFmpeg names of the codecs DALI's CPU video decoder reads (DALI 2.4 docs: VP8, VP9, MJPEG).
 CPU_CODECS = ("vp8", "vp9", "mjpeg")
@@ -255,3 +255,22 @@ class DALIVideoLoader:
                     context=torch.stack([c.transpose(0, 1) for c in contexts]).contiguous(),
                     label=torch.tensor(labels, dtype=torch.long, device=dev),
                     video=torch.tensor(videos, dtype=torch.long, device=dev))
+
+
+def make_dali_loader(dataset, args, train: bool, epoch: int = 0, distributed: bool = False) -> DALIVideoLoader:
+    """``--loader dali`` for :mod:`caer_fast.train`: the same order, seeding and batching as its DataLoader.
+
+    Device: ``--device`` (default CUDA if available; under torchrun the process's current GPU). On CPU,
+    files DALI cannot decode stop the run with ``--strict`` and are skipped and reported otherwise.
+    """
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    sampler = None
+    if distributed:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=train, seed=args.seed)
+        sampler.set_epoch(epoch)
+    return DALIVideoLoader(dataset, args.batch_size, shuffle=train and sampler is None, sampler=sampler,
+                           generator=torch.Generator().manual_seed(args.seed * 1000 + epoch),
+                           drop_last=train and len(dataset) > args.batch_size, device=device,
+                           num_threads=max(1, int(args.workers)), unsupported="error" if args.strict else "skip")
