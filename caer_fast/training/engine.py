@@ -94,7 +94,13 @@ def train_one_epoch(model, criterion, optimizer, loader, device: torch.device, e
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                         lr=f"{optimizer.param_groups[0]['lr']:.2g}", clips_s=f"{seen / elapsed:.1f}")
-XX: total_loss / max(seen, 1), "acc": 100.0 * correct / max(seen, 1), "samples": seen,
+    bar.close()
+    elapsed = time.perf_counter() - start
+    if is_distributed():  # epoch statistics over all processes, not rank 0's share
+        total_loss, correct, seen = all_reduce_sum(
+            torch.tensor([total_loss, correct, seen], dtype=torch.float64)).tolist()
+        correct, seen = int(correct), int(seen)
+    return {"loss": total_loss / max(seen, 1), "acc": 100.0 * correct / max(seen, 1), "samples": seen,
             "samples_per_s": seen / max(elapsed, 1e-9), "seconds": elapsed, "lr": optimizer.param_groups[0]["lr"]}
 
 
