@@ -13,8 +13,8 @@ an ``external_source`` and decodes exactly those frames with ``fn.decoders.video
 
 Batches are the dicts of :func:`caer_fast.data.datasets.collate` (``face`` N×3×T×fh×fw, ``context``,
 ``label``, ``video``, ``skipped``, ``skipped_items``). :func:`face_context` runs once per batch and frame
-size (N·T frames in one call), not once per clip; flip and colour jitter are then applied per clip with
-the dataset's own code, so augmentation matches the torch loader.
+size on a GPU (N·T frames in one call), once per clip on a CPU (measured faster there); flip and colour
+jitter are then applied per clip with the dataset's own code, so augmentation matches the torch loader.
 
 Example::
 
@@ -219,11 +219,15 @@ class DALIVideoLoader:
         ds = self.dataset
         ids = [int(np.asarray(sample_tl[j])[0]) for j in range(len(sample_tl))]
         clips = [self._to_torch(frames_tl[j]) for j in range(len(ids))]
-        groups: Dict[tuple, List[int]] = {}  # clips of one frame size share one face_context call
+        # GPU: clips of one frame size share one face_context call (fewer launches). CPU: one call per clip,
+        # measured faster there (bench/RESULTS.md "data loading (issue 4)": per batch was 1.2-1.6x slower)
+        groups: Dict[tuple, List[int]] = {}
         for j, c in enumerate(clips):
-            groups.setdefault(tuple(c.shape[1:3]), []).append(j)
+            key = tuple(c.shape[1:3]) if self.device.type == "cuda" else (j,)
+            groups.setdefault(key, []).append(j)
         per_clip = [None] * len(ids)  # (face T×3×fh×fw, context, has_face) before augmentation
-        for (h, w), members in groups.items():
+        for members in groups.values():
+            h, w = clips[members[0]].shape[1:3]
             boxes = []
             for j in members:
                 v, indices = ds.clips[ids[j]]
