@@ -53,6 +53,8 @@ setup(
     extras_require={
         # dlib's CNN face detector, the one the community used (python -m caer_fast.faces --detector dlib-cnn)
         "dlib": ["dlib-bin==20.0.1.post1", "face-recognition-models==0.3.0"],
+        # --loader dali (GPU: NVDEC; CPU: VP8/VP9/MJPEG only)
+        "dali": ["nvidia-dali-cuda130==2.4.0"],
     },
     zip_safe=False,
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
@@ -47,13 +48,24 @@ def _parse_box(fields: List[str]) -> Box:
     return x1, y1, x2, y2
 
 
+def _rows(text: str, source: str, bad: List[BadLine]):
+    """(line number, fields) per line; a line csv cannot split is a bad line, not an exception."""
+    # only real line ends: str.splitlines would also split inside a path at \x0c, \x1e, …
+    for lineno, line in enumerate(re.split(r"\r\n|\n|\r", text), start=1):
+        try:
+            row = next(csv.reader([line]), [])
+        except csv.Error as exc:
+            bad.append(BadLine(source, lineno, f"unreadable CSV: {exc}"))
+            continue
+        if row and "".join(row).strip():
+            yield lineno, row
+
+
 def parse_image_boxes(text: str, source: str = "<string>") -> Tuple[Dict[str, Tuple[int, Box]], List[BadLine]]:
     """Parse community CAER-S box lines → ({relpath: (label, box)}, bad lines)."""
     boxes: Dict[str, Tuple[int, Box]] = {}
     bad: List[BadLine] = []
-    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not row or not "".join(row).strip():
-            continue
+    for lineno, row in _rows(text, source, bad):
         try:
             if len(row) != 6:
                 raise ValueError(f"expected 6 fields path,label,x1,y1,x2,y2, got {len(row)}")
@@ -71,10 +83,7 @@ def parse_video_boxes(text: str, source: str = "<string>"
     """Parse a ``<split>.faces.csv`` → ({relpath: {frame: (box, score)}}, bad lines)."""
     out: Dict[str, Dict[int, Tuple[Box, float]]] = {}
     bad: List[BadLine] = []
-    reader = csv.reader(io.StringIO(text))
-    for lineno, row in enumerate(reader, start=1):
-        if not row or not "".join(row).strip():
-            continue
+    for lineno, row in _rows(text, source, bad):
         if lineno == 1 and tuple(c.strip() for c in row) == VIDEO_HEADER:
             continue
         try:

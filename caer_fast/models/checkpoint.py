@@ -125,10 +125,13 @@ def save_checkpoint(obj: Any, path: Union[str, os.PathLike]) -> Path:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+            raise CheckpointError(f"{path}: could not write the checkpoint (disk full?): {exc}; "
+                                  f"the previous file there, if any, is untouched") from exc
         raise
     return path
