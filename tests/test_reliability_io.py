@@ -77,3 +77,36 @@ def test_parsers_never_raise_on_garbage(text):
     for parse in (boxes_io.parse_image_boxes, boxes_io.parse_video_boxes):
         parsed, bad = parse(text, "junk.csv")
         assert isinstance(parsed, dict) and all(b.file == "junk.csv" for b in bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 5000), st.floats(1.0, 120.0), st.sampled_from([5.0, 10.0, 15.0]))
+def test_resampled_indices_are_valid_and_evenly_spread(num_frames, native_fps, fps):
+    from caer_fast.data.datasets import resample_indices
+
+    idx = resample_indices(num_frames, native_fps, fps)
+    assert all(0 <= i < num_frames for i in idx)
+    assert idx == sorted(set(idx))  # strictly increasing: no frame twice
+    if num_frames:
+        assert idx[0] == 0
+        expected = num_frames if native_fps <= fps else num_frames * fps / native_fps
+        assert abs(len(idx) - expected) <= 1
+        if native_fps > fps and len(idx) > 1:
+            gaps = {b - a for a, b in zip(idx, idx[1:])}
+            assert max(gaps) - min(gaps) <= 1  # even spacing, up to rounding
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 400), st.integers(1, 32), st.integers(1, 32))
+def test_clip_starts_cover_the_video_without_running_off_it(length, clip_frames, stride):
+    from caer_fast.data.datasets import clip_starts
+
+    starts = clip_starts(length, clip_frames, stride)
+    if length == 0:
+        assert starts == []
+    elif length < clip_frames:
+        assert starts == [0]  # one padded clip
+    else:
+        assert starts[0] == 0 and all(s + clip_frames <= length for s in starts)
+        assert all(b - a == stride for a, b in zip(starts, starts[1:]))
+        assert starts[-1] + stride + clip_frames > length  # no further clip fits
