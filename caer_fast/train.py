@@ -26,7 +26,7 @@ import torch
 from .constants import CLASSES, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE
 
 # The demo trains on small inputs so two trainings finish in minutes on a 2-core CPU.
-DEMO_SETTINGS = dict(clip_frames=8, face_size=(48, 48), context_size=(64, 86), crop=56, epochs=10, batch_size=8,
+DEMO_SETTINGS = dict(clip_frames=8, face_size=(48, 48), context_size=(64, 86), crop=56, epochs=6, batch_size=8,
                      lr=0.01)
 
 
@@ -341,8 +341,6 @@ def run_demo(args) -> None:
     for k, v in DEMO_SETTINGS.items():  # demo sizes unless the user set them
         if getattr(args, k) == getattr(defaults, k):
             setattr(args, k, v)
-    if args.model == "caers" and args.epochs == DEMO_SETTINGS["epochs"]:
-        args.epochs = 6
     args.data = data_root / sub
     print(f"demo: {args.model} on {args.data}, {args.epochs} epochs, batch {args.batch_size}, "
           f"clips of {args.clip_frames} frames, face {args.face_size[0]}x{args.face_size[1]}, "
