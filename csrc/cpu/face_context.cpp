@@ -33,10 +33,10 @@ struct Taps {
   int64_t k = 1;
   std::vector<int64_t> start;
   std::vector<float> w;
-  // Horizontal form: taps in groups of 4, each weight repeated for the R, G, B, X lanes, so one
-  // output is kq 16-float FMAs over contiguous RGBX pixels (reads up to 3 pixels past the window).
-  int64_t kq = 1;
-  std::vector<float> w4;
+  // Horizontal form: taps in pairs, each weight repeated for the R, G, B, X lanes, so one output
+  // is kp 8-float FMAs over contiguous RGBX pixels (reads up to 1 pixel past the window, weight 0).
+  int64_t kp = 1;
+  std::vector<float> w8;
   int64_t lo = 0, hi = 0;  // union of the windows: input range this axis touches
 };
 
@@ -95,15 +95,15 @@ Taps make_taps(int64_t in, int64_t out, int64_t o_begin, int64_t o_end, bool ant
     t.lo = std::min(t.lo, s);
     t.hi = std::max(t.hi, s + t.k);
   }
-  t.kq = (t.k + 3) / 4;
-  t.w4.assign(n * 16 * t.kq, 0.f);
+  t.kp = (t.k + 1) / 2;
+  t.w8.assign(n * 8 * t.kp, 0.f);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < t.k; ++j)
-      for (int c = 0; c < 4; ++c) t.w4[i * 16 * t.kq + 4 * j + c] = t.w[i * t.k + j];
+      for (int c = 0; c < 4; ++c) t.w8[i * 8 * t.kp + 4 * j + c] = t.w[i * t.k + j];
   return t;
 }
 
-// uint8 RGB pixels [x0, x1) -> float RGBX at dst[4x..] (X = 0: the 4th lane keeps a tap one vector).
+// uint8 RGB pixels [x0, x1) -> float RGBX at dst[4x..] (X = 0: a pixel is one 4-lane vector).
 void widen_row_scalar(const uint8_t* __restrict src, float* __restrict dst, int64_t x0, int64_t x1) {
   for (int64_t x = x0; x < x1; ++x) {
     dst[4 * x + 0] = src[3 * x + 0];
@@ -139,35 +139,60 @@ void widen_row(const uint8_t* src, float* dst, int64_t x0, int64_t x1) {
 void widen_row(const uint8_t* src, float* dst, int64_t x0, int64_t x1) { widen_row_scalar(src, dst, x0, x1); }
 #endif
 
-// Horizontal pass: row (RGBX, already offset to the stream's first column) -> planar 3×n at out.
-FC_CLONES void hpass(const float* __restrict row, const Taps& t, float* __restrict out) {
-  const int64_t n = static_cast<int64_t>(t.start.size()), kq = t.kq;
-  const int64_t* start = t.start.data();
-  const float* w4 = t.w4.data();
+// Horizontal pass: row (RGBX, already offset to the stream's first column) -> RGBX n×4 at out.
+void hpass_generic(const float* __restrict row, const Taps& t, float* __restrict out) {
+  const int64_t n = static_cast<int64_t>(t.start.size()), kp = t.kp;
   for (int64_t o = 0; o < n; ++o) {
-    const float* p = row + 4 * start[o];
-    const float* w = w4 + o * 16 * kq;
-    float a[16] = {};
-    for (int64_t g = 0; g < kq; ++g) {
-#pragma omp simd
-      for (int l = 0; l < 16; ++l) a[l] += w[16 * g + l] * p[16 * g + l];
-    }
-    out[o] = (a[0] + a[4]) + (a[8] + a[12]);
-    out[n + o] = (a[1] + a[5]) + (a[9] + a[13]);
-    out[2 * n + o] = (a[2] + a[6]) + (a[10] + a[14]);
+    const float* p = row + 4 * t.start[o];
+    const float* w = t.w8.data() + o * 8 * kp;
+    float a[8] = {};
+    for (int64_t g = 0; g < 8 * kp; g += 8)
+      for (int l = 0; l < 8; ++l) a[l] += w[g + l] * p[g + l];
+    for (int c = 0; c < 4; ++c) out[4 * o + c] = a[c] + a[4 + c];
   }
 }
 
-// Vertical pass for one output row of one channel: out = (sum_j w[j]*rows[j]) * a + b.
-FC_CLONES void vpass(const float* const* rows, const float* w, int64_t k, int64_t n, float a, float b,
-                     float* __restrict acc, float* __restrict out) {
-  for (int64_t x = 0; x < n; ++x) acc[x] = w[0] * rows[0][x];
+#if defined(__GNUC__) && defined(__x86_64__)
+// GCC reduces the 8 lanes with scalar adds; by hand it is one 128-bit add per output.
+__attribute__((target("avx2,fma"))) void hpass_avx2(const float* __restrict row, const Taps& t,
+                                                    float* __restrict out) {
+  const int64_t n = static_cast<int64_t>(t.start.size()), kp = t.kp;
+  const int64_t* start = t.start.data();
+  const float* w = t.w8.data();
+  for (int64_t o = 0; o < n; ++o, w += 8 * kp) {
+    const float* p = row + 4 * start[o];
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(p));
+    for (int64_t g = 8; g < 8 * kp; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + g), _mm256_loadu_ps(p + g), acc);
+    _mm_storeu_ps(out + 4 * o, _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)));
+  }
+}
+const bool kHasFma = kHasAvx2 && __builtin_cpu_supports("fma");
+void hpass(const float* row, const Taps& t, float* out) {
+  if (kHasFma)
+    hpass_avx2(row, t, out);
+  else
+    hpass_generic(row, t, out);
+}
+#else
+void hpass(const float* row, const Taps& t, float* out) { hpass_generic(row, t, out); }
+#endif
+
+// Vertical pass for one output row: acc = sum_j w[j]*rows[j] over n RGBX pixels, then
+// out[c][x] = acc[x][c]*a[c] + b[c] into the 3 planes (plane stride `plane`).
+FC_CLONES void vpass(const float* const* rows, const float* w, int64_t k, int64_t n, const float* a,
+                     const float* b, float* __restrict acc, float* __restrict out, int64_t plane) {
+  const int64_t m = 4 * n;
+  for (int64_t x = 0; x < m; ++x) acc[x] = w[0] * rows[0][x];
   for (int64_t j = 1; j < k; ++j) {
     const float wj = w[j];
     const float* r = rows[j];
-    for (int64_t x = 0; x < n; ++x) acc[x] += wj * r[x];
+    for (int64_t x = 0; x < m; ++x) acc[x] += wj * r[x];
   }
-  for (int64_t x = 0; x < n; ++x) out[x] = acc[x] * a + b;
+  for (int c = 0; c < 3; ++c) {
+    const float ac = a[c], bc = b[c];
+    float* o = out + c * plane;
+    for (int64_t x = 0; x < n; ++x) o[x] = acc[4 * x + c] * ac + bc;
+  }
 }
 
 // One resized output (face or context) fed row by row through a ring of tv.k horizontal results.
@@ -187,7 +212,7 @@ struct Stream {
   void reset(float* out_) {
     out = out_;
     next = 0;
-    ring.resize(static_cast<size_t>(tv->k * 3 * ow()));
+    ring.resize(static_cast<size_t>(tv->k * 4 * ow()));
     rows.resize(static_cast<size_t>(tv->k));
   }
 
@@ -195,13 +220,11 @@ struct Stream {
   // window ends here (windows are nondecreasing, so the ring holds exactly that window).
   void push(int64_t y, const float* rgbx, const float* a, const float* b, float* acc) {
     const int64_t r = y - y0, k = tv->k, w = ow();
-    hpass(rgbx + 4 * x0, *th, ring.data() + (r % k) * 3 * w);
+    hpass(rgbx + 4 * x0, *th, ring.data() + (r % k) * 4 * w);
     while (next < oh() && tv->start[next] + k <= r + 1) {
       const int64_t s = tv->start[next];
-      for (int c = 0; c < 3; ++c) {
-        for (int64_t j = 0; j < k; ++j) rows[j] = ring.data() + ((s + j) % k) * 3 * w + c * w;
-        vpass(rows.data(), tv->w.data() + next * k, k, w, a[c], b[c], acc, out + (c * oh() + next) * w);
-      }
+      for (int64_t j = 0; j < k; ++j) rows[j] = ring.data() + ((s + j) % k) * 4 * w;
+      vpass(rows.data(), tv->w.data() + next * k, k, w, a, b, acc, out + next * w, oh() * w);
       ++next;
     }
   }
@@ -266,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor> face_context_forward(const at::Tensor& frames
 
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> rgbx(static_cast<size_t>(4 * (W + 4)), 0.f);  // +4: hpass over-reads, weight 0
-    std::vector<float> acc(static_cast<size_t>(std::max(face_w, crop_w)));
+    std::vector<float> acc(static_cast<size_t>(4 * std::max(face_w, crop_w)));
     Stream cs;
     cs.th = &cth;
     cs.tv = &ctv;
