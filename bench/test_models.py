@@ -1,0 +1,189 @@
+"""Whole-model speed: the community CAER-S model (eager) vs ours (eager) vs ``caer_fast.optimize``,
+``caer_fast.accelerate(community model)``, and the video CAER-Net (ours eager vs ``optimize``).
+
+Run: ``pytest bench/test_models.py --benchmark-only --benchmark-group-by=group`` (a ratio table with
+GFLOP/s follows the run). Each case first checks its output against the reference implementation,
+so a fast-but-wrong path cannot win. The first call (the compile, for ``optimize``) is timed apart
+and reported as ``first_call_s``; timed rounds start after it. Peak memory is not measured
+(tracemalloc does not see torch's allocator; a maxrss-per-subprocess run would double the time).
+"""
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import caer_fast
+from caer_fast.models import CAERNet, CAERSNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from community_model import CommunityCAERSNet, randomize_bn_  # noqa: E402  (the reference re-statement)
+
+MATMUL_GFLOPS = 340.0  # DESIGN.md §3: fp32 matmul rate of the build machines
+CASES = {  # name: (batch, face shape, context shape)
+    "caers-b32": (32, (3, 96, 96), (3, 112, 112)),
+    "caer-video-b4": (4, (3, 16, 96, 96), (3, 16, 112, 112)),
+}
+ROUNDS = {"caers-b32": 5, "caer-video-b4": 3}
+_rows = []
+
+
+def _inputs(case, seed=0):
+    n, fs, cs = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, *fs, generator=g), torch.randn(n, *cs, generator=g),
+            torch.randint(0, 7, (n,), generator=g))
+
+
+def _models(case):
+    """(reference eager model, ours eager) with the same weights and random BN statistics."""
+    torch.manual_seed(0)
+    if case == "caers-b32":
+        community = randomize_bn_(CommunityCAERSNet(), torch.Generator().manual_seed(1))
+        ours = CAERSNet()
+        ours.load_state_dict(community.state_dict())
+        return community, ours
+    ours = randomize_bn_(CAERNet(frames=16), torch.Generator().manual_seed(1))
+    return None, ours
+
+
+def _flops(model, face, context, target, train):
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            F.cross_entropy(model(face, context), target).backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(face, context)
+    return counter.get_total_flops()
+
+
+def _record(benchmark, case, mode, impl, flops, first_call_s=None, info=None):
+    benchmark.group = f"{case} {mode}"
+    benchmark.extra_info.update(model_case=case, mode=mode, implementation=impl, flops=flops,
+                                threads=torch.get_num_threads(), first_call_s=first_call_s, **(info or {}))
+    _rows.append(benchmark)
+
+
+def _run(benchmark, fn, case):
+    benchmark.pedantic(fn, rounds=ROUNDS[case], warmup_rounds=1, iterations=1)
+
+
+INFERENCE = [("caers-b32", "community-eager"), ("caers-b32", "community-accelerate"),
+             ("caers-b32", "ours-eager"), ("caers-b32", "ours-optimize"),
+             ("caer-video-b4", "ours-eager"), ("caer-video-b4", "ours-optimize")]
+
+
+@pytest.mark.parametrize("case,impl", INFERENCE, ids=[f"{c}-{i}" for c, i in INFERENCE])
+def test_inference(benchmark, case, impl):
+    community, ours = _models(case)
+    face, context, _ = _inputs(case)
+    reference = (community if community is not None else ours).eval()
+    with torch.no_grad():
+        want = reference(face, context)
+        flops = _flops(reference, face, context, None, train=False)
+    first, info = None, {}
+    if impl == "community-eager":
+        model = community.eval()
+    elif impl == "community-accelerate":
+        model = caer_fast.accelerate(copy.deepcopy(community)).eval()
+    elif impl == "ours-eager":
+        model = ours.eval()
+    else:
+        model = caer_fast.optimize(ours, "inference")
+
+    def call():
+        with torch.inference_mode():
+            return model(face, context)
+
+    t = time.perf_counter()
+    got = call()
+    first = time.perf_counter() - t
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    if impl == "ours-optimize":
+        info = {k: v for k, v in model.info.items() if k in ("compiled", "fullgraph", "memory_format")}
+    _record(benchmark, case, "inference", impl, flops, first, info)
+    _run(benchmark, call, case)
+
+
+TRAIN = [("caers-b32", "community-eager"), ("caers-b32", "ours-eager"), ("caers-b32", "ours-optimize"),
+         ("caer-video-b4", "ours-eager"), ("caer-video-b4", "ours-optimize")]
+
+
+@pytest.mark.parametrize("case,impl", TRAIN, ids=[f"{c}-{i}" for c, i in TRAIN])
+def test_train_step(benchmark, case, impl, request):
+    """One SGD step (forward, cross-entropy, backward, momentum update) at batch 32 / 4."""
+    # the compiled step draws dropout masks with eager's generator, so its first step can be
+    # compared with the reference's from the same seed
+    from torch._inductor import config as inductor_config
+
+    stack = inductor_config.patch(fallback_random=True)
+    stack.__enter__()
+    request.addfinalizer(lambda: stack.__exit__(None, None, None))
+    community, ours = _models(case)
+    face, context, target = _inputs(case)
+    reference = (community if community is not None else ours).train()
+    ref_model = copy.deepcopy(reference)
+    flops = _flops(ref_model, face, context, target, train=True)
+    torch.manual_seed(5)
+    want = F.cross_entropy(ref_model(face, context), target).item()
+
+    if impl == "community-eager":
+        model = community.train()
+        call_model = model
+    elif impl == "ours-eager":
+        model = ours.train()
+        call_model = model
+    else:
+        model = ours.train()
+        call_model = caer_fast.optimize(model, "train")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        loss = F.cross_entropy(call_model(face, context), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    torch.manual_seed(5)
+    t = time.perf_counter()
+    got = step().item()
+    first = time.perf_counter() - t
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4), (got, want)
+    info = {}
+    if impl == "ours-optimize":
+        info = {k: v for k, v in call_model.info.items() if k in ("compiled", "fullgraph", "memory_format")}
+    _record(benchmark, case, "train", impl, flops, first, info)
+    _run(benchmark, step, case)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary(request):
+    """After the module: each implementation's speed-up over its group's baseline, and GFLOP/s."""
+    yield
+    med = lambda b: getattr(b.stats, "stats", b.stats).median  # noqa: E731  (Metadata wraps Stats)
+    rows = [b for b in _rows if b.stats is not None]
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    if not rows or tr is None:
+        return
+    base_name = {"caers-b32": "community-eager", "caer-video-b4": "ours-eager"}
+    base = {b.group: med(b) for b in rows
+            if b.extra_info["implementation"] == base_name[b.extra_info["model_case"]]}
+    tr.section(f"models: median, speed-up over the baseline, GFLOP/s (fp32 matmul ≈ {MATMUL_GFLOPS:.0f}); "
+               f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    tr.write_line(f"{'group':<26} {'implementation':<22} {'median ms':>10} {'speed-up':>9} {'GFLOP/s':>8} "
+                  f"{'% peak':>7} {'first call s':>12}")
+    for b in sorted(rows, key=lambda b: (b.group, med(b))):
+        e, m = b.extra_info, med(b)
+        ref = base.get(b.group)
+        gflops = e["flops"] / m / 1e9
+        tr.write_line(f"{b.group:<26} {e['implementation']:<22} {m * 1e3:10.1f} "
+                      f"{(f'{ref / m:8.2f}x' if ref else '       -'):>9} {gflops:8.1f} "
+                      f"{100 * gflops / MATMUL_GFLOPS:6.1f}% {e['first_call_s'] or 0:12.1f}")
