@@ -146,12 +146,13 @@ def _train(model, steps, batches, lr=0.01):
 
 
 @pytest.fixture
-def same_dropout(monkeypatch):
+def same_dropout():
     """Inductor draws its own random numbers; with fallback_random it uses eager's, so the compiled
     step's dropout mask equals the eager one from the same seed."""
-    import torch._inductor.config as inductor_config
+    from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    with inductor_config.patch(fallback_random=True):
+        yield
 
 
 COMPILE_TRAIN = pytest.param(True, marks=[pytest.mark.slow, pytest.mark.skipif(
