@@ -212,7 +212,8 @@ def test_image_tree_community_csv(tmp_path, capsys):
     # Community format: plain CSV rows, no header.
     assert next(csv.reader(open(tmp_path / "train.txt")))[:2] == ["Happy/0001.png", "3"]
 
-    p, _ = _main(capsys, tmp_path, "--strict", "--overwrite", "--splits", "train")
+    # one worker: with several, whichever bad file a worker meets first is the one named
+    p, _ = _main(capsys, tmp_path, "--strict", "--overwrite", "--splits", "train", "--workers", "1")
     assert p.returncode != 0 and "0004.png" in p.stderr and "Traceback" not in p.stderr
 
 
