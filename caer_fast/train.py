@@ -155,13 +155,19 @@ def make_loader(dataset, args, train: bool, epoch: int = 0, distributed: bool = 
     if getattr(args, "loader", "torch") == "dali":  # DALI decoding (GPU: NVDEC; CPU: VP8/VP9/MJPEG)
         from .data.dali_loader import make_dali_loader
         return make_dali_loader(dataset, args, train, epoch, distributed)
+    from .training.distributed import rank, world_size
+
     sampler = None
-    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order on resume
-    if distributed:
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=train, seed=args.seed)
+    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # worker seeds: same on resume
+    if train or distributed:
+        # One sampler for 1 or N processes: the permutation depends only on (seed, epoch), and N
+        # processes with batch b together see the same global batches as 1 process with batch N·b.
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            dataset, num_replicas=world_size() if distributed else 1, rank=rank() if distributed else 0,
+            shuffle=train, seed=args.seed)
         sampler.set_epoch(epoch)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
+        dataset, batch_size=args.batch_size, sampler=sampler,
         # a last training batch of 1 would break batch norm: drop the remainder (a new order each epoch)
         num_workers=args.workers, collate_fn=collate, generator=generator,
         drop_last=train and len(dataset) > args.batch_size,
