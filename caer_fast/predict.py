@@ -30,6 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", default="haar", choices=DETECTORS + ("none",),
                    help="face detector (none: context only)")
     p.add_argument("--detect-every", type=int, default=4, help="detect faces on every k-th sampled frame")
+    p.add_argument("--boxes", type=Path, default=None, metavar="FILE",
+                   help="take the face boxes from a box file instead of a detector: a CAER <split>.faces.csv "
+                        "or a CAER-S <split>.txt (as written by python -m caer_fast.faces or the demo data)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per line in the summary")
     return p
@@ -159,6 +162,30 @@ def save_visualization(r: dict, out: Path, title: str = "") -> Path:
     return out
 
 
+def boxes_for(path: Path, box_file: Path) -> dict:
+    """{frame index: box} for ``path`` from a CAER ``.faces.csv`` or a CAER-S box file.
+
+    Entries are matched by the path they hold (relative to the data or split root) being a suffix of
+    ``path``; a file with no entry raises ``LookupError`` naming both.
+    """
+    from .data import boxes as boxes_io
+
+    if not box_file.is_file():
+        raise LookupError(f"{box_file}: no such box file")
+    text = box_file.read_text(encoding="utf-8", errors="replace")
+    target = path.resolve().as_posix()
+    if text.startswith(",".join(boxes_io.VIDEO_HEADER)):
+        per_file, _ = boxes_io.parse_video_boxes(text, str(box_file))
+        entries = {k: {f: box for f, (box, _) in frames.items()} for k, frames in per_file.items()}
+    else:
+        per_image, _ = boxes_io.parse_image_boxes(text, str(box_file))
+        entries = {k: {0: box} for k, (_, box) in per_image.items()}
+    for key, frames in entries.items():
+        if target.endswith("/" + key.lstrip("/")):
+            return frames
+    raise LookupError(f"{box_file} has no boxes for {path}")
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     from .data.detectors import DetectorUnavailable
@@ -169,8 +196,11 @@ def main(argv=None) -> int:
     try:
         predictor = Predictor(args.checkpoint, device=args.device, detect_every=args.detect_every,
                               detector=None if args.detector == "none" else args.detector)
-        result = predictor.predict_file(args.path, with_arrays=args.save_viz is not None)
-    except (CheckpointError, MediaDecodeError, DetectorUnavailable) as exc:
+        known = None if args.boxes is None else boxes_for(args.path, args.boxes)
+        result = predictor.predict_file(args.path, with_arrays=args.save_viz is not None, known_boxes=known)
+        if known is not None:
+            result["detector"] = f"boxes from {args.boxes.name}"
+    except (CheckpointError, MediaDecodeError, DetectorUnavailable, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     visual = result.pop("_visual", None)

@@ -96,3 +96,21 @@ def test_errors_are_messages_not_tracebacks(ckpts, tmp_path):
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_predict(junk, "--checkpoint", tmp_path / "missing.pth")
     assert proc.returncode == 2 and "missing.pth" in proc.stderr
+
+
+def test_boxes_from_a_box_file_replace_the_detector(ckpts, demo_root):
+    from caer_fast.data.boxes import read_video_boxes
+    from caer_fast.predict import boxes_for
+
+    video = sorted((demo_root / "CAER" / "test").glob("*/*.avi"))[0]
+    box_file = demo_root / "CAER" / "test.faces.csv"
+    known = boxes_for(video, box_file)
+    truth, _ = read_video_boxes(box_file)
+    rel = video.relative_to(demo_root / "CAER").as_posix()
+    assert known == {f: b for f, (b, _) in truth[rel].items()}
+    result = Predictor(ckpts["caer"], device="cpu", detector=None).predict_file(video, known_boxes=known)
+    assert result["face_found"]
+    for frame, *box, _score in result["face_boxes"]:
+        assert tuple(box) == known[frame]
+    with pytest.raises(LookupError, match="no boxes"):
+        boxes_for(demo_root / "elsewhere.avi", box_file)

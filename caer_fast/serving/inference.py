@@ -246,9 +246,14 @@ class Predictor:
         return Prepared(kind, face, context, clips, np.asarray(frame_index), boxes, scores, float(fps or CLIP_FPS),
                         (int(h), int(w)), frames if keep_frames else None)
 
-    def prepare_file(self, path, keep_frames: bool = False) -> Prepared:
+    def prepare_file(self, path, keep_frames: bool = False, known_boxes=None) -> Prepared:
+        """``known_boxes``: {decode-order frame index: xyxy box} from a box file; skips the detector
+        (frames without an entry have no face)."""
         kind, frames, index, fps = self.read_file(path)
-        return self.prepare_frames(frames, kind=kind, frame_index=index, keep_frames=keep_frames,
+        boxes = None
+        if known_boxes is not None:
+            boxes = np.array([known_boxes.get(int(i), (0, 0, 0, 0)) for i in index], dtype=np.int64).reshape(-1, 4)
+        return self.prepare_frames(frames, kind=kind, frame_index=index, keep_frames=keep_frames, boxes=boxes,
                                    fps=None if kind == "image" else fps)
 
     # -- model ------------------------------------------------------------------------------------
@@ -328,9 +333,10 @@ class Predictor:
             }
         return result
 
-    def predict_file(self, path, with_arrays: bool = False) -> dict:
-        """Emotion of the video or image at ``path`` (see the module docstring for the pipeline)."""
-        prep = self.prepare_file(path, keep_frames=with_arrays)
+    def predict_file(self, path, with_arrays: bool = False, known_boxes=None) -> dict:
+        """Emotion of the video or image at ``path`` (see the module docstring for the pipeline);
+        ``known_boxes`` as in :meth:`prepare_file`."""
+        prep = self.prepare_file(path, keep_frames=with_arrays, known_boxes=known_boxes)
         return self.finish(prep, *self.forward(prep.face, prep.context), with_arrays=with_arrays)
 
     def predict_frames(self, frames, fps: Optional[float] = None, boxes=None, with_arrays: bool = False) -> dict:
