@@ -16,6 +16,9 @@ per-core rate is what scales with workers). Implementations:
 Each one checks its batches against the torch loader's (same labels; pixels within decoder/resizer
 tolerance), so a fast-but-wrong path fails.
 """
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -25,27 +28,14 @@ from caer_fast.data import boxes as boxes_io
 from caer_fast.data.datasets import NO_FACE, CAERVideoDataset, collate
 from caer_fast.data.video import decode_video
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from media import write_clip  # noqa: E402
+
 H, W, N_FRAMES, FPS, BATCH = 360, 640, 40, 25, 3
 FILES = [("train/Anger/0000.webm", "libvpx-vp9"), ("train/Happy/0001.avi", "mjpeg"),
          ("train/Sad/0002.webm", "libvpx-vp9"), ("train/Fear/0003.avi", "mjpeg"),
          ("train/Surprise/0004.webm", "libvpx-vp9"), ("train/Neutral/0005.avi", "mjpeg")]
 IMPLEMENTATIONS = ["pyav-decode", "torch-loader", "torch-batched", "dali-decode", "dali-cpu", "per-sample-pil"]
-
-
-def _write(path, codec, frames):
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    opts = {"crf": "20", "b": "0", "deadline": "realtime", "cpu-used": "8"} if codec == "libvpx-vp9" else {}
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=FPS, options=opts)
-        s.width, s.height = W, H
-        s.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +47,8 @@ def bench_root(tmp_path_factory):
         frames = np.stack([np.stack([128 + 90 * np.sin(xx / 37 + t / 5 + k), 128 + 90 * np.cos(yy / 29 - t / 7),
                                      128 + 70 * np.sin((xx + yy) / 53 + t / 3)], -1)
                            for t in range(N_FRAMES)]).clip(0, 255).astype(np.uint8)
-        _write(root / rel, codec, frames)
+        opts = {"crf": "20", "b": "0", "deadline": "realtime", "cpu-used": "8"} if codec == "libvpx-vp9" else {}
+        write_clip(root / rel, frames, codec, FPS, options=opts)
         rows += [(rel, f, (250 + f, 60, 370 + f, 200), 0.9) for f in range(N_FRAMES) if f % 6]
     boxes_io.write_video_boxes(root / "train.faces.csv", rows)
     return root

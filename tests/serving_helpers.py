@@ -56,25 +56,19 @@ def write_png(path, seed: int = 0, size=(120, 160)) -> Path:
 
 def write_video(path, frames: int = 24, fps: int = 20, size=(96, 128), codec: str = "mpeg4", seed: int = 0) -> Path:
     """A real video file written with PyAV: a moving square over a gradient."""
-    import av
+    from media import write_clip
 
     h, w = size
     rng = np.random.default_rng(seed)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for t in range(frames):
-            img = np.zeros((h, w, 3), np.uint8)
-            img[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None]
-            img[..., 1] = (60 + 3 * t) % 256
-            x = (5 * t) % (w - 20)
-            img[20:40, x:x + 20] = (250, 250, 40)
-            img = np.clip(img.astype(int) + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return Path(path)
+    clip = []
+    for t in range(frames):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None]
+        img[..., 1] = (60 + 3 * t) % 256
+        x = (5 * t) % (w - 20)
+        img[20:40, x:x + 20] = (250, 250, 40)
+        clip.append(np.clip(img.astype(int) + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8))
+    return write_clip(path, clip, codec, fps, pix_fmt="yuv420p")
 
 
 def free_port() -> int:

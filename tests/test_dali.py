@@ -16,6 +16,7 @@ from caer_fast.data import boxes as boxes_io  # noqa: E402
 from caer_fast.data.dali_loader import DALIVideoLoader, UnsupportedCodecError, clip_pipeline  # noqa: E402
 from caer_fast.data.datasets import CAERVideoDataset, collate  # noqa: E402
 from caer_fast.data.video import decode_video  # noqa: E402
+from media import write_clip  # noqa: E402
 
 SMALL = dict(face_size=(24, 24), context_size=(32, 43), crop=28, clip_frames=8)
 # (relative path, PyAV encoder, pix_fmt, options, H, W, frames, fps); odd sizes on purpose
@@ -38,20 +39,6 @@ def _scene(t_count, h, w, seed):
     return np.clip(np.stack(out), 0, 255).astype(np.uint8)
 
 
-def _write(path, codec, pix_fmt, options, frames, fps):
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=fps, options=dict(options))
-        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-
-
 @pytest.fixture(scope="module")
 def caer_tree(tmp_path_factory):
     """A CAER tree of VP9/VP8/MJPEG clips with a face box on most frames; yields (root, {rel: frames})."""
@@ -59,7 +46,7 @@ def caer_tree(tmp_path_factory):
     truth, rows = {}, []
     for k, (rel, codec, pix, opts, h, w, n, fps) in enumerate(CLIPS):
         frames = _scene(n, h, w, k)
-        _write(root / rel, codec, pix, opts, frames, fps)
+        write_clip(root / rel, frames, codec, fps, pix, opts)
         truth[rel] = frames
         for f in range(n):
             if f % 5 != 3:  # every fifth frame has no face
@@ -141,8 +128,8 @@ def test_h264_and_mpeg4_files_give_a_clear_codec_error(caer_tree, tmp_path):
     root = tmp_path / "CAER"
     shutil.copytree(caer_tree[0], root)
     frames = _scene(20, 70, 94, 9)
-    _write(root / "train/Fear/0009.mp4", "libx264", "yuv420p", {}, frames, 25)
-    _write(root / "train/Fear/0010.avi", "mpeg4", "yuv420p", {}, frames, 25)
+    write_clip(root / "train/Fear/0009.mp4", frames, "libx264", 25)
+    write_clip(root / "train/Fear/0010.avi", frames, "mpeg4", 25)
     ds = _dataset(root)
     with pytest.raises(UnsupportedCodecError) as err:
         DALIVideoLoader(ds, batch_size=4)

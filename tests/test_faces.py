@@ -22,6 +22,7 @@ from caer_fast.data.boxes import read_image_boxes, read_video_boxes  # noqa: E40
 from caer_fast.data.detectors import HaarDetector, best_face  # noqa: E402
 from caer_fast.faces import FacesError, fill_track, run  # noqa: E402
 from caer_fast.faces.__main__ import main  # noqa: E402
+from media import write_clip  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 288, 512
@@ -50,16 +51,6 @@ def _iou(a, b):
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def _write_clip(path, frames):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=10)
-        s.width, s.height, s.pix_fmt, s.bit_rate = W, H, "yuv420p", 3_000_000
-        for img in frames:
-            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        c.mux(s.encode())
-
-
 def _moving_face_clip(path):
     """Face moves right 12 px per frame for FACE_FRAMES frames, then only the background: truth per frame."""
     frames, truth = [], {}
@@ -70,7 +61,7 @@ def _moving_face_clip(path):
         else:
             img = _background()
         frames.append(img)
-    _write_clip(path, frames)
+    write_clip(path, frames, "mpeg4", fps=10, bit_rate=3_000_000)
     return truth
 
 

@@ -17,23 +17,10 @@ av = pytest.importorskip("av")
 
 from caer_fast.constants import CLASSES  # noqa: E402
 from caer_fast.data.boxes import read_video_boxes  # noqa: E402
+from media import write_clip  # noqa: E402
 
 PATCH = skdata.astronaut()[20:230, 140:310]  # the face with some context around it
 CODECS = ("mpeg4", "mjpeg", "libx264")
-
-
-def _write(path, frames, codec, fps=25):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width, s.height = w, h
-        s.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-        if codec == "libx264":
-            s.options = {"threads": "1"}
-        for img in frames:
-            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        c.mux(s.encode())
 
 
 def _clip(rng, h, w, n, face=True):
@@ -73,7 +60,9 @@ def test_unseen_tree_detects_faces_then_trains(tmp_path):
                 n = 12 if k == 2 else 44  # one clip shorter than 16 frames (even before 10 fps resampling)
                 face = k != 4  # one clip without a face
                 rel = f"{split}/{name}/{k:04d}.avi"
-                _write(root / rel, _clip(rng, h, w, n, face), codec)
+                # one x264 thread: its output then depends only on the input
+                write_clip(root / rel, _clip(rng, h, w, n, face), codec,
+                           options={"threads": "1"} if codec == "libx264" else None)
                 expected_faces[rel] = face
                 k += 1
 
