@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..constants import CLIP_FRAMES, NUM_CLASSES
-from ..ops import adaptive_fusion, attention_pool
+from ..ops import _dispatch, adaptive_fusion, attention_pool
 
 ENCODER_WIDTHS = (3, 32, 64, 128, 256, 256)
 ATTENTION_WIDTHS = (256, 128, 1)
@@ -97,6 +97,10 @@ class FusionNetwork(nn.Module):
 
 
 class _CAERBase(nn.Module):
+    def __init__(self):
+        super().__init__()
+        _dispatch.preload("cpu")  # not lazily inside a first, compiled forward (see preload)
+
     def forward(self, face: torch.Tensor, context: torch.Tensor, return_details: bool = False):
         face_vec, context_vec, attention = self.two_stream_net(face, context)
         logits, weights = self.fusion_net(face_vec, context_vec)

@@ -114,6 +114,16 @@ def backend(device=None) -> str:
     return "torch"
 
 
+def preload(device=None) -> str:
+    """Import the backend ops on ``device`` will use, now, outside any ``torch.compile`` trace.
+
+    The first import of a backend runs its module code (library loading, a self-check); inside a
+    dynamo trace that code is untraceable and ``fullgraph=True`` fails. Models and ``optimize`` call
+    this up front. Returns the backend name.
+    """
+    return backend(device)
+
+
 def implementation(op: str, tensor: torch.Tensor) -> Callable:
     """The implementation of ``op`` for ``tensor``'s device under the current backend choice."""
     name = backend(tensor)
