@@ -45,3 +45,45 @@ def test_accelerated_model_uses_the_ops_and_says_so(monkeypatch):
 def test_accelerate_rejects_other_models():
     with pytest.raises(TypeError, match="community-layout"):
         caer_fast.accelerate(torch.nn.Linear(2, 2))
+
+
+def _pair(seed):
+    """A community model and an accelerated deep copy with the same weights and random BN statistics."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    model = randomize_bn_(CommunityCAERSNet(), g).eval()
+    return model, caer_fast.accelerate(copy.deepcopy(model)), g
+
+
+def test_eval_fast_path_follows_weight_changes():
+    """Folded weights are cached under no_grad / inference_mode and refreshed when the model changes."""
+    model, fast, g = _pair(11)
+    face, context = torch.randn(3, 3, 96, 96, generator=g), torch.randn(3, 3, 112, 112, generator=g)
+    for step in range(3):
+        with torch.inference_mode():
+            want, got = model(face, context), fast(face, context)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(face, context), want, rtol=1e-4, atol=1e-5)
+            for m in (model, fast):  # the same in-place change to both: an optimizer step, new statistics
+                torch.manual_seed(step)
+                for p in m.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+                m.two_stream_net.context_encoding_module.bn[2].running_var.mul_(1.5)
+    fast.load_state_dict(randomize_bn_(CommunityCAERSNet(), torch.Generator().manual_seed(3)).state_dict())
+    model.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fast(face, context), model(face, context), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_fast_path_gradients_reach_the_parameters():
+    model, fast, g = _pair(12)
+    face, context = torch.randn(2, 3, 96, 96, generator=g), torch.randn(2, 3, 112, 112, generator=g)
+    with torch.no_grad():
+        fast(face, context)  # fill the no-grad cache first: it must not leak into the autograd call
+    model(face, context).square().sum().backward()
+    fast(face, context).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), fast.parameters()):
+        assert q.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=2e-3, atol=1e-5, msg=name)

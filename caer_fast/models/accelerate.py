@@ -5,6 +5,13 @@ map by its softmax attention, average-pools, and fuses with separate softmax/mul
 ``accelerate`` keeps the model's own class and weights and rebinds its ``forward`` to the same
 computation through :func:`caer_fast.ops.attention_pool` and :func:`caer_fast.ops.adaptive_fusion`;
 ``print(model)`` says so.
+
+In eval mode the encoders also run each conv→BN pair as one convolution with the batch norm folded
+in (w·γ/σ, (b−μ)·γ/σ + β) on channels_last tensors: the convolutions are most of the time, and this
+is what makes the live model faster (bench/RESULTS.md). The folded weights are computed from the
+model's current parameters: under ``no_grad`` / ``inference_mode`` they are cached and recomputed
+when any of those tensors changes (an optimizer step, ``load_state_dict``); with autograd on they
+are recomputed per call, so gradients reach the original parameters.
 """
 from __future__ import annotations
 
@@ -23,11 +30,56 @@ _REQUIRED = ("two_stream_net.face_encoding_module", "two_stream_net.context_enco
 MARK = "caer_fast: fused attention_pool + adaptive_fusion"
 
 
+def _foldable(encoder: nn.Module) -> bool:
+    convs, bns = getattr(encoder, "convs", None), getattr(encoder, "bn", None)
+    return (isinstance(convs, nn.ModuleList) and isinstance(bns, nn.ModuleList) and len(convs) == len(bns) > 0
+            and all(type(c) is nn.Conv2d for c in convs)
+            and all(isinstance(b, nn.BatchNorm2d) and b.running_var is not None and b.affine for b in bns))
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    return weight, (bias - bn.running_mean) * scale + bn.bias
+
+
+def _folded_weights(model: nn.Module, encoder: nn.Module):
+    """[(weight, bias)] per layer; cached while autograd is off and no source tensor changed."""
+    if torch.is_grad_enabled():
+        return [_fold(c, b) for c, b in zip(encoder.convs, encoder.bn)]
+    sources = [t for c, b in zip(encoder.convs, encoder.bn)
+               for t in (c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var) if t is not None]
+    key = tuple((id(t), t._version) for t in sources)
+    cache = model.__dict__.setdefault("_caer_fast_folded", {})
+    hit = cache.get(id(encoder))
+    if hit is None or hit[0] != key:
+        with torch.inference_mode(False), torch.no_grad():  # cached tensors must be usable outside inference_mode
+            hit = (key, [_fold(c, b) for c, b in zip(encoder.convs, encoder.bn)])
+        cache[id(encoder)] = hit
+    return hit[1]
+
+
+def _encode(model: nn.Module, encoder: nn.Module, x: torch.Tensor, pool: bool) -> torch.Tensor:
+    """The community encoder ([conv → BN → ReLU], max-pool 2 after all but the last layer if ``pool``);
+    in eval mode with folded BN on channels_last tensors, in train mode the encoder's own forward."""
+    if encoder.training or not _foldable(encoder):
+        return encoder(x)
+    x = x.contiguous(memory_format=torch.channels_last)
+    layers = _folded_weights(model, encoder)
+    inplace = not torch.is_grad_enabled()  # one pass less over each activation
+    for i, (conv, (weight, bias)) in enumerate(zip(encoder.convs, layers)):
+        x = F.relu(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups), inplace=inplace)
+        if pool and i < len(layers) - 1:
+            x = F.max_pool2d(x, 2)
+    return x
+
+
 def _fused_forward(self, face=None, context=None):
     ts, fu = self.two_stream_net, self.fusion_net
-    face = ts.face_encoding_module(face).flatten(2).mean(dim=-1)
-    context_map = ts.context_encoding_module(context)
-    context = attention_pool(context_map, ts.attention_inference_module(context_map))
+    face = _encode(self, ts.face_encoding_module, face, pool=True).flatten(2).mean(dim=-1)
+    context_map = _encode(self, ts.context_encoding_module, context, pool=True)
+    context = attention_pool(context_map, _encode(self, ts.attention_inference_module, context_map, pool=False))
     face, context = fu.face_bn(face), fu.context_bn(context)
     if getattr(fu, "concat", False):
         features = torch.cat([face, context], dim=-1)
