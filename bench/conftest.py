@@ -30,6 +30,7 @@ def pytest_terminal_summary(terminalreporter, config):
     benchmarks = [b for b in getattr(session, "benchmarks", []) if b.stats]
     _ops_table(terminalreporter, [b for b in benchmarks if b.extra_info.get("op")])
     _models_table(terminalreporter, [b for b in benchmarks if b.extra_info.get("model_case")])
+    _loaders_table(terminalreporter, [b for b in benchmarks if b.extra_info.get("frames")])
 
 
 def _ops_table(terminalreporter, rows):
@@ -69,3 +70,18 @@ def _models_table(tr, rows):
         tr.write_line(f"{b.group:<26} {e['implementation']:<22} {m * 1e3:10.1f} "
                       f"{(f'{ref / m:8.2f}x' if ref else '       -'):>9} {gflops:8.1f} "
                       f"{100 * gflops / peak:7.1f}% {ceiling:>8} {e['peak_mb']:8.0f} {e['first_call_s'] or 0:12.1f}")
+
+
+def _loaders_table(tr, rows):
+    """bench/test_data.py: frames/s of each path, against raw decoding and against the per-sample path."""
+    if not rows:
+        return
+    tr.section(f"data: frames/s (median), one process; load average {os.getloadavg()[0]:.1f}")
+    for group in sorted({b.group for b in rows}):
+        members = [b for b in rows if b.group == group]
+        rate = {b.extra_info["implementation"]: b.extra_info["frames"] / _median(b) for b in members}
+        tr.write_line(group)
+        tr.write_line(f"  {'implementation':<24} {'frames/s':>9} {'vs pyav-decode':>15} {'vs per-sample-pil':>18}")
+        for impl, r in sorted(rate.items(), key=lambda kv: -kv[1]):
+            vs = [f"{r / rate[k]:.2f}x" if k in rate else "-" for k in ("pyav-decode", "per-sample-pil")]
+            tr.write_line(f"  {impl:<24} {r:9.1f} {vs[0]:>15} {vs[1]:>18}")

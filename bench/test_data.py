@@ -1,6 +1,7 @@
 """Video data loading, frames/s, side by side on the same files (issue 4).
 
-Run: ``OMP_NUM_THREADS=1 pytest bench/test_data.py --benchmark-only --benchmark-group-by=group``.
+Run: ``OMP_NUM_THREADS=1 pytest bench/test_data.py --benchmark-only --benchmark-group-by=group``
+(7 rounds after 2 warm-ups, median).
 
 The files: 6 clips of 360×640, 40 frames at 25 fps (3 VP9 .webm, 3 MJPEG .avi: the codecs DALI's CPU
 decoder reads), sampled at 10 fps into one 16-frame clip each (CAER sizes: face 96, context 128×171 →
@@ -136,7 +137,7 @@ def test_loader_frames_per_s(benchmark, bench_root, impl):
     torch.set_num_threads(1)
     benchmark.group = "video loading 360x640, 16-frame clips, frames/s"
     benchmark.extra_info.update(implementation=impl, frames=n_frames)
-    out = benchmark.pedantic(_run, args=(impl, ds), rounds=3, iterations=1, warmup_rounds=1)
+    out = benchmark.pedantic(_run, args=(impl, ds), rounds=7, iterations=1, warmup_rounds=2)
     benchmark.extra_info["frames_per_s"] = n_frames / benchmark.stats.stats.median
 
     ref = _run("torch-loader", ds)
@@ -181,7 +182,7 @@ def test_processing_frames_per_s(benchmark, bench_root, impl):
 
     benchmark.group = "processing only (decoded 360x640 frames -> batch), frames/s"
     benchmark.extra_info.update(implementation=impl, frames=16 * len(ds))
-    out = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    out = benchmark.pedantic(run, rounds=7, iterations=1, warmup_rounds=2)
     benchmark.extra_info["frames_per_s"] = 16 * len(ds) / benchmark.stats.stats.median
     ref = collate([ds[i] for i in range(len(ds))])
     mean_tol, max_tol = (0.08, 2.0) if impl == "per-sample-pil" else (1e-4, 1e-3)
