@@ -1,5 +1,12 @@
 """Shared fixtures."""
+import os
+import tempfile
+
 import pytest
+
+# Keep the dataset index cache (caer_fast.data.index_cache) of test runs out of the user's ~/.cache;
+# subprocesses (train, faces) inherit it.
+os.environ.setdefault("CAER_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="caer_fast_test_cache_"))
 
 # Small on purpose (a few seconds to write): 2 train videos per class, 1 validation, 1 test; images 2 / 1.
 DEMO_VIDEOS = {"train": 2, "validation": 1, "test": 1}

@@ -387,3 +387,48 @@ def test_cli_writes_a_tree(tmp_path, capsys):
     for bad in (["--size", "65x96"], ["--frames", "0"], ["--size", "big"]):
         with pytest.raises(SystemExit):
             synthetic.main(["--out", str(tmp_path / "x"), *bad])
+
+
+def test_index_cache_skips_probing_unchanged_videos(tmp_path, monkeypatch):
+    """Second index of a split reads frame counts back; a rewritten file is probed again; a corrupt one
+    is reported on every run and never cached."""
+    from caer_fast.data import datasets as datasets_mod
+
+    monkeypatch.setenv("CAER_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "CAER"
+    _counter_video(root, frames=30, fps=10, name="train/Happy/0000.avi")
+    _counter_video(root, frames=20, fps=10, name="train/Sad/0001.avi")
+    (root / "train" / "Fear").mkdir()
+    (root / "train" / "Fear" / "junk.avi").write_bytes(b"not a video at all")
+    probed = []
+    real_probe = datasets_mod.probe_video
+    monkeypatch.setattr(datasets_mod, "probe_video", lambda p, **kw: probed.append(Path(p).name) or real_probe(p, **kw))
+    kw = dict(train=False, clip_frames=4, test_stride=4, face_size=(8, 8), context_size=(16, 16), crop=None)
+
+    first = CAERVideoDataset(root, "train", **kw)
+    assert sorted(probed) == ["0000.avi", "0001.avi", "junk.avi"] and len(first.bad_files) == 1
+    probed.clear()
+    second = CAERVideoDataset(root, "train", **kw)
+    assert probed == ["junk.avi"]  # the two good videos came from the cache
+    assert second.clips == first.clips and second.num_frames == first.num_frames == [30, 20]
+    assert second.codecs == first.codecs and len(second.bad_files) == 1
+
+    _counter_video(root, frames=12, fps=10, name="train/Sad/0001.avi")  # same name, new content
+    probed.clear()
+    third = CAERVideoDataset(root, "train", **kw)
+    assert sorted(probed) == ["0001.avi", "junk.avi"] and third.num_frames == [30, 12]
+    probed.clear()
+    CAERVideoDataset(root, "train", index_cache=False, **kw)
+    assert sorted(probed) == ["0000.avi", "0001.avi", "junk.avi"]
+
+
+def test_index_cache_that_cannot_be_written_only_warns(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("CAER_FAST_CACHE_DIR", str(blocker))
+    _counter_video(tmp_path, frames=10, fps=10)
+    with caplog.at_level("WARNING", logger="caer_fast.data.index_cache"):
+        ds = CAERVideoDataset(tmp_path, "train", train=False, clip_frames=4, face_size=(8, 8),
+                              context_size=(16, 16), crop=None)
+    assert ds.num_frames == [10]
+    assert "could not write the index cache" in caplog.text

@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from ..constants import (CLASSES, CLIP_FPS, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE,
                          IMAGENET_MEAN, IMAGENET_STD, TEST_CLIP_STRIDE)
 from . import boxes as boxes_io
+from .index_cache import ProbeCache
 from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaDecodeError, decode_video, probe_video, read_image
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,13 @@ def color_jitter_(tensors: Sequence[torch.Tensor], brightness: float, contrast: 
         grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
         x = grey + (x - grey) * saturation
         z.copy_((x.clamp_(0.0, 1.0) - m) / s)
+
+
+def _index_progress(total: int, desc: str):
+    """A progress bar for indexing long splits (probing decodes each new video once); quiet for small ones."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="video", leave=False, dynamic_ncols=True, disable=total < 200)
 
 
 def _scan_classes(split_dir: Path, extensions: Sequence[str]) -> List[Tuple[Path, int]]:
@@ -251,6 +259,9 @@ class CAERVideoDataset(_Base):
         strict: raise :class:`DatasetError` naming the file instead of skipping bad inputs.
         count_frames: count frames by decoding at index time (exact; default) instead of trusting the
             container header.
+        index_cache: keep each video's probe result (frame count, rate, codec) between runs, keyed by
+            path, size and modification time (:mod:`caer_fast.data.index_cache`), so only the first
+            run decodes every video to count frames.
 
     Attributes: ``classes``, ``videos`` [(path relative to root, label)], ``clips``
     [(video index, decode-order frame indices)], ``bad_files`` [(path, reason)].
@@ -264,7 +275,7 @@ class CAERVideoDataset(_Base):
     def __init__(self, root, split, *, train: bool, clip_frames: int = CLIP_FRAMES, fps: float = CLIP_FPS,
                  test_stride: int = TEST_CLIP_STRIDE, face_size=FACE_SIZE, context_size=CONTEXT_SIZE,
                  crop: Optional[int] = CONTEXT_CROP, boxes_file=None, strict: bool = False, flip_p: float = 0.5,
-                 color_jitter: bool = True, count_frames: bool = True):
+                 color_jitter: bool = True, count_frames: bool = True, index_cache: bool = True):
         super().__init__(root, split, train, face_size, context_size, crop, strict, flip_p, color_jitter)
         self.clip_frames, self.fps, self.test_stride = int(clip_frames), float(fps), int(test_stride)
         if self.clip_frames < 1 or self.fps <= 0 or self.test_stride < 1:
@@ -279,24 +290,34 @@ class CAERVideoDataset(_Base):
         self.clips: List[Tuple[int, Tuple[int, ...]]] = []
         self._boxes: List[Dict[int, Box]] = []
         stride = self.clip_frames if self.train else self.test_stride
-        for path, label in files:
-            rel = path.relative_to(self.root).as_posix()
-            try:
-                info = probe_video(path, count_frames=count_frames)
-            except MediaDecodeError as exc:
-                self._bad(path, exc.problem)
-                continue
-            v = len(self.videos)
-            self.videos.append((rel, label))
-            self.num_frames.append(info.num_frames)
-            self.native_fps.append(info.fps)
-            self.codecs.append(info.codec)
-            self._boxes.append({f: b for f, (b, _score) in table.get(rel, {}).items()})
-            idx = resample_indices(info.num_frames, info.fps, self.fps)
-            for s in clip_starts(len(idx), self.clip_frames, stride):
-                sel = idx[s:s + self.clip_frames]
-                sel = sel + [sel[-1]] * (self.clip_frames - len(sel))  # pad short videos with the last frame
-                self.clips.append((v, tuple(sel)))
+        cache = ProbeCache(self.root, self.split, count_frames, enabled=index_cache)
+        bar = _index_progress(len(files), f"indexing {self.root.name}/{self.split}")
+        try:
+            for path, label in files:
+                bar.update()
+                rel = path.relative_to(self.root).as_posix()
+                info = cache.get(path)
+                if info is None:
+                    try:
+                        info = probe_video(path, count_frames=count_frames)
+                    except MediaDecodeError as exc:
+                        self._bad(path, exc.problem)
+                        continue
+                    cache.put(path, info)
+                v = len(self.videos)
+                self.videos.append((rel, label))
+                self.num_frames.append(info.num_frames)
+                self.native_fps.append(info.fps)
+                self.codecs.append(info.codec)
+                self._boxes.append({f: b for f, (b, _score) in table.get(rel, {}).items()})
+                idx = resample_indices(info.num_frames, info.fps, self.fps)
+                for s in clip_starts(len(idx), self.clip_frames, stride):
+                    sel = idx[s:s + self.clip_frames]
+                    sel = sel + [sel[-1]] * (self.clip_frames - len(sel))  # pad short videos with the last frame
+                    self.clips.append((v, tuple(sel)))
+        finally:
+            bar.close()
+            cache.save()
         if not self.videos:
             raise DatasetError(f"{self.root / self.split}: no readable videos ({len(self.bad_files)} unreadable)")
 
