@@ -5,12 +5,22 @@ program (two exps) rather than stored and re-read. Backward: one program per row
 reduces Σ g·face and Σ g·context for the score gradients:
     d face_score = -d context_score = w_f w_c (Σ g_f·face + gw_f - Σ g_c·context - gw_c),
 where gw is the gradient reaching the returned weights (0 unless they are used).
+
+The launches are wrapped as the ``torch.library.triton_op`` ``caer_fast::adaptive_fusion_triton``
+(autograd registered, backward ``caer_fast::adaptive_fusion_triton_backward``), which
+:func:`adaptive_fusion` uses under ``torch.compile`` (see ``_compile``); eager calls run the same
+kernels through ``AdaptiveFusionFunction``.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from ._compile import eager, triton_op, wrap_triton
 
 BLOCK = 128
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,7 +86,7 @@ def _bwd_kernel(g_ptr, gw_ptr, face_ptr, ctx_ptr, w_ptr, gface_ptr, gctx_ptr, gf
     tl.store(gcs_ptr + n, (-d).to(gcs_ptr.dtype.element_ty))
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def _rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -89,7 +99,7 @@ def adaptive_fusion_forward(face, context, face_score, context_score):
     out = torch.empty(n, cf + cc, dtype=dtype, device=face.device)
     w = torch.empty(n, 2, dtype=torch.float32, device=face.device)
     if n:
-        _fwd_kernel[(n, triton.cdiv(cf + cc, BLOCK))](
+        wrap_triton(_fwd_kernel)[(n, triton.cdiv(cf + cc, BLOCK))](
             face, context, face_score, context_score, out, w, cf, cc, face.stride(0), context.stride(0),
             face_score.stride(0), context_score.stride(0), BLOCK=BLOCK)
     return out, w
@@ -107,15 +117,51 @@ def adaptive_fusion_backward(grad, grad_weights, face, context, w32, score_dtype
     has_gw = grad_weights is not None
     gw = grad_weights.float().contiguous() if has_gw else w32
     if n:
-        _bwd_kernel[(n,)](grad, gw, face, context, w32, gface, gctx, gfs, gcs, cf, cc,
-                          face.stride(0), context.stride(0), HAS_GW=has_gw, BLOCK=BLOCK)
+        wrap_triton(_bwd_kernel)[(n,)](grad, gw, face, context, w32, gface, gctx, gfs, gcs, cf, cc,
+                                       face.stride(0), context.stride(0), HAS_GW=has_gw, BLOCK=BLOCK)
     return gface, gctx, gfs, gcs
 
 
+# ---- the torch.library ops (torch.compile) ------------------------------------------------------
+@triton_op("caer_fast::adaptive_fusion_triton", mutates_args=())
+def adaptive_fusion_op(face: Tensor, context: Tensor, face_score: Tensor,
+                       context_score: Tensor) -> Tuple[Tensor, Tensor]:
+    """(fused N×(Cf+Cc) in the promoted dtype, weights float32 N×2); both take gradients."""
+    return adaptive_fusion_forward(face, context, face_score, context_score)
+
+
+@triton_op("caer_fast::adaptive_fusion_triton_backward", mutates_args=())
+def adaptive_fusion_backward_op(grad: Tensor, grad_weights: Optional[Tensor], face: Tensor, context: Tensor,
+                                w32: Tensor, score_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return adaptive_fusion_backward(grad, grad_weights, face, context, w32, score_dtype)
+
+
+def _op_setup(ctx, inputs, output):
+    face, context, face_score, _ = inputs
+    _, w32 = output
+    ctx.save_for_backward(face, context, w32)
+    ctx.score_dtype = face_score.dtype
+
+
+def _op_backward(ctx, grad, grad_w32):
+    face, context, w32 = ctx.saved_tensors
+    if grad is None:
+        grad = w32.new_zeros((face.shape[0], face.shape[1] + context.shape[1]))
+    grads = adaptive_fusion_backward_op(grad, grad_w32, face, context, w32, ctx.score_dtype)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+
+adaptive_fusion_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+# ---- eager ---------------------------------------------------------------------------------------
 class AdaptiveFusionFunction(torch.autograd.Function):
+    """Eager twin of ``adaptive_fusion_op`` (same kernels and formulas, no custom-op dispatch)."""
+
     @staticmethod
     def forward(ctx, face, context, face_score, context_score, return_weights):
-        out, w32 = adaptive_fusion_forward(face, context, face_score, context_score)
+        with eager():
+            out, w32 = adaptive_fusion_forward(face, context, face_score, context_score)
         ctx.save_for_backward(face, context, w32)
         ctx.score_dtype = face_score.dtype
         ctx.return_weights = return_weights
@@ -126,7 +172,9 @@ class AdaptiveFusionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, grad_weights=None):
         face, context, w32 = ctx.saved_tensors
-        gface, gctx, gfs, gcs = adaptive_fusion_backward(grad, grad_weights, face, context, w32, ctx.score_dtype)
+        with eager():
+            gface, gctx, gfs, gcs = adaptive_fusion_backward(grad, grad_weights, face, context, w32,
+                                                             ctx.score_dtype)
         need = ctx.needs_input_grad
         return (gface if need[0] else None, gctx if need[1] else None,
                 gfs if need[2] else None, gcs if need[3] else None, None)
@@ -137,4 +185,7 @@ def adaptive_fusion(face, context, face_score, context_score, return_weights: bo
     if any(t.dtype not in KERNEL_DTYPES for t in (face, context, face_score, context_score)):
         from caer_fast.ops.adaptive_fusion import adaptive_fusion_reference  # float64: exact reference
         return adaptive_fusion_reference(face, context, face_score, context_score, return_weights)
+    if torch.compiler.is_compiling():
+        out, w32 = adaptive_fusion_op(face, context, face_score, context_score)
+        return (out, w32.to(face_score.dtype)) if return_weights else out
     return AdaptiveFusionFunction.apply(face, context, face_score, context_score, return_weights)

@@ -2,6 +2,14 @@
 
 Imported lazily by ``_dispatch`` the first time the backend is considered, never at package import.
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton's import.
+
+Importing ``caer_fast.kernels`` registers the ``torch.library`` ops ``caer_fast::attention_pool_triton``
+and ``caer_fast::adaptive_fusion_triton`` (``triton_op``s with autograd, backward ops
+``caer_fast::<op>_triton_backward``) and ``caer_fast::face_context_triton`` (an opaque ``custom_op``).
+Under ``torch.compile`` the registered functions call those ops, so ``fullgraph=True`` traces
+without a graph break; on CUDA AOTAutograd inlines the attention_pool / adaptive_fusion kernels
+into the graph for inductor. Eager calls launch the same kernels through ``autograd.Function``s.
+Under the interpreter the ops stay opaque graph nodes (see ``caer_fast/kernels/_compile.py``).
 """
 from __future__ import annotations
 
