@@ -99,7 +99,7 @@ class FusionNetwork(nn.Module):
 class _CAERBase(nn.Module):
     def __init__(self):
         super().__init__()
-        _dispatch.preload("cpu")  # not lazily inside a first, compiled forward (see preload)
+        _dispatch.preload()  # this machine's backend (CUDA if present): not lazily inside a compiled forward
 
     def forward(self, face: torch.Tensor, context: torch.Tensor, return_details: bool = False):
         face_vec, context_vec, attention = self.two_stream_net(face, context)
