@@ -119,9 +119,13 @@ def preload(device=None) -> str:
 
     The first import of a backend runs its module code (library loading, a self-check); inside a
     dynamo trace that code is untraceable and ``fullgraph=True`` fails. Models and ``optimize`` call
-    this up front. Returns the backend name.
+    this up front. Returns the backend name, or None where a forced backend is unavailable (the
+    op call itself raises that error, with its reason).
     """
-    return backend(device)
+    try:
+        return backend(device)
+    except BackendUnavailableError:
+        return None
 
 
 def implementation(op: str, tensor: torch.Tensor) -> Callable:
