@@ -55,6 +55,8 @@ setup(
         "dlib": ["dlib-bin==20.0.1.post1", "face-recognition-models==0.3.0"],
         # --loader dali (GPU: NVDEC; CPU: VP8/VP9/MJPEG only)
         "dali": ["nvidia-dali-cuda130==2.4.0"],
+        # int8 CPU inference: caer_fast.quantize_int8, predict/serve --int8 (also in requirements.txt)
+        "int8": ["torchao==0.18.0"],
     },
     zip_safe=False,
 )

@@ -3,6 +3,7 @@
     python -m caer_fast.predict clip.avi --checkpoint runs/demo/both/checkpoint.pth
     python -m caer_fast.predict photo.png --checkpoint model_best.pth --json          # community CAER-S checkpoint
     python -m caer_fast.predict clip.avi --checkpoint ck.pth --save-viz clip.png      # attention + fusion picture
+    python -m caer_fast.predict photo.png --checkpoint ck.pth --int8 --calibrate demo-data/CAER-S   # int8 (CPU)
 
 Videos are sampled at 10 fps, faces are detected every few frames (``--detector``), clips of the model's
 clip length (8-frame stride) are classified and their probabilities averaged. Without a face the
@@ -35,6 +36,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "or a CAER-S <split>.txt (as written by python -m caer_fast.faces or the demo data)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per line in the summary")
+    from .serve import add_int8_arguments
+
+    add_int8_arguments(p)
     return p
 
 
@@ -187,7 +191,11 @@ def boxes_for(path: Path, box_file: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    from .serve import check_int8_arguments
+
+    check_int8_arguments(parser, args)
     from .data.detectors import DetectorUnavailable
     from .data.video import MediaDecodeError
     from .models.checkpoint import CheckpointError
@@ -197,11 +205,25 @@ def main(argv=None) -> int:
         predictor = Predictor(args.checkpoint, device=args.device, detect_every=args.detect_every,
                               detector=None if args.detector == "none" else args.detector)
         known = None if args.boxes is None else boxes_for(args.path, args.boxes)
-        result = predictor.predict_file(args.path, with_arrays=args.save_viz is not None, known_boxes=known)
+        with_arrays = args.save_viz is not None
+        prep = predictor.prepare_file(args.path, keep_frames=with_arrays, known_boxes=known)
+        if args.int8:
+            from .models.quantize import quantize_predictor
+
+            n, bs = prep.num_inputs, predictor.batch_size
+            sizes = {min(n, bs)} | ({n % bs} if n > bs and n % bs else set())  # this file's model calls
+            quantize_predictor(predictor, args.calibrate, args.calibrate_samples, warmup_batch_sizes=sizes,
+                               out=sys.stderr)
+        result = predictor.finish(prep, *predictor.forward(prep.face, prep.context), with_arrays=with_arrays)
         if known is not None:
             result["detector"] = f"boxes from {args.boxes.name}"
     except (CheckpointError, MediaDecodeError, DetectorUnavailable, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (NotImplementedError, FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
+        if not args.int8:
+            raise
+        print(f"error: --int8: {exc}", file=sys.stderr)
         return 2
     visual = result.pop("_visual", None)
     if args.save_viz is not None:

@@ -3,6 +3,7 @@
     python -m caer_fast.serve --checkpoint runs/demo/both/checkpoint.pth            # 127.0.0.1:8000
     curl -s http://127.0.0.1:8000/health
     curl -s -F file=@clip.avi http://127.0.0.1:8000/predict
+    python -m caer_fast.serve --checkpoint ck.pth --int8 --calibrate demo-data/CAER-S  # int8 (image model)
 
 Concurrent requests are micro-batched into one model call (``--max-batch`` inputs, waiting at most
 ``--max-wait-ms`` for company). It binds 127.0.0.1 unless told otherwise: put a reverse proxy with
@@ -35,11 +36,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=2, help="threads decoding and preprocessing uploads")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    add_int8_arguments(p)
     return p
 
 
+def add_int8_arguments(p: argparse.ArgumentParser) -> None:
+    """--int8 / --calibrate / --calibrate-samples (shared with python -m caer_fast.predict)."""
+    g = p.add_argument_group("int8 inference (CPU, image model only)")
+    g.add_argument("--int8", action="store_true",
+                   help="quantise the model to int8 (PT2E + X86InductorQuantizer, oneDNN kernels via torch.compile) "
+                        "before serving: about 2x the fp32 compiled model's speed at batch 32 (4x eager) on an AVX2 CPU, "
+                        "same accuracy on the demo test set. "
+                        "Needs --calibrate. Image model (CAER-Net-S) only: the video model's Conv3d is not "
+                        "quantised by the x86 quantizer. Startup takes longer (calibration, then one compile per "
+                        "batch-size range, about 10 s each)")
+    g.add_argument("--calibrate", type=Path, default=None, metavar="ROOT",
+                   help="CAER-S tree to calibrate --int8 on (ROOT/train/<Emotion>/*.png with ROOT/train.txt face "
+                        "boxes, or a folder holding CAER-S/, e.g. the demo data of python -m caer_fast.data.synthetic)")
+    g.add_argument("--calibrate-samples", type=int, default=64, metavar="N",
+                   help="train-split images used for calibration, spread evenly over the classes")
+
+
+def check_int8_arguments(p: argparse.ArgumentParser, args) -> None:
+    if args.int8 and args.calibrate is None:
+        p.error("--int8 needs --calibrate ROOT (a CAER-S tree whose train split calibrates the int8 ranges)")
+    if args.calibrate is not None and not args.int8:
+        p.error("--calibrate is only used with --int8")
+    if args.calibrate_samples < 1:
+        p.error(f"--calibrate-samples must be >= 1, got {args.calibrate_samples}")
+
+
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_int8_arguments(parser, args)
     import uvicorn
 
     from .data.detectors import DetectorUnavailable
@@ -55,9 +85,19 @@ def main(argv=None) -> int:
     except (CheckpointError, DetectorUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.int8:
+        from .models.quantize import QuantizationUnavailable, quantize_predictor
+
+        sizes = {1, min(2, args.max_batch), max(args.max_batch, 1)}
+        try:
+            quantize_predictor(predictor, args.calibrate, args.calibrate_samples, warmup_batch_sizes=sizes,
+                               out=sys.stderr)
+        except (QuantizationUnavailable, NotImplementedError, TypeError, ValueError, FileNotFoundError) as exc:
+            print(f"error: --int8: {exc}", file=sys.stderr)
+            return 2
     app = create_app(predictor, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                      max_upload_mb=args.max_upload_mb, preprocess_threads=args.threads)
-    print(f"caer_fast serving {predictor.model_type} ({args.checkpoint}) on http://{args.host}:{args.port} "
+    print(f"caer_fast serving {predictor.model_type}{' int8' if args.int8 else ''} ({args.checkpoint}) on http://{args.host}:{args.port} "
           f"— max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
