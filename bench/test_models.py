@@ -93,8 +93,30 @@ def _run(benchmark, fn, case):
 
 
 INFERENCE = [("caers-b32", "community-eager"), ("caers-b32", "community-accelerate"),
-             ("caers-b32", "ours-eager"), ("caers-b32", "ours-optimize"),
+             ("caers-b32", "ours-eager"), ("caers-b32", "ours-optimize"), ("caers-b32", "ours-int8"),
              ("caer-video-b4", "ours-eager"), ("caer-video-b4", "ours-optimize")]
+# ours-int8 (caer_fast.quantize_int8, calibrated on 4 random batches of 16) is checked loosely against fp32:
+# |Δlogit| at most 5 % of the largest |logit| (mean 1 %) and argmax agreement >= 95 %
+INT8_MAX_REL, INT8_MEAN_REL, INT8_AGREEMENT = 0.05, 0.01, 0.95
+
+
+def _int8(ours, case):
+    n, fs, cs = CASES[case]
+    g = torch.Generator().manual_seed(123)
+    calib = [(torch.randn(16, *fs, generator=g), torch.randn(16, *cs, generator=g)) for _ in range(4)]
+    t = time.perf_counter()
+    model = caer_fast.quantize_int8(ours, calib)
+    return model, time.perf_counter() - t
+
+
+def _check_int8(got, want):
+    scale = want.abs().max()
+    err = (got - want).abs()
+    agree = (got.argmax(1) == want.argmax(1)).float().mean().item()
+    msg = f"int8: max |Δ| {err.max():.3g}, mean {err.mean():.3g}, logits up to {scale:.3g}, agreement {agree:.1%}"
+    assert err.max() <= INT8_MAX_REL * scale and err.mean() <= INT8_MEAN_REL * scale, msg
+    assert agree >= INT8_AGREEMENT, msg
+    return {"int8_max_rel_err": float(err.max() / scale), "int8_argmax_agreement": agree}
 
 
 @pytest.mark.parametrize("case,impl", INFERENCE, ids=[f"{c}-{i}" for c, i in INFERENCE])
@@ -112,6 +134,8 @@ def test_inference(benchmark, case, impl):
         model = caer_fast.accelerate(copy.deepcopy(community)).eval()
     elif impl == "ours-eager":
         model = ours.eval()
+    elif impl == "ours-int8":
+        model, quantize_s = _int8(ours, case)
     else:
         model = caer_fast.optimize(ours, "inference")
 
@@ -122,7 +146,10 @@ def test_inference(benchmark, case, impl):
     t = time.perf_counter()
     got = call()
     first = time.perf_counter() - t
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    if impl == "ours-int8":
+        info = {**_check_int8(got, want), "quantize_s": quantize_s, "reduce_range": model.info["reduce_range"]}
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     if impl == "ours-optimize":
         info = {k: v for k, v in model.info.items() if k in ("compiled", "fullgraph", "memory_format")}
     _record(benchmark, case, "inference", impl, flops, call, first, info)
