@@ -202,6 +202,7 @@ def test_serve_int8_over_http(trained, tmp_path):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"] == "caers" and abs(sum(body["probabilities"].values()) - 1) < 1e-3
+        assert httpx.get(srv.url + "/health", timeout=10).json()["precision"] == "int8"
         log = srv.output()
         assert "calibrated on 24 samples" in log and "compiled in" in log and "caers int8" in log, log
     finally:

@@ -51,7 +51,7 @@ def test_health(server):
     r = httpx.get(server.url + "/health", timeout=10)
     assert r.status_code == 200
     h = r.json()
-    assert h["status"] == "ok" and h["model"] == "caers" and len(h["classes"]) == 7
+    assert h["status"] == "ok" and h["model"] == "caers" and len(h["classes"]) == 7 and h["precision"] == "fp32"
     assert h["limits"]["max_upload_bytes"] == UPLOAD_MB * 2**20 and h["limits"]["max_frames"] == MAX_FRAMES
     assert "max_requests_per_call" in h["batching"]
 

@@ -240,6 +240,7 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
                 "classes": predictor.classes, "clip_frames": predictor.clip_frames,
                 "face_size": list(predictor.face_size), "context_size": list(predictor.context_size),
                 "detector": predictor.detector_name, "device": str(predictor.device),
+                "precision": "int8" if getattr(predictor, "int8_info", None) else "fp32",
                 "limits": {"max_upload_bytes": limit, "max_frames": predictor.max_frames},
                 "uptime_s": round(time.time() - started, 1), "batching": batcher.stats(),
                 "errors": dict(counters)}
