@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from caer_fast.ops import _resize_tables
+from caer_fast.ops.face_context import empty_outputs
 
 BLOCK = 128
 
@@ -115,9 +116,7 @@ def face_context_op(frames: torch.Tensor, boxes: torch.Tensor, face_h: int, face
 @face_context_op.register_fake
 def _(frames, boxes, face_h, face_w, ctx_h, ctx_w, crop_top, crop_left, crop_h, crop_w, mean, std, antialias,
       dtype):
-    n = frames.shape[0]
-    h, w = (ctx_h, ctx_w) if crop_h < 0 else (crop_h, crop_w)
-    return frames.new_empty((n, 3, face_h, face_w), dtype=dtype), frames.new_empty((n, 3, h, w), dtype=dtype)
+    return empty_outputs(frames, face_h, face_w, ctx_h, ctx_w, crop_h, crop_w, dtype)
 
 
 def face_context(frames, boxes, face_size=(96, 96), context_size=(128, 171), crop=None,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from .face_context import empty_outputs
 
 try:
     from .. import _C
@@ -196,10 +197,7 @@ def face_context_op(frames: Tensor, boxes: Tensor, face_h: int, face_w: int, ctx
 
 @face_context_op.register_fake
 def _(frames, boxes, face_h, face_w, ctx_h, ctx_w, crop_top, crop_left, crop_h, crop_w, mean, std, antialias):
-    n = frames.shape[0]
-    h, w = (ctx_h, ctx_w) if crop_h < 0 else (crop_h, crop_w)
-    return (frames.new_empty((n, 3, face_h, face_w), dtype=torch.float32),
-            frames.new_empty((n, 3, h, w), dtype=torch.float32))
+    return empty_outputs(frames, face_h, face_w, ctx_h, ctx_w, crop_h, crop_w)
 
 
 def face_context_cpp(frames: Tensor, boxes: Tensor, face_size: Sequence[int], context_size: Sequence[int],

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _resize_tables
+from .face_context import empty_outputs
 
 _FUNCS = ("attention_pool_forward_cuda", "attention_pool_backward_cuda", "adaptive_fusion_forward_cuda",
           "adaptive_fusion_backward_cuda", "face_context_resize_cuda")
@@ -267,9 +268,7 @@ def face_context_op(frames: Tensor, boxes: Tensor, face_h: int, face_w: int, ctx
 @face_context_op.register_fake
 def _(frames, boxes, face_h, face_w, ctx_h, ctx_w, crop_top, crop_left, crop_h, crop_w, mean, std, antialias,
       dtype):
-    n = frames.shape[0]
-    h, w = (ctx_h, ctx_w) if crop_h < 0 else (crop_h, crop_w)
-    return frames.new_empty((n, 3, face_h, face_w), dtype=dtype), frames.new_empty((n, 3, h, w), dtype=dtype)
+    return empty_outputs(frames, face_h, face_w, ctx_h, ctx_w, crop_h, crop_w, dtype)
 
 
 def face_context(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype):

@@ -33,6 +33,15 @@ def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return b
 
 
+def empty_outputs(frames: torch.Tensor, face_h: int, face_w: int, ctx_h: int, ctx_w: int, crop_h: int,
+                  crop_w: int, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (face N×3×face_h×face_w, context N×3×h×w) for the backends' flat op signature
+    (``crop_h < 0``: no crop, h×w = ctx_h×ctx_w): the shape function of their fake implementations."""
+    n = frames.shape[0]
+    h, w = (ctx_h, ctx_w) if crop_h < 0 else (crop_h, crop_w)
+    return frames.new_empty((n, 3, face_h, face_w), dtype=dtype), frames.new_empty((n, 3, h, w), dtype=dtype)
+
+
 def face_context_reference(frames, boxes, face_size=FACE_SIZE, context_size=CONTEXT_SIZE,
                            crop: Optional[Tuple[int, int, int, int]] = None,
                            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
