@@ -131,6 +131,21 @@ def test_cpp_masks_only_the_box_and_empty_box_means_no_face():
     torch.testing.assert_close(context[1], norm(frames[1].permute(2, 0, 1).float()), atol=1e-5, rtol=0)
 
 
+def test_reference_resize_to_one_pixel_wide():
+    """torch 2.13's antialiased bilinear returns the first row for every row of an output 1 pixel wide and
+    2+ high; the reference works around it (hypothesis found it: a 2×1 face box resized to 3×1)."""
+    from caer_fast.ops.face_context import _resize
+
+    img = torch.tensor([[172.0, 100.0], [211.0, 50.0]]).view(1, 1, 2, 2)
+    # width 2 → 1 averages each row (136, 130.5); height 2 → 3 interpolates: 136, 133.25, 130.5
+    torch.testing.assert_close(_resize(img, (3, 1), antialias=True).flatten(), torch.tensor([136.0, 133.25, 130.5]))
+    frames = torch.tensor([[[[172, 47, 117]], [[211, 21, 242]]]], dtype=torch.uint8)
+    face, _ = face_context_reference(frames, torch.tensor([[0, 0, 1, 2]]), (3, 1), (1, 1))
+    assert face[0, :, 0, 0].ne(face[0, :, 2, 0]).all(), "the face's two rows came out as one"
+    if _C is not None:
+        assert_matches(frames, [[0, 0, 1, 2]], face_size=(3, 1), context_size=(1, 1))
+
+
 @needs_cpp
 def test_cpp_other_sizes_and_layouts():
     frames = noise(2, 50, 64, seed=5)

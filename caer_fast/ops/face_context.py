@@ -42,6 +42,17 @@ def empty_outputs(frames: torch.Tensor, face_h: int, face_w: int, ctx_h: int, ct
     return frames.new_empty((n, 3, face_h, face_w), dtype=dtype), frames.new_empty((n, 3, h, w), dtype=dtype)
 
 
+def _resize(img: torch.Tensor, size, antialias: bool) -> torch.Tensor:
+    """Bilinear resize of 1×3×h×w (align_corners=False). torch 2.13's antialiased CPU kernel gets an output
+    1 pixel wide and 2+ high wrong (every row comes out as the first: a 2×2 → 3×1 gives 136, 136, 136
+    instead of 136, 133.25, 130.5); the output 1 pixel high is right, and bilinear resizing treats both
+    axes alike, so such a resize runs on the transposed image."""
+    if antialias and size[1] == 1 and size[0] > 1:
+        return F.interpolate(img.transpose(-1, -2), size=(size[1], size[0]), mode="bilinear",
+                             align_corners=False, antialias=True).transpose(-1, -2)
+    return F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+
+
 def face_context_reference(frames, boxes, face_size=FACE_SIZE, context_size=CONTEXT_SIZE,
                            crop: Optional[Tuple[int, int, int, int]] = None,
                            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -57,13 +68,11 @@ def face_context_reference(frames, boxes, face_size=FACE_SIZE, context_size=CONT
     for i, (x1, y1, x2, y2) in enumerate(boxes):
         img = frames[i].permute(2, 0, 1).float()  # 3×H×W in [0, 255]
         if x2 > x1 and y2 > y1:
-            face = F.interpolate(img[None, :, y1:y2, x1:x2], size=face_size, mode="bilinear",
-                                 align_corners=False, antialias=antialias)[0]
+            face = _resize(img[None, :, y1:y2, x1:x2], face_size, antialias)[0]
             faces[i] = (face / 255.0 - mean_t) / std_t
             img = img.clone()
             img[:, y1:y2, x1:x2] = 0
-        ctx = F.interpolate(img[None], size=context_size, mode="bilinear", align_corners=False,
-                            antialias=antialias)[0]
+        ctx = _resize(img[None], context_size, antialias)[0]
         contexts.append((ctx / 255.0 - mean_t) / std_t)
     context = torch.stack(contexts) if contexts else torch.zeros(0, 3, *context_size, device=frames.device)
     if crop is not None:
