@@ -21,6 +21,7 @@ import types
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..ops import adaptive_fusion, attention_pool
 
@@ -39,10 +40,10 @@ def _foldable(encoder: nn.Module) -> bool:
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d):
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    return weight, (bias - bn.running_mean) * scale + bn.bias
+    # torch's conv+BN folding, the one optimize() uses through fuse_conv_bn_eval
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                        bn.weight, bn.bias)
+    return weight.detach().contiguous(memory_format=torch.channels_last), bias.detach()
 
 
 def _folded_weights(model: nn.Module, encoder: nn.Module):
