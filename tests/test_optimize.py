@@ -248,17 +248,16 @@ def test_train_converges_like_the_reference(monkeypatch, same_dropout, compile):
     print("losses ref/fast:", " ".join(trace))
 
 
-@pytest.mark.parametrize("model_name", ["CAERSNet", "CAERNet"])
-def test_first_call_compiled_traces_without_break(model_name):
+@pytest.mark.parametrize("model_name,face_shape,context_shape", [
+    ("CAERSNet", (1, 3, 96, 96), (1, 3, 112, 112)), ("CAERNet", (1, 3, 8, 48, 48), (1, 3, 8, 56, 56))])
+def test_first_call_compiled_traces_without_break(model_name, face_shape, context_shape):
     """In a fresh process whose very first model call is compiled, the op backend must already be
     loaded: loading it inside the trace (its module runs a _C self-check) broke fullgraph before."""
     import subprocess
     import sys
 
-    shapes = ("(1, 3, 96, 96), (1, 3, 112, 112)" if model_name == "CAERSNet"
-              else "(1, 3, 8, 48, 48), (1, 3, 8, 56, 56)")
     code = (f"import torch; from caer_fast.models import {model_name} as M; from caer_fast.ops import _dispatch\n"
-            f"m = M().eval(); face, ctx = torch.randn{shapes.split('), ')[0]}), torch.randn{shapes.split('), ')[1]}\n"
+            f"m = M().eval(); face, ctx = torch.randn{face_shape}, torch.randn{context_shape}\n"
             "out = torch.compile(m, fullgraph=True, backend='eager')(face, ctx)\n"
             "assert out.shape == (1, 7); print('backend', _dispatch.backend('cpu'))")
     env = {k: v for k, v in os.environ.items() if k != _dispatch.ENV_VAR}
