@@ -198,11 +198,12 @@ def main(argv=None) -> int:
     check_int8_arguments(parser, args)
     from .data.detectors import DetectorUnavailable
     from .data.video import MediaDecodeError
+    from .devices import DeviceError, resolve_device
     from .models.checkpoint import CheckpointError
     from .serving.inference import Predictor
 
     try:
-        predictor = Predictor(args.checkpoint, device=args.device, detect_every=args.detect_every,
+        predictor = Predictor(args.checkpoint, device=resolve_device(args.device), detect_every=args.detect_every,
                               detector=None if args.detector == "none" else args.detector)
         known = None if args.boxes is None else boxes_for(args.path, args.boxes)
         with_arrays = args.save_viz is not None
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
         result = predictor.finish(prep, *predictor.forward(prep.face, prep.context), with_arrays=with_arrays)
         if known is not None:
             result["detector"] = f"boxes from {args.boxes.name}"
-    except (CheckpointError, MediaDecodeError, DetectorUnavailable, LookupError) as exc:
+    except (CheckpointError, MediaDecodeError, DetectorUnavailable, LookupError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (NotImplementedError, FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:

@@ -73,16 +73,17 @@ def main(argv=None) -> int:
     import uvicorn
 
     from .data.detectors import DetectorUnavailable
+    from .devices import DeviceError, resolve_device
     from .models.checkpoint import CheckpointError
     from .serving.app import create_app
     from .serving.inference import Predictor, set_threads_from_env
 
     set_threads_from_env()
     try:
-        predictor = Predictor(args.checkpoint, device=args.device, detect_every=args.detect_every,
+        predictor = Predictor(args.checkpoint, device=resolve_device(args.device), detect_every=args.detect_every,
                               detector=None if args.detector == "none" else args.detector,
                               max_frames=args.max_frames, batch_size=max(args.max_batch, 1))
-    except (CheckpointError, DetectorUnavailable) as exc:
+    except (CheckpointError, DetectorUnavailable, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.int8:

@@ -1,9 +1,13 @@
 """Reading and writing checkpoints: ours and the community CAER-S model's."""
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import pickle
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -13,6 +17,24 @@ import torch.nn as nn
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+class CheckpointMetadataError(CheckpointError):
+    """A checkpoint whose metadata (``model_type``, ``model_args``, ``args``, ``classes``) is malformed or
+    disagrees with its weights."""
+
+
+class Checkpoint(dict):
+    """A checkpoint read from a file: a plain dict that remembers where it came from (``source``),
+    so errors raised later, by :func:`load_checkpoint` on this dict, still name the file."""
+
+    source = "checkpoint dict"
+
+
+def _source_of(obj) -> str:
+    if isinstance(obj, Mapping):
+        return getattr(obj, "source", "checkpoint dict")
+    return str(obj)
 
 
 def _unwrap_state_dict(obj: Any, source: str) -> Mapping[str, torch.Tensor]:
@@ -37,35 +59,172 @@ def _unwrap_state_dict(obj: Any, source: str) -> Mapping[str, torch.Tensor]:
     return out
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (since 1.6) or, in the legacy format, a pickle (protocol ≥ 2)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def read_checkpoint(path_or_dict: Union[str, os.PathLike, Mapping]) -> dict:
-    """Load a checkpoint file safely (``weights_only=True``) or pass a dict through."""
+    """Load a checkpoint file safely (``weights_only=True``) or pass a dict through.
+
+    Raises :class:`CheckpointError` naming the file: missing, not a PyTorch file at all, truncated or
+    corrupt, or carrying Python objects beyond tensors and plain containers (refused: unpickling them
+    could run code).
+    """
     if isinstance(path_or_dict, Mapping):
-        return dict(path_or_dict)
+        out = Checkpoint(path_or_dict)
+        out.source = _source_of(path_or_dict)
+        return out
     path = Path(path_or_dict)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to load: it holds Python objects beyond tensors and plain containers, which "
-            f"could run code when unpickled. Only weights_only checkpoints are loaded. ({exc})".strip()) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
+        # torch's message advises weights_only=False: never repeat that; name only the offending global.
+        msg = str(exc)
+        m = re.search(r"GLOBAL ([\w.]+)", msg)
+        if m or re.search(r"allowlist|reduce|unsupported class", msg, re.I):
+            what = f" ({m.group(1)})" if m else ""
+            raise CheckpointError(
+                f"{path}: refused to load: it holds a Python object{what} beyond tensors and plain "
+                f"containers, and unpickling that could run code; only plain checkpoints are loaded") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?)") from None
+    except MemoryError:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt sizes?)") from None
+    except Exception as exc:  # zip / storage errors of every kind on a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                              f"{first[:200]}") from None
+    if isinstance(obj, Mapping):
+        obj = Checkpoint(obj)
+        obj.source = str(path)
+    return obj
+
+
+_KINDS = {"caer": "CAERNet (video, 3-D convolutions)", "caers": "CAERSNet (image, 2-D convolutions)"}
+_FIRST_CONV = "two_stream_net.face_encoding_module.convs.0.weight"
+_CLASSIFIER = "fusion_net.fc2.weight"
+
+
+def _kind_of_weights(state_dict: Mapping[str, torch.Tensor], source: str) -> str:
+    w = state_dict.get(_FIRST_CONV)
+    if w is None:
+        raise CheckpointError(f"{source}: state_dict has no '{_FIRST_CONV}': not a CAER-Net checkpoint")
+    if w.dim() not in (4, 5):
+        raise CheckpointError(f"{source}: '{_FIRST_CONV}' is {w.dim()}-D, expected 4-D (image model) or 5-D "
+                              f"(video model): not a CAER-Net checkpoint")
+    return "caer" if w.dim() == 5 else "caers"
+
+
+def _num_classes_of(state_dict: Mapping[str, torch.Tensor], source: str) -> int:
+    w = state_dict.get(_CLASSIFIER)
+    if w is None or w.dim() != 2:
+        raise CheckpointError(f"{source}: state_dict has no 2-D '{_CLASSIFIER}': not a CAER-Net checkpoint")
+    return int(w.shape[0])
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_size(v) -> bool:
+    """A size as stored in ``args``: an int or a pair of ints, all ≥ 1."""
+    if _is_int(v):
+        return v >= 1
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v)
+
+
+def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> str:
+    """Check a checkpoint's metadata against its weights; returns the model kind ("caer" or "caers").
+
+    Raises :class:`CheckpointMetadataError` for: ``model_type`` not "caer"/"caers" or not the kind the
+    weights are; ``model_args`` not a dict, with unknown names or values of the wrong type; ``args``
+    not a dict, or with sizes the predictor could not use; ``classes`` not a list of distinct names as
+    long as the classifier's output.
+    """
+    from .caer_net import CAERNet, CAERSNet
+
+    kind = _kind_of_weights(state_dict, source)
+    num_classes = _num_classes_of(state_dict, source)
+
+    def bad(msg):
+        raise CheckpointMetadataError(f"{source}: {msg}")
+
+    mt = ckpt.get("model_type")
+    if mt is not None:
+        if mt not in _KINDS:
+            bad(f"model_type {mt!r} is not one of {', '.join(map(repr, _KINDS))}")
+        if mt != kind:
+            bad(f"model_type says {mt!r} ({_KINDS[mt]}) but the weights are a {_KINDS[kind]}")
+    margs = ckpt.get("model_args")
+    if margs is not None:
+        if not isinstance(margs, Mapping):
+            bad(f"model_args is a {type(margs).__name__}, expected a dict of constructor arguments")
+        cls = CAERNet if kind == "caer" else CAERSNet
+        allowed = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+        unknown = sorted(str(k) for k in margs if k not in allowed)
+        if unknown:
+            bad(f"model_args has names {cls.__name__} does not take: {', '.join(unknown)} "
+                f"(it takes {', '.join(allowed)})")
+        for k, v in margs.items():
+            if k in ("use_face", "use_context", "concat") and not isinstance(v, bool):
+                bad(f"model_args {k}={v!r}, expected true or false")
+            if k in ("frames", "num_classes") and not (_is_int(v) and v >= 1):
+                bad(f"model_args {k}={v!r}, expected a positive integer")
+        if "num_classes" in margs and margs["num_classes"] != num_classes:
+            bad(f"model_args num_classes={margs['num_classes']} but the classifier has {num_classes} outputs")
+        if kind == "caer" and "frames" in margs and margs["frames"] < 8:
+            bad(f"model_args frames={margs['frames']}: the video model needs clips of at least 8 frames")
+    args = ckpt.get("args")
+    if args is not None:
+        if not isinstance(args, Mapping):
+            bad(f"args is a {type(args).__name__}, expected a dict of the training options")
+        for k in ("face_size", "context_size"):
+            if args.get(k) is not None and not _check_size(args[k]):
+                bad(f"args {k}={args[k]!r}, expected a positive int or [height, width]")
+        crop = args.get("crop")
+        if crop is not None and not (_is_int(crop) and crop >= 1):
+            bad(f"args crop={crop!r}, expected a positive integer or null")
+        cf = args.get("clip_frames")
+        if cf is not None and not (_is_int(cf) and cf >= 1):
+            bad(f"args clip_frames={cf!r}, expected a positive integer")
+    classes = ckpt.get("classes")
+    if classes is not None:
+        if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) and c for c in classes):
+            bad(f"classes is {type(classes).__name__}, expected a list of class names")
+        if len(classes) != num_classes:
+            bad(f"classes lists {len(classes)} names but the classifier has {num_classes} outputs")
+        if len(set(classes)) != len(classes):
+            bad(f"classes has repeated names: {list(classes)}")
+    for k in ("epoch",):
+        if ckpt.get(k) is not None and not _is_int(ckpt[k]):
+            bad(f"{k}={ckpt[k]!r}, expected an integer")
+    best = ckpt.get("best_acc")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float)) or math.isnan(best)):
+        bad(f"best_acc={best!r}, expected a number")
+    return kind
 
 
 def infer_model(state_dict: Mapping[str, torch.Tensor], meta: Optional[Mapping] = None) -> nn.Module:
     """Build the model a state_dict belongs to (video if its convolutions are 3-D)."""
     from .caer_net import CAERNet, CAERSNet
 
+    source = _source_of(meta) if meta is not None else "state_dict"
+    kind = check_metadata(meta or {}, state_dict, source)
     args = dict((meta or {}).get("model_args") or {})
-    w = state_dict.get("two_stream_net.face_encoding_module.convs.0.weight")
-    if w is None:
-        raise CheckpointError("state_dict has no 'two_stream_net.face_encoding_module.convs.0.weight': "
-                              "not a CAER-Net checkpoint")
-    num_classes = state_dict["fusion_net.fc2.weight"].shape[0]
-    args.setdefault("num_classes", num_classes)
-    return CAERNet(**args) if w.dim() == 5 else CAERSNet(**args)
+    args.setdefault("num_classes", _num_classes_of(state_dict, source))
+    return CAERNet(**args) if kind == "caer" else CAERSNet(**args)
 
 
 def load_checkpoint(path_or_dict: Union[str, os.PathLike, Mapping], model: Optional[nn.Module] = None,
@@ -80,13 +239,20 @@ def load_checkpoint(path_or_dict: Union[str, os.PathLike, Mapping], model: Optio
         >>> model = load_checkpoint("runs/demo/checkpoint.pth")          # doctest: +SKIP
         >>> model = load_checkpoint("model_best.pth", CAERSNet())        # doctest: +SKIP
     """
-    source = str(path_or_dict) if not isinstance(path_or_dict, Mapping) else "checkpoint dict"
+    source = _source_of(path_or_dict)
     ckpt = read_checkpoint(path_or_dict)
     state_dict = _unwrap_state_dict(ckpt, source)
+    meta = ckpt if isinstance(ckpt, Mapping) else {}
     if model is None:
-        model = infer_model(state_dict, ckpt if isinstance(ckpt, Mapping) else None)
+        model = infer_model(state_dict, meta)
     target = getattr(model, "_orig_mod", model)  # a torch.compile'd model
     target = getattr(target, "module", target)  # DDP
+    if model is not None and _FIRST_CONV in state_dict and isinstance(target, _caer_classes()):
+        kind = check_metadata(meta, state_dict, source)
+        want = "caer" if target.__class__.__name__ == "CAERNet" else "caers"
+        if kind != want:  # say so in one line rather than listing every mis-shaped weight
+            raise CheckpointError(f"{source} holds a {_KINDS[kind]}, the model is a {_KINDS[want]}: "
+                                  f"shape mismatch for {_FIRST_CONV}")
     expected = target.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -104,6 +270,12 @@ def load_checkpoint(path_or_dict: Union[str, os.PathLike, Mapping], model: Optio
         raise CheckpointError("\n".join(lines))
     target.load_state_dict(state_dict, strict=strict)
     return model
+
+
+def _caer_classes():
+    from .caer_net import CAERNet, CAERSNet
+
+    return (CAERNet, CAERSNet)
 
 
 def save_checkpoint(obj: Any, path: Union[str, os.PathLike]) -> Path:
