@@ -7,8 +7,11 @@
     python -m caer_fast.train --data CAER --test-only --resume runs/x/checkpoint.pth
     torchrun --nproc_per_node=2 -m caer_fast.train --data CAER ...   # multi-process (DDP)
 
-Each epoch writes ``checkpoint.pth`` atomically (model, optimizer, lr_scheduler, epoch, args, …);
-``--resume`` continues from it exactly: data order and augmentation are seeded per epoch.
+Each epoch writes ``checkpoint.pth`` atomically (model, optimizer, lr_scheduler, epoch, args, best score,
+…); ``--resume`` continues from it exactly: data order and augmentation are seeded per epoch.
+A folder that already holds a run (``checkpoint.pth``, ``model_best.pth`` or ``metrics.json``) is refused
+unless ``--resume`` continues that run or ``--overwrite`` replaces it. The output folder is checked
+(a folder, writable) before the first step.
 Evaluation reports clip and video top-1 (video = mean of its clips' probabilities), per-class
 accuracy, ``metrics.json`` and confusion-matrix PNGs in ``--output-dir``.
 """
@@ -16,9 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import random
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,10 +35,30 @@ from .constants import CLASSES, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SI
 # The demo trains on small inputs so two trainings finish in minutes on a 2-core CPU.
 DEMO_SETTINGS = dict(clip_frames=8, face_size=(48, 48), context_size=(64, 86), crop=56, epochs=6, batch_size=8,
                      lr=0.01)
+# Files that make a folder "hold a run": a new run there needs --resume or --overwrite.
+RUN_FILES = ("checkpoint.pth", "model_best.pth", "metrics.json")
+# Everything a run writes (removed by --overwrite before the new run starts).
+RUN_OUTPUTS = RUN_FILES + ("skipped.json", "confusion_test.png")
+# Settings that change what a resumed run trains on: a resume with other values warns.
+RESUME_CHECKED = ("streams", "clip_frames", "face_size", "context_size", "crop")
+
+
+class UsageError(Exception):
+    """A bad command line or output folder: one ``error:`` line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of this command
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _size_pair(text: str):
-    parts = [int(p) for p in str(text).lower().replace("x", ",").split(",") if p]
+    try:
+        parts = [int(p) for p in str(text).lower().replace("x", ",").split(",") if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if any(v < 1 for v in parts):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
     if len(parts) == 1:
         return parts[0], parts[0]
     if len(parts) != 2:
@@ -40,7 +67,7 @@ def _size_pair(text: str):
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m caer_fast.train", add_help=add_help,
         description="Train and evaluate CAER-Net (video, --model caer) or CAER-Net-S (image, --model caers).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -68,6 +95,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="torch: PyAV decoding in DataLoader workers; dali: NVIDIA DALI (needs nvidia-dali)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/latest"))
     p.add_argument("--resume", type=Path, default=None, help="checkpoint.pth to continue from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (without it, a folder holding a run is refused)")
     p.add_argument("--test-only", action="store_true", help="only evaluate (--resume gives the weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only")
@@ -83,7 +112,106 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="generate the built-in demo data (if --data has none) and train face-only and "
                         "face+context on it, then compare; small inputs so it finishes in minutes on a CPU")
+    p.add_argument("--demo-per-class", type=int, default=None, metavar="N",
+                   help="--demo: write N training videos and images per class (default: the full demo set; "
+                        "1-2 make a quick smoke run)")
     return p
+
+
+def check_args(args) -> None:
+    """Refuse option values that would fail later (or train nonsense) with one line naming the option."""
+    def need(ok, msg):
+        if not ok:
+            raise UsageError(msg)
+
+    def finite(v):
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    need(args.batch_size >= 1, f"-b/--batch-size must be at least 1, got {args.batch_size}")
+    need(args.epochs >= 0, f"--epochs must be 0 or more, got {args.epochs}")
+    need(finite(args.lr) and args.lr >= 0, f"--lr must be a finite number ≥ 0, got {args.lr}")
+    need(finite(args.momentum) and args.momentum >= 0, f"--momentum must be a finite number ≥ 0, got {args.momentum}")
+    need(finite(args.weight_decay) and args.weight_decay >= 0,
+         f"--weight-decay must be a finite number ≥ 0, got {args.weight_decay}")
+    need(args.lr_step_size >= 1, f"--lr-step-size must be at least 1, got {args.lr_step_size}")
+    need(finite(args.lr_gamma) and args.lr_gamma > 0, f"--lr-gamma must be a finite number > 0, got {args.lr_gamma}")
+    need(args.workers >= 0, f"-j/--workers must be 0 or more, got {args.workers}")
+    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}")
+    min_frames = 8 if args.model == "caer" else 1  # the video model pools time three times
+    need(args.clip_frames >= min_frames, f"--clip-frames must be at least {min_frames} for --model {args.model}, "
+                                         f"got {args.clip_frames}")
+    need(args.crop >= 1 and args.crop <= min(args.context_size),
+         f"--crop {args.crop} must be between 1 and the smaller side of --context-size "
+         f"{args.context_size[0]}x{args.context_size[1]}")
+    need(0 <= args.val_fraction < 1, f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.demo_per_class is not None:
+        need(args.demo_per_class >= 1, f"--demo-per-class must be at least 1, got {args.demo_per_class}")
+    need(not (args.demo and args.resume), "--demo trains from scratch; it does not take --resume")
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def prepare_output_dir(out_dir: Path, args) -> list:
+    """Check ``--output-dir`` before any work: a writable folder that holds no other run.
+
+    Creates the folder. Returns the files of an earlier run removed by ``--overwrite``. Raises
+    :class:`UsageError` for a file at that path, a folder that cannot be created or written, and a
+    folder holding a run that ``--resume`` does not continue (unless ``--overwrite``).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output-dir {out_dir}: is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output-dir {out_dir}: cannot create the folder ({exc.strerror or exc})") from None
+    try:  # a read-only mount or missing permission shows here, not after a whole epoch
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"--output-dir {out_dir}: cannot write there ({exc.strerror or exc})") from None
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not held:
+        return []
+    resuming_here = args.resume is not None and _same_folder(Path(args.resume).parent, out_dir)
+    if resuming_here:
+        return []
+    if not args.overwrite:
+        what = ", ".join(held)
+        if args.resume is not None:
+            raise UsageError(f"--output-dir {out_dir} holds another run ({what}); --resume {args.resume} is not "
+                             f"from that folder: choose an empty --output-dir, or pass --overwrite to replace it")
+        raise UsageError(f"--output-dir {out_dir} already holds a run ({what}): continue it with --resume "
+                         f"{out_dir / 'checkpoint.pth'}, replace it with --overwrite, or choose another --output-dir")
+    removed = []
+    for name in RUN_OUTPUTS:
+        f = out_dir / name
+        if f.is_file():
+            f.unlink()
+            removed.append(name)
+    return removed
+
+
+def _best_in(path: Path) -> float:
+    """The best validation score stored in ``path`` (a model_best.pth), or -1 if none can be read."""
+    from .models.checkpoint import CheckpointError, read_checkpoint
+
+    if not path.is_file():
+        return -1.0
+    try:
+        v = read_checkpoint(path).get("best_acc")
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else -1.0
+    except (CheckpointError, AttributeError):
+        return -1.0
 
 
 def _log(*a):
@@ -105,11 +233,25 @@ def _seed_everything(seed: int) -> None:
 
 
 def build_datasets(args):
+    """(train, validation, test, validation's name); the datasets' warnings become one ``warning:`` line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _build_datasets(args)
+    seen = set()
+    for w in caught:
+        msg = str(w.message)
+        if msg not in seen:
+            seen.add(msg)
+            _log(f"warning: {msg}")
+    return out
+
+
+def _build_datasets(args):
     from .data.datasets import CAERSImageDataset, CAERVideoDataset
 
     root = Path(args.data)
     if not root.is_dir():
-        raise SystemExit(f"error: --data {root}: no such directory")
+        raise UsageError(f"--data {root}: no such directory")
     common = dict(face_size=tuple(args.face_size), context_size=tuple(args.context_size), crop=args.crop,
                   strict=args.strict)
     if args.model == "caer":
@@ -170,7 +312,7 @@ def make_loader(dataset, args, train: bool, epoch: int = 0, distributed: bool = 
         dataset, batch_size=args.batch_size, sampler=sampler,
         # a last training batch of 1 would break batch norm: drop the remainder (a new order each epoch)
         num_workers=args.workers, collate_fn=collate, generator=generator,
-        drop_last=train and len(dataset) > args.batch_size,
+        drop_last=train and len(sampler or dataset) > args.batch_size,  # this process's share
         persistent_workers=False, pin_memory=False)
 
 
@@ -186,7 +328,7 @@ def _save_eval(m, out_dir: Path, tag: str, title: str):
                        f"{title} — video top-1 {m['video']['top1']:.1f}%")
 
 
-def main(args) -> dict:
+def main(args, keep_process_group: bool = False) -> dict:
     from .models.checkpoint import read_checkpoint, save_checkpoint
     from .training import distributed as dist_utils
     from .training.engine import SkipLog, evaluate, train_one_epoch
@@ -194,37 +336,38 @@ def main(args) -> dict:
 
     if args.loader == "dali":  # --loader dali: make_loader hands CAER clips to caer_fast.data.dali_loader
         if args.model != "caer":
-            raise SystemExit("error: --loader dali reads videos (--model caer); CAER-S images use --loader torch")
+            raise UsageError("--loader dali reads videos (--model caer); CAER-S images use --loader torch")
         from .data.dali_loader import dali_available
         if not dali_available():
-            raise SystemExit("error: --loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+            raise UsageError("--loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
                              "(or use --loader torch, which decodes every codec with PyAV)")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but this torch has no CUDA device "
-                         f"(torch {torch.__version__}); use --device cpu")
+    from .devices import DeviceError, resolve_device
+
+    check_args(args)
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as exc:
+        raise UsageError(str(exc)) from None
+    out_dir = Path(args.output_dir)
+    removed = []
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; the other ranks stop with it
+        removed = prepare_output_dir(out_dir, args)
     distributed = dist_utils.init_distributed(device)
     if distributed and device.type == "cuda":
-        import os
-
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     _seed_everything(args.seed)
-    out_dir = Path(args.output_dir)
-    if dist_utils.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if removed:
+        _log(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out_dir}")
 
     train_set, val_set, test_set, val_name = build_datasets(args)
     _log(f"data: {args.data} | train {len(train_set)} {'clips' if args.model == 'caer' else 'images'}, "
          f"validation: {val_name} ({len(val_set)}), test {len(test_set)} | model {args.model}, streams "
          f"{args.streams} | device {device}{f' × {dist_utils.world_size()} processes' if distributed else ''}")
-    for ds in (train_set, val_set, test_set):
-        base = getattr(ds, "dataset", ds)
-        for path, reason in getattr(base, "bad_files", ())[:20]:
-            _log(f"warning: skipped {path}: {reason}")
+    _report_index_problems((train_set, val_set, test_set))
 
     model = build_model(args).to(device)
     criterion = torch.nn.CrossEntropyLoss()
@@ -235,19 +378,35 @@ def main(args) -> dict:
     start_epoch, best = 0, -1.0
     history = []
     if args.resume:
-        ckpt = read_checkpoint(args.resume)
-        from .models.checkpoint import load_checkpoint
+        from .models.checkpoint import CheckpointError, load_checkpoint
 
+        ckpt = read_checkpoint(args.resume)
         load_checkpoint(ckpt, model)
         if not args.test_only:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["lr_scheduler"])
-            if scaler is not None and "scaler" in ckpt:
-                scaler.load_state_dict(ckpt["scaler"])
+            for key in ("optimizer", "lr_scheduler"):
+                if not isinstance(ckpt.get(key), dict):
+                    raise CheckpointError(f"{args.resume}: has no {key} state (not a checkpoint.pth written by "
+                                          f"this trainer): evaluate it with --test-only")
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["lr_scheduler"])
+                if scaler is not None and isinstance(ckpt.get("scaler"), dict):
+                    scaler.load_state_dict(ckpt["scaler"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                raise CheckpointError(f"{args.resume}: its optimizer state does not fit this run "
+                                      f"({exc.__class__.__name__}: {str(exc)[:200]})") from None
         start_epoch = int(ckpt.get("epoch", -1)) + 1
-        best = float(ckpt.get("best_acc", -1.0))
-        history = list(ckpt.get("history", []))
-        _log(f"resumed from {args.resume} at epoch {start_epoch}")
+        # The best score survives a resume: from the checkpoint, or from this folder's model_best.pth.
+        best = max(float(ckpt.get("best_acc", -1.0)), _best_in(out_dir / "model_best.pth"))
+        history = list(ckpt.get("history") or []) if isinstance(ckpt.get("history"), list) else []
+        _warn_resume_mismatch(ckpt, args)
+        _log(f"resumed from {args.resume} at epoch {start_epoch}"
+             + (f" (best validation video top-1 so far {best:.1f}%)" if best >= 0 else ""))
+        if start_epoch >= args.epochs and not args.test_only:
+            _log(f"nothing to train: {args.resume} has finished epoch {start_epoch - 1}, --epochs is "
+                 f"{args.epochs}; evaluating only")
+    elif args.epochs == 0 and not args.test_only:
+        _log("warning: --epochs 0: nothing is trained; the untrained model is evaluated")
 
     train_model = model
     if distributed:
@@ -263,6 +422,7 @@ def main(args) -> dict:
     num_classes = len(CLASSES)
     eval_kw = dict(amp=args.amp, progress=progress)
 
+    saved_epochs = []
     if not args.test_only:
         for epoch in range(start_epoch, args.epochs):
             torch.manual_seed(args.seed * 1000 + epoch)  # augmentation and dropout: same on resume
@@ -272,6 +432,9 @@ def main(args) -> dict:
                                     scaler=scaler, progress=progress, skip_log=skips,
                                     desc=f"train [{args.streams}]")
             scheduler.step()
+            if stats["samples"] == 0:
+                _log(f"warning: epoch {epoch} trained on no samples (batch {args.batch_size} per process is larger "
+                     f"than the training data, or every sample was skipped)")
             record = {"epoch": epoch, "train": stats, "skipped": skips.items}
             if dist_utils.is_main_process():
                 val = evaluate(model, make_loader(val_set, args, train=False), device, num_classes,
@@ -288,11 +451,13 @@ def main(args) -> dict:
                 if scaler is not None:
                     ckpt["scaler"] = scaler.state_dict()
                 save_checkpoint(ckpt, out_dir / "checkpoint.pth")
+                saved_epochs.append(epoch)
                 if is_best:
                     save_checkpoint(ckpt, out_dir / "model_best.pth")
                 _log(f"epoch {epoch}: loss {stats['loss']:.4f}, train acc {stats['acc']:.1f}%, "
                      f"{stats['samples_per_s']:.1f} {'clips' if args.model == 'caer' else 'images'}/s, "
                      f"lr {stats['lr']:.2g} | val clip {val['clip']['top1']:.1f}%, video {val['video']['top1']:.1f}%"
+                     + (" (new best: model_best.pth)" if is_best else "")
                      + (f" | {skips.summary()}" if len(skips) else ""))
                 if args.strict is False and len(skips):
                     write_json({"epoch": epoch, "skipped": skips.items}, out_dir / "skipped.json")
@@ -312,11 +477,54 @@ def main(args) -> dict:
         result = {"model": args.model, "streams": args.streams, "test": test, "history": history,
                   "skipped_test": skips.items}
         write_json(result, out_dir / "metrics.json")
-        _log(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'confusion_test.png'}"
-             + ("" if args.test_only else f", {out_dir / 'checkpoint.pth'}"))
+        wrote = [str(out_dir / "metrics.json"), str(out_dir / "confusion_test.png")]
+        if saved_epochs:  # only what this run wrote
+            span = f"epoch {saved_epochs[0]}" if len(saved_epochs) == 1 else \
+                f"epochs {saved_epochs[0]}-{saved_epochs[-1]}"
+            wrote.append(f"{out_dir / 'checkpoint.pth'} ({span})")
+        _log(f"wrote {', '.join(wrote)}")
     dist_utils.barrier()
-    dist_utils.cleanup()
+    if not keep_process_group:
+        dist_utils.cleanup()
     return result
+
+
+def _report_index_problems(datasets) -> None:
+    """Log what indexing skipped or found damaged, by kind, once per file (rank 0)."""
+    from .training.engine import skip_kind
+
+    seen, by_kind = set(), {}
+    for ds in datasets:
+        base = getattr(ds, "dataset", ds)
+        for path, reason in list(getattr(base, "bad_files", ())) + list(getattr(base, "truncated", ())):
+            if (path, reason) in seen:
+                continue
+            seen.add((path, reason))
+            by_kind.setdefault(skip_kind(f"{path}: {reason}"), []).append((path, reason))
+    if not by_kind:
+        return
+    _log("warning: indexing found " + ", ".join(f"{len(v)} {k}" for k, v in sorted(by_kind.items())))
+    for kind, items in sorted(by_kind.items()):
+        for path, reason in items[:20]:
+            _log(f"warning: {kind}: {path}: {reason}")
+        if len(items) > 20:
+            _log(f"warning: … and {len(items) - 20} more {kind}")
+
+
+def _warn_resume_mismatch(ckpt, args) -> None:
+    """Resuming with other --streams (or input sizes) than the checkpoint's trains another thing: say so."""
+    old = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    for key in RESUME_CHECKED:
+        if key not in old:
+            continue
+        was, now = old[key], getattr(args, key)
+        if isinstance(now, tuple):
+            now = list(now)
+        if was != now:
+            flag = "--" + key.replace("_", "-")
+            fmt = (lambda v: "x".join(map(str, v)) if isinstance(v, list) else str(v))
+            _log(f"warning: resuming {args.resume} with {flag} {fmt(now)}, but it was trained with {flag} "
+                 f"{fmt(was)}; continuing with {fmt(now)}")
 
 
 def vars_for_checkpoint(args) -> dict:
@@ -332,32 +540,61 @@ def vars_for_checkpoint(args) -> dict:
 
 
 def run_demo(args) -> None:
-    """Generate the demo data if needed, train face-only and face+context, compare them."""
-    from .data.synthetic import make_demo_dataset
+    """Generate the demo data if needed, train face-only and face+context, compare them.
 
+    Under torchrun the process group is joined once for both trainings; rank 0 writes the demo data
+    while the others wait at a barrier, and only rank 0 prints and writes the summary.
+    """
+    from .data.synthetic import make_demo_dataset
+    from .devices import DeviceError, resolve_device
+    from .training import distributed as dist_utils
+
+    check_args(args)
     out = Path(args.output_dir if args.output_dir != Path("runs/latest") else "runs/demo")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:  # refuse an earlier demo run before anything is written
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--output-dir {out}: is a file, not a folder")
+        held = [f"{out / sub / name}" for sub in ("face", "both") for name in RUN_FILES if (out / sub / name).exists()]
+        if held and not args.overwrite:
+            raise UsageError(f"{out} holds an earlier demo run ({held[0]}…): pass --overwrite to train it again, "
+                             f"or choose another --output-dir")
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as exc:
+        raise UsageError(str(exc)) from None
+    distributed = dist_utils.init_distributed(device)
     data_root = Path(args.data) if args.data else out / "demo-data"
     sub = "CAER" if args.model == "caer" else "CAER-S"
-    if not (data_root / sub / "train").is_dir():
-        print(f"writing the demo dataset to {data_root} …", flush=True)
-        t = time.perf_counter()
-        make_demo_dataset(data_root, seed=args.seed)
-        print(f"  done in {time.perf_counter() - t:.1f}s", flush=True)
-    defaults = get_args_parser().parse_args([])
-    for k, v in DEMO_SETTINGS.items():  # demo sizes unless the user set them
-        if getattr(args, k) == getattr(defaults, k):
-            setattr(args, k, v)
-    args.data = data_root / sub
-    print(f"demo: {args.model} on {args.data}, {args.epochs} epochs, batch {args.batch_size}, "
-          f"clips of {args.clip_frames} frames, face {args.face_size[0]}x{args.face_size[1]}, "
-          f"context {args.context_size[0]}x{args.context_size[1]} cropped to {args.crop}", flush=True)
-    results = {}
-    t0 = time.perf_counter()
-    for streams in ("face", "both"):
-        run = argparse.Namespace(**vars(args))
-        run.streams, run.output_dir, run.demo = streams, out / streams, False
-        print(f"\n=== training with {'face only' if streams == 'face' else 'face + context'} ===", flush=True)
-        results[streams] = main(run)
+    try:
+        if main_rank and not (data_root / sub / "train").is_dir():
+            _log(f"writing the demo dataset to {data_root} …")
+            t = time.perf_counter()
+            make_demo_dataset(data_root, seed=args.seed, videos_per_class=args.demo_per_class,
+                              images_per_class=args.demo_per_class)
+            _log(f"  done in {time.perf_counter() - t:.1f}s")
+        dist_utils.barrier()  # the other ranks read the data only once it is whole
+        defaults = get_args_parser().parse_args([])
+        for k, v in DEMO_SETTINGS.items():  # demo sizes unless the user set them
+            if getattr(args, k) == getattr(defaults, k):
+                setattr(args, k, v)
+        args.data = data_root / sub
+        _log(f"demo: {args.model} on {args.data}, {args.epochs} epochs, batch {args.batch_size}, "
+             f"clips of {args.clip_frames} frames, face {args.face_size[0]}x{args.face_size[1]}, "
+             f"context {args.context_size[0]}x{args.context_size[1]} cropped to {args.crop}"
+             + (f", {dist_utils.world_size()} processes" if distributed else ""))
+        results = {}
+        t0 = time.perf_counter()
+        for streams in ("face", "both"):
+            run = argparse.Namespace(**vars(args))
+            run.streams, run.output_dir, run.demo = streams, out / streams, False
+            run.overwrite = True  # checked above for both runs at once
+            _log(f"\n=== training with {'face only' if streams == 'face' else 'face + context'} ===")
+            results[streams] = main(run, keep_process_group=True)
+    finally:
+        dist_utils.cleanup()
+    if not main_rank:
+        return
     face, both = results["face"]["test"], results["both"]["test"]
     unit = "video" if args.model == "caer" else "image"
     gain = both["video"]["top1"] - face["video"]["top1"]
@@ -382,12 +619,16 @@ def cli(argv=None) -> int:
             run_demo(args)
         else:
             if args.data is None:
-                raise SystemExit("error: --data is required (or use --demo for the built-in demo data)")
+                raise UsageError("--data is required (or use --demo for the built-in demo data)")
             if args.test_only and args.resume is None:
-                raise SystemExit("error: --test-only needs --resume CHECKPOINT")
+                raise UsageError("--test-only needs --resume CHECKPOINT")
             main(args)
-    except (DatasetError, CheckpointError, TrainingDiverged, MediaDecodeError) as exc:
+    except (UsageError, DatasetError, CheckpointError, TrainingDiverged, MediaDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up while writing metrics.json
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the last completed epoch's checkpoint.pth is intact; continue with --resume",

@@ -5,7 +5,9 @@ Layouts (DESIGN.md §2, API.md "Face boxes on disk")::
     CAER/{train,validation,test}/<Emotion>/*.avi     boxes: CAER/<split>.faces.csv (paths relative to CAER/)
     CAER-S/{train,test}/<Emotion>/*.png              boxes: CAER-S/<split>.txt (paths relative to CAER-S/<split>/)
 
-Class folders are named as :data:`caer_fast.constants.CLASSES`; other folders are ignored with a warning.
+Class folders are named as :data:`caer_fast.constants.CLASSES`. A split with a class folder missing, a
+misnamed one (``sad`` for ``Sad``) or an extra one (``Contempt``) gets a :class:`ClassFolderWarning` naming
+them (``strict=True``: a :class:`DatasetError`); files outside the class folders are not used.
 A frame (or image) without a box line has no face: its face tensor is zeros and nothing is masked.
 
 Clip sampling (paper): every video is resampled to ``fps`` (10) by taking decode-order frames
@@ -21,7 +23,9 @@ the resized context (centre window when testing), a horizontal flip of face and 
 Bad inputs never stop a run: files that cannot be probed at index time and malformed box lines go to
 ``bad_files``; a file that fails to decode in ``__getitem__`` returns ``None`` (and a warning naming it;
 it is also appended to ``failures`` in the process that read it), which :func:`collate` drops and counts
-in ``skipped``. ``strict=True`` raises instead, naming the file.
+in ``skipped``. ``strict=True`` raises instead, naming the file. A truncated video (fewer frames decode than
+its header lists, or decoding breaks off midway) keeps the frames that decode and is named in ``truncated``
+as "truncated / partly decodable" (``strict=True``: an error).
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ from ..constants import (CLASSES, CLIP_FPS, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_S
                          IMAGENET_MEAN, IMAGENET_STD, TEST_CLIP_STRIDE)
 from . import boxes as boxes_io
 from .index_cache import ProbeCache
-from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaDecodeError, decode_video, probe_video, read_image
+from .video import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaDecodeError, VideoInfo, decode_video, probe_video,
+                    read_image)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,15 @@ Box = Tuple[int, int, int, int]
 NO_FACE: Box = (0, 0, 0, 0)
 
 __all__ = ["CAERVideoDataset", "CAERSImageDataset", "collate", "resample_indices", "clip_starts",
-           "color_jitter_", "DatasetError", "Skipped"]
+           "color_jitter_", "DatasetError", "Skipped", "ClassFolderWarning", "check_class_folders",
+           "TRUNCATED"]
+
+# Reasons that start with this mark a file that decodes only in part (kept or skipped, never silent).
+TRUNCATED = "truncated / partly decodable"
+
+
+class ClassFolderWarning(UserWarning):
+    """A split whose emotion folders are missing, misnamed or joined by others."""
 
 
 class DatasetError(RuntimeError):
@@ -140,21 +153,52 @@ def _index_progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="video", leave=False, dynamic_ncols=True, disable=total < 200)
 
 
-def _scan_classes(split_dir: Path, extensions: Sequence[str]) -> List[Tuple[Path, int]]:
+def check_class_folders(split_dir) -> Optional[str]:
+    """What is wrong with the emotion folders of one split, in one line, or None when all 7 are there.
+
+    Names the missing classes, the misnamed folders (a class name in other case, such as ``sad``) and the
+    extra ones (``Contempt``); hidden folders are not counted.
+
+    >>> import tempfile, os; d = tempfile.mkdtemp()
+    >>> for n in ("Anger", "Disgust", "Fear", "Happy", "Neutral", "sad", "Contempt"): os.mkdir(os.path.join(d, n))
+    >>> check_class_folders(d).split(": ", 1)[1]
+    'missing class folder Surprise; misnamed sad (the class is Sad); extra folder Contempt (not a class, not used)'
+    """
+    split_dir = Path(split_dir)
+    present = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    by_fold = {c.casefold(): c for c in CLASSES}
+    missing = [c for c in CLASSES if c not in present]
+    misnamed = [(n, by_fold[n.casefold()]) for n in present if n not in CLASSES and n.casefold() in by_fold]
+    extra = [n for n in present if n not in CLASSES and n.casefold() not in by_fold]
+    missing = [c for c in missing if c not in {m[1] for m in misnamed}]
+    parts = []
+    if missing:
+        parts.append(f"missing class folder{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    if misnamed:
+        parts.append("misnamed " + ", ".join(f"{n} (the class is {c})" for n, c in misnamed))
+    if extra:
+        parts.append(f"extra folder{'s' if len(extra) > 1 else ''} {', '.join(extra)} (not a class, not used)")
+    if not parts:
+        return None
+    return f"{split_dir}: " + "; ".join(parts)
+
+
+def _scan_classes(split_dir: Path, extensions: Sequence[str], strict: bool = False) -> List[Tuple[Path, int]]:
     if not split_dir.is_dir():
         raise DatasetError(f"{split_dir}: no such split folder (expected <root>/<split>/<Emotion>/…)")
-    found, unknown = [], []
+    problem = check_class_folders(split_dir)
+    if problem is not None:
+        if strict:
+            raise DatasetError(f"{problem} (--strict)")
+        warnings.warn(problem, ClassFolderWarning, stacklevel=3)
+    found = []
     for sub in sorted(p for p in split_dir.iterdir() if p.is_dir()):
         if sub.name not in CLASSES:
-            unknown.append(sub.name)
             continue
         label = CLASSES.index(sub.name)
         for f in sorted(sub.iterdir()):
             if f.is_file() and f.suffix.lower() in extensions and not f.name.startswith("."):
                 found.append((f, label))
-    if unknown:
-        warnings.warn(f"{split_dir}: ignoring folders that are not emotion classes {CLASSES}: "
-                      f"{', '.join(unknown)}", stacklevel=3)
     if not found:
         raise DatasetError(f"{split_dir}: no files with extensions {tuple(extensions)} in class folders {CLASSES}")
     return found
@@ -176,6 +220,7 @@ class _Base(Dataset):
         self.flip_p = float(flip_p) if train else 0.0
         self.color_jitter = bool(color_jitter) and train
         self.bad_files: List[Tuple[str, str]] = []
+        self.truncated: List[Tuple[str, str]] = []  # kept, with the frames that decode
         self.failures: List[Tuple[str, str]] = []  # decode failures seen by __getitem__ in this process
 
     def _bad(self, path, reason: str) -> None:
@@ -245,6 +290,59 @@ class _Base(Dataset):
         return Skipped(str(path), reason)
 
 
+def _decodable_part(path) -> Tuple[VideoInfo, int, str]:
+    """(info with the frames that decode before the first error, the header's frame count, that error)."""
+    from .video import _open
+
+    container = _open(path)
+    n, err = 0, ""
+    try:
+        stream = container.streams.video[0]
+        header = int(stream.frames or 0)
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        try:
+            for _ in container.decode(stream):
+                n += 1
+        except Exception as exc:  # FFmpeg's errors on a damaged stream
+            err = f"{exc.__class__.__name__}: {str(exc)[:120]}"
+        info = VideoInfo(str(path), n, fps, stream.codec_context.width, stream.codec_context.height,
+                         stream.codec_context.name)
+    finally:
+        container.close()
+    return info, header, err
+
+
+def _probe(path, count_frames: bool):
+    """probe_video plus a truncation check: ``(info, note)``; note says what is missing, "" when whole.
+
+    FFmpeg reads most cut-off files without an error, just shorter: when the decoded count falls short of
+    the container header's (by more than 5 % and 2 frames), the file is truncated. A stream that breaks
+    off with an error after some frames keeps those frames.
+    """
+    try:
+        info = probe_video(path, count_frames=count_frames)
+    except MediaDecodeError as exc:
+        if not exc.problem.startswith("decoding failed"):
+            raise
+        info, _header, err = _decodable_part(path)
+        if info.num_frames == 0:
+            raise
+        n = info.num_frames
+        return info, f"{TRUNCATED}: decoding breaks off after {n} frames ({err}); using those {n}"
+    if count_frames:
+        from .video import _open
+
+        container = _open(path)
+        try:
+            header = int(container.streams.video[0].frames or 0)
+        finally:
+            container.close()
+        if header > 0 and info.num_frames < header - max(2, header // 20):
+            return info, (f"{TRUNCATED}: {info.num_frames} of the {header} frames its header lists decode; "
+                          f"using those {info.num_frames}")
+    return info, ""
+
+
 class CAERVideoDataset(_Base):
     """CAER clips: ``dict(face=3×T×fh×fw, context=3×T×crop×crop, label, video)`` per clip.
 
@@ -280,7 +378,7 @@ class CAERVideoDataset(_Base):
         self.clip_frames, self.fps, self.test_stride = int(clip_frames), float(fps), int(test_stride)
         if self.clip_frames < 1 or self.fps <= 0 or self.test_stride < 1:
             raise ValueError("clip_frames, fps and test_stride must be positive")
-        files = _scan_classes(self.root / self.split, VIDEO_EXTENSIONS)
+        files = _scan_classes(self.root / self.split, VIDEO_EXTENSIONS, self.strict)
         table = self._read_box_lines(boxes_file, boxes_io.video_boxes_path(self.root, self.split),
                                      boxes_io.read_video_boxes)
         self.videos: List[Tuple[str, int]] = []
@@ -299,11 +397,16 @@ class CAERVideoDataset(_Base):
                 info = cache.get(path)
                 if info is None:
                     try:
-                        info = probe_video(path, count_frames=count_frames)
+                        info, note = _probe(path, count_frames)
                     except MediaDecodeError as exc:
                         self._bad(path, exc.problem)
                         continue
-                    cache.put(path, info)
+                    if note:  # not cached: reported again on every run
+                        if self.strict:
+                            raise DatasetError(f"{path}: {note}")
+                        self.truncated.append((str(path), note))
+                    else:
+                        cache.put(path, info)
                 v = len(self.videos)
                 self.videos.append((rel, label))
                 self.num_frames.append(info.num_frames)
@@ -356,7 +459,7 @@ class CAERSImageDataset(_Base):
                  crop: Optional[int] = CONTEXT_CROP, boxes_file=None, strict: bool = False, flip_p: float = 0.5,
                  color_jitter: bool = True):
         super().__init__(root, split, train, face_size, context_size, crop, strict, flip_p, color_jitter)
-        files = _scan_classes(self.root / self.split, IMAGE_EXTENSIONS)
+        files = _scan_classes(self.root / self.split, IMAGE_EXTENSIONS, self.strict)
         table = self._read_box_lines(boxes_file, boxes_io.image_boxes_path(self.root, self.split),
                                      boxes_io.read_image_boxes)
         prefix = self.split + "/"

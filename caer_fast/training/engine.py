@@ -33,8 +33,20 @@ def _to_device(batch, device, channels_last: bool = False):
     return face, context, batch["label"].to(device, non_blocking=True)
 
 
+def skip_kind(reason: str) -> str:
+    """Which kind of bad input a skip reason describes: "truncated / partly decodable" (some frames decode),
+    "bad box line" or "unreadable" (nothing of the file could be used)."""
+    import re
+
+    if "truncated" in reason or re.search(r"decoding failed after [1-9]", reason):
+        return "truncated / partly decodable"
+    if "box line" in reason or re.match(r".*:\d+: ", reason):
+        return "bad box line"
+    return "unreadable"
+
+
 class SkipLog:
-    """Counts and names the inputs skipped in an epoch (corrupt files, bad box lines…)."""
+    """Counts and names the inputs skipped in an epoch (corrupt files, bad box lines…), by kind."""
 
     def __init__(self):
         self.items: List[str] = []
@@ -47,13 +59,21 @@ class SkipLog:
     def __len__(self) -> int:
         return len(self.items)
 
+    def counts(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for item in self.items:
+            k = skip_kind(item)
+            out[k] = out.get(k, 0) + 1
+        return out
+
     def summary(self, limit: int = 10) -> str:
         if not self.items:
             return "no inputs skipped"
         uniq = sorted(set(self.items))
-        shown = "\n  ".join(uniq[:limit])
+        shown = "\n  ".join(f"[{skip_kind(u)}] {u}" for u in uniq[:limit])
         more = f"\n  … and {len(uniq) - limit} more" if len(uniq) > limit else ""
-        return f"{len(self.items)} samples skipped ({len(uniq)} distinct):\n  {shown}{more}"
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items()))
+        return f"{len(self.items)} samples skipped ({kinds}; {len(uniq)} distinct):\n  {shown}{more}"
 
 
 def train_one_epoch(model, criterion, optimizer, loader, device: torch.device, epoch: int, *, amp: bool = False,
