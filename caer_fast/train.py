@@ -363,12 +363,6 @@ def main(args, keep_process_group: bool = False) -> dict:
     if removed:
         _log(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out_dir}")
 
-    train_set, val_set, test_set, val_name = build_datasets(args)
-    _log(f"data: {args.data} | train {len(train_set)} {'clips' if args.model == 'caer' else 'images'}, "
-         f"validation: {val_name} ({len(val_set)}), test {len(test_set)} | model {args.model}, streams "
-         f"{args.streams} | device {device}{f' × {dist_utils.world_size()} processes' if distributed else ''}")
-    _report_index_problems((train_set, val_set, test_set))
-
     model = build_model(args).to(device)
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
@@ -407,6 +401,13 @@ def main(args, keep_process_group: bool = False) -> dict:
                  f"{args.epochs}; evaluating only")
     elif args.epochs == 0 and not args.test_only:
         _log("warning: --epochs 0: nothing is trained; the untrained model is evaluated")
+
+    # indexing can take minutes on a real tree: after the cheap checks (options, folder, checkpoint)
+    train_set, val_set, test_set, val_name = build_datasets(args)
+    _log(f"data: {args.data} | train {len(train_set)} {'clips' if args.model == 'caer' else 'images'}, "
+         f"validation: {val_name} ({len(val_set)}), test {len(test_set)} | model {args.model}, streams "
+         f"{args.streams} | device {device}{f' × {dist_utils.world_size()} processes' if distributed else ''}")
+    _report_index_problems((train_set, val_set, test_set))
 
     train_model = model
     if distributed:
@@ -506,6 +507,7 @@ def _report_index_problems(datasets) -> None:
     _log("warning: indexing found " + ", ".join(f"{len(v)} {k}" for k, v in sorted(by_kind.items())))
     for kind, items in sorted(by_kind.items()):
         for path, reason in items[:20]:
+            reason = reason[len(kind) + 2:] if reason.startswith(kind + ": ") else reason
             _log(f"warning: {kind}: {path}: {reason}")
         if len(items) > 20:
             _log(f"warning: … and {len(items) - 20} more {kind}")

@@ -134,6 +134,11 @@ def _num_classes_of(state_dict: Mapping[str, torch.Tensor], source: str) -> int:
     return int(w.shape[0])
 
 
+def _a(v) -> str:
+    name = type(v).__name__
+    return ("an " if name[:1] in "aeiou" else "a ") + name
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -170,7 +175,7 @@ def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source
     margs = ckpt.get("model_args")
     if margs is not None:
         if not isinstance(margs, Mapping):
-            bad(f"model_args is a {type(margs).__name__}, expected a dict of constructor arguments")
+            bad(f"model_args is {_a(margs)}, expected a dict of constructor arguments")
         cls = CAERNet if kind == "caer" else CAERSNet
         allowed = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
         unknown = sorted(str(k) for k in margs if k not in allowed)
@@ -189,7 +194,7 @@ def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source
     args = ckpt.get("args")
     if args is not None:
         if not isinstance(args, Mapping):
-            bad(f"args is a {type(args).__name__}, expected a dict of the training options")
+            bad(f"args is {_a(args)}, expected a dict of the training options")
         for k in ("face_size", "context_size"):
             if args.get(k) is not None and not _check_size(args[k]):
                 bad(f"args {k}={args[k]!r}, expected a positive int or [height, width]")
@@ -202,7 +207,7 @@ def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source
     classes = ckpt.get("classes")
     if classes is not None:
         if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) and c for c in classes):
-            bad(f"classes is {type(classes).__name__}, expected a list of class names")
+            bad(f"classes is {_a(classes)} holding {', '.join(sorted({type(c).__name__ for c in classes})) if isinstance(classes, (list, tuple)) else 'no names'}, expected a list of class names")
         if len(classes) != num_classes:
             bad(f"classes lists {len(classes)} names but the classifier has {num_classes} outputs")
         if len(set(classes)) != len(classes):

@@ -34,13 +34,13 @@ def _to_device(batch, device, channels_last: bool = False):
 
 
 def skip_kind(reason: str) -> str:
-    """Which kind of bad input a skip reason describes: "truncated / partly decodable" (some frames decode),
-    "bad box line" or "unreadable" (nothing of the file could be used)."""
+    """Which kind of bad input a skip ("path: reason" or a reason) is: "truncated / partly decodable"
+    (some frames decode), "bad box line" (``file:line: …``) or "unreadable" (nothing of the file usable)."""
     import re
 
-    if "truncated" in reason or re.search(r"decoding failed after [1-9]", reason):
+    if "truncated / partly decodable" in reason or re.search(r": decoding failed after [1-9]", reason):
         return "truncated / partly decodable"
-    if "box line" in reason or re.match(r".*:\d+: ", reason):
+    if re.match(r"[^\n]*?\.(csv|txt):\d+(: |$)", reason):
         return "bad box line"
     return "unreadable"
 
