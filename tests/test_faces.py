@@ -18,6 +18,7 @@ import pytest
 skdata = pytest.importorskip("skimage.data")
 av = pytest.importorskip("av")
 
+from caer_fast.constants import CLASSES  # noqa: E402
 from caer_fast.data.boxes import read_image_boxes, read_video_boxes  # noqa: E402
 from caer_fast.data.detectors import HaarDetector, best_face  # noqa: E402
 from caer_fast.faces import FacesError, fill_track, run  # noqa: E402
@@ -90,6 +91,8 @@ def video_tree(tmp_path_factory):
     (root / "train" / "Sad" / "empty.avi").write_bytes(b"")
     (root / "train" / "Anger").mkdir(parents=True)
     (root / "train" / "Anger" / "garbage.avi").write_bytes(np.random.default_rng(0).bytes(4096))
+    for c in CLASSES:  # every emotion folder present (empty ones too): --strict refuses a tree missing some
+        (root / "train" / c).mkdir(exist_ok=True)
     return root, truth
 
 
@@ -186,6 +189,9 @@ def test_image_tree_community_csv(tmp_path, capsys):
     (tmp_path / "train" / "Fear").mkdir()
     (tmp_path / "train" / "Fear" / "0004.png").write_bytes(b"")
     (tmp_path / "train" / "Fear" / "0005.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    for split in ("train", "test"):
+        for c in CLASSES:
+            (tmp_path / split / c).mkdir(exist_ok=True)
 
     p, _ = _cli(tmp_path, "--workers", "1")
     assert p.returncode == 0, p.stderr

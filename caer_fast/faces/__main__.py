@@ -9,8 +9,13 @@ from . import DEFAULT_EVERY, DETECTORS, FacesError, run
 from ..data.detectors import DetectorUnavailable
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of this command
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m caer_fast.faces",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Detect one face per frame in a CAER (video) or CAER-S (image) tree and write the box files.",
@@ -28,8 +33,9 @@ per frame the largest face among the confident detections is kept.
 
 resuming: finished files are logged to ROOT/.faces-<split>.log.jsonl; running again with the same
   settings skips them and rewrites the box file atomically. --overwrite starts afresh.
-bad files (empty, corrupt, undecodable) are skipped, counted and named in the summary; --strict
-  makes the first one an error.
+bad files (empty, corrupt, undecodable) are skipped, counted and named in the summary; truncated ones
+  keep the boxes of the frames that decode and are counted as "truncated / partly decodable"; missing,
+  misnamed (sad) or extra (Contempt) emotion folders are warned about; --strict makes each an error.
 detectors: haar (OpenCV, built in); dlib-cnn, dlib-hog need: pip install dlib-bin face-recognition-models""")
     p.add_argument("--data", required=True, metavar="ROOT", help="the CAER or CAER-S root folder")
     p.add_argument("--detector", choices=DETECTORS, default="haar", help="face detector (default: haar)")
