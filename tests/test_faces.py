@@ -217,3 +217,105 @@ def test_image_tree_community_csv(tmp_path, capsys):
 def test_tree_without_media_is_a_clear_error(tmp_path):
     with pytest.raises(FacesError, match="no CAER videos"):
         run(tmp_path)
+
+
+# ---------------------------------------------------------------- issue 11: truncated files, class folders, errors
+
+def test_truncated_video_and_image_are_counted_and_named(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "caer"
+    for c in CLASSES:
+        (root / "train" / c).mkdir(parents=True)
+    full = root / "train" / "Happy" / "full.avi"
+    truth = _moving_face_clip(full)
+    cut = root / "train" / "Happy" / "cut.avi"
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # FFmpeg decodes the first half quietly, no error
+    p, _ = _main(capsys, root, "--workers", "1", "--every", str(EVERY))
+    assert p.returncode == 0, p.stderr
+    assert "0 skipped as bad (unreadable), 1 truncated / partly decodable" in p.stdout, p.stdout
+    line = [ln for ln in p.stdout.splitlines() if "cut.avi" in ln]
+    assert len(line) == 1 and line[0].startswith("[train] truncated / partly decodable: train/Happy/cut.avi: ")
+    assert f"of the {N_FRAMES} frames its header lists decode" in line[0], line[0]
+    boxes, _ = read_video_boxes(root / "train.faces.csv")
+    kept = boxes["train/Happy/cut.avi"]
+    assert kept and max(kept) < N_FRAMES // 2 + 2  # boxes only for frames that decoded
+    assert all(f in truth and _iou(kept[f][0], truth[f]) >= 0.5 for f in kept), kept  # on the face
+    p, _ = _main(capsys, root, "--workers", "1", "--every", str(EVERY), "--strict", "--overwrite")
+    assert p.returncode == 2 and "cut.avi" in p.stderr and "truncated" in p.stderr, p.stderr
+
+    # An image cut off mid-file: the top part decodes, the face in it is found, the file is named.
+    img_root = tmp_path / "caers"
+    for c in CLASSES:
+        (img_root / "train" / c).mkdir(parents=True)
+    img, box = _composite(60, 10)
+    whole = img_root / "train" / "Happy" / "whole.png"
+    Image.fromarray(img).save(whole)
+    cut_png = img_root / "train" / "Happy" / "cut.png"
+    cut_png.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.8)])
+    p, _ = _main(capsys, img_root, "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    assert "0 skipped as bad (unreadable), 1 truncated / partly decodable" in p.stdout, p.stdout
+    assert "[train] truncated / partly decodable: Happy/cut.png" in p.stdout
+    got, _ = read_image_boxes(img_root / "train.txt")
+    assert _iou(got["Happy/cut.png"][1], box) >= 0.5, got
+
+
+def test_class_folders_are_checked_and_strict_refuses(tmp_path, capsys):
+    from PIL import Image
+
+    for c in CLASSES:
+        if c != "Sad":
+            (tmp_path / "train" / c).mkdir(parents=True)
+    (tmp_path / "train" / "sad").mkdir()
+    (tmp_path / "train" / "Contempt").mkdir()
+    Image.fromarray(_background()).save(tmp_path / "train" / "Happy" / "a.png")
+    Image.fromarray(_background()).save(tmp_path / "train" / "sad" / "b.png")
+    p, _ = _main(capsys, tmp_path, "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    warn = [ln for ln in p.stdout.splitlines() if ln.startswith("[train] warning:")]
+    assert len(warn) == 1 and "misnamed sad (the class is Sad)" in warn[0] and "extra folder Contempt" in warn[0]
+    p, _ = _main(capsys, tmp_path, "--workers", "1", "--strict", "--overwrite")
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "sad" in p.stderr and "Contempt" in p.stderr
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+    from caer_fast.faces import FacesError, check_writable
+
+    (tmp_path / "train" / "Happy").mkdir(parents=True)
+    for args in (["--every", "x"], ["--detector", "yolo"], ["--every", "0"], ["--min-size", "0"],
+                 ["--detect-height", "-5"], ["--splits", "nope"]):
+        try:
+            p, _ = _main(capsys, tmp_path, *args)
+            rc, err = p.returncode, p.stderr
+        except SystemExit as exc:  # argparse errors exit from inside main()
+            rc, err = exc.code, capsys.readouterr().err
+        assert rc == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+    if os.geteuid() == 0:  # root writes anywhere but sysfs
+        with pytest.raises(FacesError, match="cannot write the box files"):
+            check_writable(Path("/sys"))
+    else:
+        (tmp_path / "train").chmod(0o555)
+        tmp_path.chmod(0o555)
+        try:
+            p, _ = _main(capsys, tmp_path)
+            assert p.returncode == 2 and "cannot write the box files" in p.stderr
+        finally:
+            tmp_path.chmod(0o755)
+
+
+def test_old_names_still_import_from_the_package():
+    import caer_fast.faces as faces
+    from caer_fast.faces import (DEFAULT_EVERY, FileResult, SplitSummary, _files, _init_worker,  # noqa: F401
+                                 _label_of, _near, _open_log, detect_layout, detect_video, process_file, read_log,
+                                 run_split)
+    from caer_fast.faces import detect
+
+    assert faces.fill_track is detect.fill_track and faces._near is detect.same_face
+    assert faces._DETECTOR is detect._DETECTOR  # live module state, not a copy
+    p = subprocess.run([sys.executable, "-m", "caer_fast.faces", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "--strict" in p.stdout
