@@ -136,7 +136,10 @@ def check_args(args) -> None:
     need(args.lr_step_size >= 1, f"--lr-step-size must be at least 1, got {args.lr_step_size}")
     need(finite(args.lr_gamma) and args.lr_gamma > 0, f"--lr-gamma must be a finite number > 0, got {args.lr_gamma}")
     need(args.workers >= 0, f"-j/--workers must be 0 or more, got {args.workers}")
-    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}")
+    need(0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {args.seed}")
+    need(args.clip_frames <= 512, f"--clip-frames {args.clip_frames} is more than 512 (the paper uses 16)")
+    for flag, size in (("--face-size", args.face_size), ("--context-size", args.context_size)):
+        need(max(size) <= 2048, f"{flag} {size[0]}x{size[1]}: sides over 2048 pixels are refused (memory)")
     min_frames = 8 if args.model == "caer" else 1  # the video model pools time three times
     need(args.clip_frames >= min_frames, f"--clip-frames must be at least {min_frames} for --model {args.model}, "
                                          f"got {args.clip_frames}")

@@ -307,6 +307,27 @@ def test_command_errors_are_one_line(tmp_path, capsys):
             tmp_path.chmod(0o755)
 
 
+def test_damaged_resume_log_and_a_folder_in_the_way(tmp_path, capsys):
+    from PIL import Image
+
+    for c in CLASSES:
+        (tmp_path / "train" / c).mkdir(parents=True)
+    Image.fromarray(_composite(60, 10)[0]).save(tmp_path / "train" / "Happy" / "a.png")
+    p, _ = _main(capsys, tmp_path, "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    log = tmp_path / ".faces-train.log.jsonl"
+    # lines a crash, a disk error or a hand edit could leave: none may crash the next run
+    with open(log, "ab") as f:
+        f.write(b'3\n["x"]\n{"path": "Happy/z.png", "bogus": 1}\n{"path": 7}\n\xff\xfe\x00junk\n')
+    (tmp_path / "train.txt").unlink()
+    p, _ = _main(capsys, tmp_path, "--workers", "1")
+    assert p.returncode == 0 and "1 files: 0 processed now, 1 already done" in p.stdout, p.stdout + p.stderr
+    (tmp_path / "train.txt").unlink()
+    (tmp_path / "train.txt").mkdir()
+    p, _ = _main(capsys, tmp_path, "--workers", "1")
+    assert p.returncode == 2 and "train.txt is a folder" in p.stderr, p.stderr
+
+
 def test_old_names_still_import_from_the_package():
     import caer_fast.faces as faces
     from caer_fast.faces import (DEFAULT_EVERY, FileResult, SplitSummary, _files, _init_worker,  # noqa: F401

@@ -152,6 +152,10 @@ def test_output_dir_is_checked_before_the_first_step(demo_root, tmp_path):
     (["--device", "bogus"], "not a device name"),
     (["--device", "cuda"], "use --device cpu"),
     (["--device", "cuda:7"], "cuda:7"),
+    (["--seed", "-1"], "--seed"),
+    (["--clip-frames", "100000"], "more than 512"),
+    (["--context-size", "100000"], "over 2048"),
+    (["--val-fraction", "1"], "--val-fraction"),
 ])
 def test_bad_options_are_one_error_line(demo_root, tmp_path, capsys, flags, words):
     from caer_fast.train import cli
@@ -208,6 +212,13 @@ def test_malformed_checkpoint_metadata_is_a_clear_error(tmp_path, case):
         caer_fast.load_checkpoint(path)
     assert words in str(err.value) and str(path) in str(err.value), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_checkpoint_with_nan_weights_is_refused(tmp_path):
+    sd = CAERSNet().state_dict()
+    sd["fusion_net.fc1.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="NaN or inf.*fusion_net.fc1.weight"):
+        caer_fast.load_checkpoint({"model": sd})
 
 
 def test_model_of_the_other_kind_is_one_line(tmp_path):
@@ -333,7 +344,7 @@ def test_resuming_with_other_streams_warns(demo_root, finished_run, tmp_path):
 
 def test_truncated_videos_are_named_as_truncated_not_unreadable(demo_root, tmp_path):
     from caer_fast.data.datasets import TRUNCATED, CAERVideoDataset, DatasetError
-    from caer_fast.data.video import probe_video
+    from caer_fast.data.video import MediaDecodeError, probe_video
 
     root = tmp_path / "CAER"
     shutil.copytree(Path(demo_root) / "CAER", root)
@@ -357,6 +368,22 @@ def test_truncated_videos_are_named_as_truncated_not_unreadable(demo_root, tmp_p
             assert torch.isfinite(ds[i]["face"]).all()
     with pytest.raises(DatasetError, match="truncated"):
         CAERVideoDataset(root, "train", train=True, clip_frames=8, strict=True, index_cache=False)
+    # Every codec, cut to a third: quietly shorter (header check) or breaking off with an error (H.264
+    # here, for some files): both are "truncated", with the frames that decode.
+    from caer_fast.data.datasets import _probe
+
+    kinds = set()
+    for i, v in enumerate(sorted((Path(demo_root) / "CAER" / "train").glob("*/*.avi"))):
+        short = tmp_path / f"cut{i}.avi"
+        data = v.read_bytes()
+        short.write_bytes(data[: len(data) // 3])
+        try:
+            info, note = _probe(short, True)
+        except MediaDecodeError:
+            continue  # nothing decodes: unreadable, and said so
+        assert note.startswith(TRUNCATED) and 0 < info.num_frames, (v, note)
+        kinds.add("breaks off" if "breaks off" in note else "header")
+    assert "header" in kinds, kinds
     out = run_train("--data", root, "--model", "caer", "-b", "4", *SMALL, "--epochs", "0",
                     "--output-dir", tmp_path / "o").stdout
     assert "1 truncated / partly decodable" in out and "1 unreadable" in out, out

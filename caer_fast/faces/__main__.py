@@ -68,6 +68,10 @@ def main(argv=None) -> int:
     except (FacesError, DetectorUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the disk filled up while writing a box file
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     for s in summaries:
         print("\n".join(s.lines()))
     return 0

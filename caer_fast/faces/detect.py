@@ -252,16 +252,23 @@ def read_log(path: Path) -> Tuple[Optional[dict], Dict[str, FileResult]]:
     settings, done = None, {}
     if not path.is_file():
         return None, {}
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if not isinstance(rec, dict):  # a damaged log: lines that are not records are ignored
+                continue
             if "settings" in rec:
                 settings = settings or rec["settings"]
-            elif "path" in rec:
-                done[rec["path"]] = FileResult(**rec)
+            elif isinstance(rec.get("path"), str):
+                try:
+                    res = FileResult(**rec)
+                except TypeError:
+                    continue
+                if isinstance(res.reason, str) and isinstance(res.rows, list) and res.status in ("ok", "bad"):
+                    done[res.path] = res
     return settings, done
 
 
@@ -324,6 +331,9 @@ def run_split(root: Path, split: str, layout: str, settings: dict, workers: int 
     t0 = time.perf_counter()
     out_path = video_boxes_path(root, split) if layout == "video" else image_boxes_path(root, split)
     logp = log_path(root, split)
+    for p in (out_path, logp):
+        if p.exists() and not p.is_file():
+            raise FacesError(f"{p} is a folder, not a file: move it away, the box file and its log go there")
     if overwrite:
         logp.unlink(missing_ok=True)
     elif out_path.exists() and not logp.exists():

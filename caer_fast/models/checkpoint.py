@@ -273,6 +273,10 @@ def load_checkpoint(path_or_dict: Union[str, os.PathLike, Mapping], model: Optio
             lines.append(f"  shape mismatch for {k}: checkpoint {tuple(state_dict[k].shape)}, "
                          f"model {tuple(expected[k].shape)}")
         raise CheckpointError("\n".join(lines))
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a diverged run's weights predict NaN for everything: refuse them by name
+        raise CheckpointError(f"{source}: {len(bad)} weight tensors hold NaN or inf (a diverged run?), "
+                              f"e.g. {bad[0]}")
     target.load_state_dict(state_dict, strict=strict)
     return model
 
