@@ -250,6 +250,23 @@ def build_datasets(args):
 
 
 def _build_datasets(args):
+    from .data.datasets import DatasetError
+    from .data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+
+    try:
+        return _make_datasets(args)
+    except DatasetError as exc:
+        if "no files with extensions" not in str(exc):
+            raise
+        other, exts = ("caers", IMAGE_EXTENSIONS) if args.model == "caer" else ("caer", VIDEO_EXTENSIONS)
+        train = Path(args.data) / "train"
+        if train.is_dir() and any(p.suffix.lower() in exts for p in train.glob("*/*")):
+            raise DatasetError(f"{exc} — it holds {'images' if other == 'caers' else 'videos'}: "
+                               f"use --model {other}") from None
+        raise
+
+
+def _make_datasets(args):
     from .data.datasets import CAERSImageDataset, CAERVideoDataset
 
     root = Path(args.data)
@@ -348,6 +365,8 @@ def main(args, keep_process_group: bool = False) -> dict:
     from .devices import DeviceError, resolve_device
 
     check_args(args)
+    if not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: no such directory")
     try:
         device = resolve_device(args.device)
     except DeviceError as exc:

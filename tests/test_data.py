@@ -314,6 +314,8 @@ def _small_copy(demo_root, tmp_path, n=3):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(demo_root / "CAER" / rel, root / rel)
     shutil.copy(demo_root / "CAER" / "test.faces.csv", root / "test.faces.csv")
+    for c in CLASSES:  # all emotion folders (most empty): strict datasets refuse a tree missing some
+        (root / "test" / c).mkdir(exist_ok=True)
     return root, [r for r, _, _ in rows]
 
 
@@ -353,7 +355,10 @@ def test_unreadable_files_and_bad_box_lines_found_at_index_time(demo_root, tmp_p
     reasons = dict(ds.bad_files)
     assert "empty" in reasons[str(root / rels[0])]
     assert sum("test.faces.csv" in p for p, _ in ds.bad_files) == 2
-    with pytest.raises(DatasetError, match="test.faces.csv|0000.avi"), pytest.warns(UserWarning, match="Bored"):
+    with pytest.raises(DatasetError, match="extra folder Bored"):  # strict: a folder that is not a class too
+        CAERVideoDataset(root, "test", train=False, clip_frames=8, strict=True, **SMALL)
+    shutil.rmtree(root / "test" / "Bored")
+    with pytest.raises(DatasetError, match="test.faces.csv|0000.avi"):
         CAERVideoDataset(root, "test", train=False, clip_frames=8, strict=True, **SMALL)
 
 
