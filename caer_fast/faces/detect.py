@@ -356,6 +356,9 @@ def run_split(root: Path, split: str, layout: str, settings: dict, workers: int 
     summary = SplitSummary(split, layout, files=len(files), resumed=len(files) - len(todo))
     if problem is not None:
         summary.warnings.append(problem)
+    if not files:
+        summary.warnings.append(f"{split_dir}: no {'videos' if layout == 'video' else 'images'} found "
+                                f"(layout {layout}); its box file is empty")
 
     log = open_log(logp, settings)
     pool = None

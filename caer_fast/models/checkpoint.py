@@ -81,6 +81,8 @@ def read_checkpoint(path_or_dict: Union[str, os.PathLike, Mapping]) -> dict:
         return out
     path = Path(path_or_dict)
     if not path.is_file():
+        if path.exists():
+            raise CheckpointError(f"{path}: not a checkpoint file ({'a folder' if path.is_dir() else 'not a regular file'})")
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         if path.stat().st_size == 0:
