@@ -427,3 +427,15 @@ def test_demo_under_torchrun_writes_the_data_once_and_finishes(tmp_path):
     again = subprocess.run([sys.executable, "-m", "caer_fast.train", "--demo", "--output-dir", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert "--overwrite" in _one_error_line(again)
+
+
+@pytest.mark.parametrize("device,words", [("bogus", "not a device name"), ("cuda", "--device cuda")])
+def test_serve_device_errors_are_one_line(bad_checkpoints, capsys, device, words):
+    pytest.importorskip("uvicorn")
+    from caer_fast.serve import main
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = _in_process(capsys, main, "--checkpoint", bad_checkpoints / "weights_only.pth", "--detector", "none",
+                       "--device", device, "--port", "1")
+    assert words in _one_error_line(proc)
