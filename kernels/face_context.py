@@ -89,11 +89,13 @@ def _launch(frames, out, y0, yw, x0, xw, t, mean, std, mask_box, zero_invalid, p
 
 def face_context(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype):
     """(face N×3×fh×fw, context N×3×crop_h×crop_w) in ``dtype``; crop = (top, left, height, width)."""
+    n = frames.shape[0]
+    face = torch.empty(n, 3, *face_size, dtype=dtype, device=frames.device)
+    context = torch.empty(n, 3, crop[2], crop[3], dtype=dtype, device=frames.device)
+    if n == 0:
+        return face, context
     frames = frames.contiguous()
     t = _resize_tables.build(frames, boxes, tuple(face_size), tuple(context_size), tuple(crop), antialias)
-    n = frames.shape[0]
-    face = torch.empty(n, 3, *t["face_size"], dtype=dtype, device=frames.device)
-    context = torch.empty(n, 3, *t["context_out"], dtype=dtype, device=frames.device)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     _launch(frames, face, t["fy0"], t["fyw"], t["fx0"], t["fxw"], t, mean, std, False, True, True)
     _launch(frames, context, t["cy0"], t["cyw"], t["cx0"], t["cxw"], t, mean, std, True, False, False)

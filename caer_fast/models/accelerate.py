@@ -29,7 +29,9 @@ def _encoder(module: nn.Module, pool: bool) -> nn.Module:
     if not (isinstance(convs, nn.ModuleList) and isinstance(bns, nn.ModuleList) and len(convs) == len(bns) > 0
             and all(type(c) is nn.Conv2d for c in convs) and all(isinstance(b, nn.BatchNorm2d) for b in bns)):
         return module  # not the community's [conv → BN → ReLU] layout: keep it as it is
-    return Encoder.wrap(convs, bns, pool=getattr(module, "pool", pool))
+    encoder = Encoder.wrap(convs, bns, pool=getattr(module, "pool", pool))
+    encoder.training = module.training
+    return encoder
 
 
 def accelerate(model: nn.Module) -> nn.Module:
@@ -64,7 +66,10 @@ def accelerate(model: nn.Module) -> nn.Module:
         model.two_stream_net = TwoStreamNetwork.wrap(_encoder(ts.face_encoding_module, True),
                                                      _encoder(ts.context_encoding_module, True),
                                                      _encoder(ts.attention_inference_module, False))
+        model.two_stream_net.training = ts.training
     if not isinstance(model.fusion_net, FusionNetwork):
-        model.fusion_net = FusionNetwork.wrap(model.fusion_net)
+        fusion = model.fusion_net
+        model.fusion_net = FusionNetwork.wrap(fusion)
+        model.fusion_net.training = fusion.training
     model.forward = types.MethodType(_CAERBase.forward, model)
     return model

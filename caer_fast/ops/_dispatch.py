@@ -232,6 +232,22 @@ class _Eager(torch.autograd.Function):
         return (None, None, None, *ctx.formula(ctx, *grads))
 
 
+def register_autograd(op: str, saved):
+    """Register the autograd formula of ``caer_fast::<op>``: save ``saved(inputs, output)`` (the state
+    every backend's ``<op>_backward`` takes), and in backward call
+    ``caer_fast::<op>_backward(*output_grads, *saved)``. Returns ``(setup_context, backward)`` for :func:`call`."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*saved(inputs, output))
+
+    def backward(ctx, *grads):
+        return getattr(torch.ops.caer_fast, f"{op}_backward").default(*grads, *ctx.saved_tensors)
+
+    if HAS_OPS:
+        torch.library.register_autograd(f"caer_fast::{op}", backward, setup_context=setup_context)
+    return setup_context, backward
+
+
 def call(op, *args, setup_context=None, backward=None):
     """``op(*args)``, where ``setup_context`` / ``backward`` are the formula registered for ``op`` (if any).
 

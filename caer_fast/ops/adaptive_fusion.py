@@ -81,16 +81,8 @@ class AdaptiveFusion(nn.Module):
 # ---- the op's fake implementation and autograd formula ----------------------------------------
 # d face = w_f g_f;  d w_f = g_f·face + gw_f (likewise context);  softmax over two:
 # d face_score = −d context_score = w_f w_c (d w_f − d w_c). Every backend saves (face, context, weights).
-def _setup_context(ctx, inputs, output):
-    face, context, _, _ = inputs
-    _, weights = output
-    ctx.save_for_backward(face, context, weights)
-
-
-def _backward(ctx, grad_out, grad_weights):
-    face, context, weights = ctx.saved_tensors
-    return torch.ops.caer_fast.adaptive_fusion_backward.default(grad_out, grad_weights, face, context, weights)
-
+_setup_context, _backward = _dispatch.register_autograd(
+    "adaptive_fusion", saved=lambda inputs, output: (inputs[0], inputs[1], output[1]))
 
 if _dispatch.HAS_OPS:
     @torch.library.register_fake("caer_fast::adaptive_fusion")
@@ -104,4 +96,3 @@ if _dispatch.HAS_OPS:
         return (face.new_empty(face.shape), face.new_empty(context.shape), face.new_empty((n, 1)),
                 face.new_empty((n, 1)))
 
-    torch.library.register_autograd("caer_fast::adaptive_fusion", _backward, setup_context=_setup_context)

@@ -68,8 +68,8 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
     name = _dispatch.kernel_backend(features.device.type)
     if name is None or features.dtype == torch.float64 and name != "cpp":  # float64: exact enough, rare
         return attention_pool_reference(features, logits, return_attention)
-    n, c = features.shape[:2]
-    flat = (features.reshape(n, c, -1), logits.reshape(n, -1).to(features.dtype))  # the cast is differentiable
+    n, c, s = features.shape[0], features.shape[1], math.prod(features.shape[2:])
+    flat = (features.reshape(n, c, s), logits.reshape(n, s).to(features.dtype))  # the cast is differentiable
     out, attention = _dispatch.call(torch.ops.caer_fast.attention_pool.default, *flat, setup_context=_setup_context,
                                      backward=_backward)
     return (out, attention.view(logits.shape)) if return_attention else out
@@ -86,16 +86,8 @@ class AttentionPool(nn.Module):
 # a = softmax(x), out_c = mean_s a_s f_cs:
 #   d f_cs = g_c a_s / S;   d x_s = a_s (Σ_c g_c f_cs / S − Σ_c g_c out_c + ga_s − Σ_t a_t ga_t)
 # (ga: the gradient reaching the returned attention map). Every backend saves (features, attention, out).
-def _setup_context(ctx, inputs, output):
-    features, _ = inputs
-    out, attention = output
-    ctx.save_for_backward(features, attention, out)
-
-
-def _backward(ctx, grad_out, grad_attention):
-    features, attention, out = ctx.saved_tensors
-    return torch.ops.caer_fast.attention_pool_backward.default(grad_out, grad_attention, features, attention, out)
-
+_setup_context, _backward = _dispatch.register_autograd(
+    "attention_pool", saved=lambda inputs, output: (inputs[0], output[1], output[0]))
 
 if _dispatch.HAS_OPS:
     @torch.library.register_fake("caer_fast::attention_pool")
@@ -107,4 +99,3 @@ if _dispatch.HAS_OPS:
     def _(grad_out, grad_attention, features, attention, out):
         return features.new_empty(features.shape), features.new_empty(attention.shape)
 
-    torch.library.register_autograd("caer_fast::attention_pool", _backward, setup_context=_setup_context)
