@@ -29,6 +29,39 @@ def junk_filled_allocations():
         flag.value = old
 
 
+def ops_called(fn):
+    """The names of the operators ``fn()`` dispatches below autograd (``caer_fast.<op>.default`` …)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def aot_recorder():
+    """(a torch.compile backend, {"fw": [...], "bw": [...]}): AOTAutograd recording the call targets of
+    the forward and backward graphs, then running them as they are."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    seen = {"fw": [], "bw": []}
+
+    def record(stage):
+        def compiler(gm, _):
+            seen[stage] += [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=record("fw"), bw_compiler=record("bw")), seen
+
+
 _ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 

@@ -11,6 +11,7 @@ from caer_fast.models.caer_net import Encoder, FusionNetwork, TwoStreamNetwork
 from caer_fast.ops import AdaptiveFusion, AttentionPool
 
 from community_model import CommunityCAERSNet, randomize_bn_
+from op_checks import ops_called
 
 REFERENCE_TSV = Path("/work/shared/reference/caersnet_state_dict.tsv")
 
@@ -34,21 +35,6 @@ def test_accelerate_keeps_outputs_and_gradients(use_face, use_context, concat):
         torch.testing.assert_close(new, old, rtol=1e-3, atol=1e-6)
 
 
-def _ops_called(fn):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        fn()
-    return seen
-
-
 def test_accelerated_model_shows_the_modules_and_runs_the_ops():
     model = CommunityCAERSNet().eval()
     params = [id(p) for p in model.parameters()]
@@ -64,7 +50,7 @@ def test_accelerated_model_shows_the_modules_and_runs_the_ops():
     text = repr(model)
     assert "(attention_pool): AttentionPool()" in text and "(adaptive_fusion): AdaptiveFusion()" in text
     if caer_fast.ops.backend("cpu") != "torch":
-        called = _ops_called(lambda: model(torch.randn(1, 3, 96, 96), torch.randn(1, 3, 112, 112)))
+        called = ops_called(lambda: model(torch.randn(1, 3, 96, 96), torch.randn(1, 3, 112, 112)))
         assert "caer_fast.attention_pool.default" in called and "caer_fast.adaptive_fusion.default" in called
     assert caer_fast.accelerate(model) is model  # twice is a no-op
 

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import caer_fast.ops as ops
-from op_checks import check_adaptive_fusion, junk_filled_allocations
+from op_checks import aot_recorder, check_adaptive_fusion, junk_filled_allocations
+
+from .conftest import interpreted
 
 
 def fusion(*args):
@@ -90,23 +92,11 @@ def test_opcheck(backend):
 
 
 def test_compile_fullgraph(backend):
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-
-    from .conftest import interpreted
-
     name, device = backend
-    seen = {"fw": [], "bw": []}
-
-    def record(stage):
-        def compiler(gm, _):
-            seen[stage] += [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-            return make_boxed_func(gm.forward)
-        return compiler
-
+    recorder, seen = aot_recorder()
     torch._dynamo.reset()
     compiled = torch.compile(lambda *a: ops.adaptive_fusion(*a[:4], return_weights=a[4]), fullgraph=True,
-                             backend=aot_autograd(fw_compiler=record("fw"), bw_compiler=record("bw")))
+                             backend=recorder)
     check_adaptive_fusion(compiled, 3, 200, 77, torch.float32, device, return_weights=True)
     check_adaptive_fusion(compiled, 1, 5, 13, torch.float16, device, strided=True)
     if name in ("cpp", "cuda") or interpreted(name):

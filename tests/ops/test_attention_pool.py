@@ -8,7 +8,7 @@ import torch
 
 import caer_fast.ops as ops
 from caer_fast.ops.attention_pool import attention_pool_reference
-from op_checks import check_attention_pool, junk_filled_allocations
+from op_checks import aot_recorder, check_attention_pool, junk_filled_allocations
 
 from .conftest import interpreted
 
@@ -154,21 +154,11 @@ def test_opcheck(backend):
 
 def test_compile_fullgraph(backend):
     """torch.compile(fullgraph=True), forward and backward, through the op (and its backward op)."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-
     name, device = backend
-    seen = {"fw": [], "bw": []}
-
-    def record(stage):
-        def compiler(gm, _):
-            seen[stage] += [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-            return make_boxed_func(gm.forward)
-        return compiler
-
+    recorder, seen = aot_recorder()
     torch._dynamo.reset()
     compiled = torch.compile(lambda f, x, ra: ops.attention_pool(f, x, return_attention=ra), fullgraph=True,
-                             backend=aot_autograd(fw_compiler=record("fw"), bw_compiler=record("bw")))
+                             backend=recorder)
     check_attention_pool(compiled, (2, 7, 3, 5), torch.float32, device, return_attention=True)
     check_attention_pool(compiled, (2, 6, 3, 5), torch.float16, device, channels_last=True)
     if name in ("cpp", "cuda") or interpreted(name):

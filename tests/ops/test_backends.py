@@ -8,6 +8,7 @@ import torch
 import caer_fast.ops as ops
 from caer_fast.ops import BackendUnavailableError, _dispatch
 from caer_fast.ops.attention_pool import attention_pool_reference
+from op_checks import ops_called
 
 needs_ext = pytest.mark.skipif(not _dispatch.HAS_OPS, reason="caer_fast._C not built (see test_extension_is_built)")
 
@@ -43,30 +44,15 @@ def test_env_selects_backend(monkeypatch):
     assert ops.backend("cpu") == "torch"
 
 
-def _ops_called(fn):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        fn()
-    return seen
-
-
 @needs_ext
 def test_use_backend_wins_over_env_and_restores(monkeypatch):
     monkeypatch.setenv("CAER_FAST_BACKEND", "cpp")
     f, x = torch.randn(2, 3, 4, 4), torch.randn(2, 1, 4, 4)
     with ops.use_backend("torch"):
         assert ops.backend("cpu") == "torch"
-        assert "caer_fast.attention_pool.default" not in _ops_called(lambda: ops.attention_pool(f, x))
+        assert "caer_fast.attention_pool.default" not in ops_called(lambda: ops.attention_pool(f, x))
         with ops.use_backend("cpp"):
-            assert "caer_fast.attention_pool.default" in _ops_called(lambda: ops.attention_pool(f, x))
+            assert "caer_fast.attention_pool.default" in ops_called(lambda: ops.attention_pool(f, x))
         assert ops.backend("cpu") == "torch"
     assert ops.backend("cpu") == "cpp"
     ops.set_backend("torch")
