@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-EXT_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/*.h)
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
 .PHONY: demo test bench setup clean
 

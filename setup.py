@@ -1,8 +1,9 @@
 """Build and install caer_fast.
 
 Install with ``pip install --no-build-isolation -e .`` (build isolation would pull a CUDA torch).
-The CPU extension ``caer_fast._C`` (csrc/cpu/*.cpp) is built on every machine. The CUDA sources
-(csrc/cuda/*.cu) are compiled in only where a CUDA build of torch and nvcc exist; set
+The extension ``caer_fast._C`` (the op schemas, csrc/ops.cpp, and the CPU kernels, csrc/cpu/*.cpp) is
+built on every machine; importing it registers the ops with torch. The CUDA kernels (csrc/cuda/*.cu)
+are compiled in only where a CUDA build of torch and nvcc exist; set
 ``CAER_FAST_BUILD_CUDA=0`` to skip them, ``CAER_FAST_BUILD_EXT=0`` to build no extension at all.
 """
 import glob
@@ -20,9 +21,7 @@ def extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
-    if not cpu_sources:
-        return [], {}
+    cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     build_cuda = (os.environ.get("CAER_FAST_BUILD_CUDA", "1") != "0" and torch.version.cuda is not None
                   and shutil.which("nvcc") is not None)
@@ -30,7 +29,6 @@ def extensions():
     if cuda_sources:
         ext = CUDAExtension("caer_fast._C", cpu_sources + cuda_sources,
                             include_dirs=[os.path.join(HERE, "csrc")],
-                            define_macros=[("CAER_FAST_WITH_CUDA", "1")],
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
                             extra_link_args=["-fopenmp"])
     else:

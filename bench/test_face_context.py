@@ -2,13 +2,14 @@
 
 Run: ``OMP_NUM_THREADS=1 pytest bench/test_face_context.py --benchmark-only --benchmark-group-by=group``.
 Implementations: the per-frame eager reference, a batched torch version (one interpolate over the
-float batch), and the cpp kernel. Each first checks its result against the reference. GB/s counts
+float batch), and the cpp kernel (through the public op, backend cpp). Each first checks its result against the reference. GB/s counts
 the uint8 frames read plus the float32 outputs written (extra_info["GB/s"]).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
+import caer_fast.ops as ops
 from caer_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from caer_fast.ops.face_context import clip_boxes, face_context_reference
 
@@ -45,13 +46,14 @@ def _impl(name):
         return face_context_reference
     if name == "torch-batched":
         return face_context_batched
-    try:
-        from caer_fast.ops import _cpp
-    except ImportError as exc:
-        pytest.skip(f"cpp backend unavailable: {exc}")
-    if not _cpp.is_available()[0]:
-        pytest.skip(_cpp.is_available()[1])
-    return _cpp.face_context_cpp
+    why = ops.why_unavailable("cpp", "cpu")
+    if why:
+        pytest.skip(f"cpp backend unavailable: {why}")
+
+    def cpp(*args):
+        with ops.use_backend("cpp"):
+            return ops.face_context(*args)
+    return cpp
 
 
 @pytest.mark.parametrize("antialias", [True, False], ids=["aa", "bilinear"])

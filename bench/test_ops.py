@@ -1,4 +1,5 @@
-"""attention_pool / adaptive_fusion speed: reference eager, reference under torch.compile, cpp, triton.
+"""attention_pool / adaptive_fusion speed: reference eager, reference under torch.compile, and the public
+ops on the cpp, triton and cuda backends.
 
 Run: ``OMP_NUM_THREADS=1 pytest bench/test_ops.py --benchmark-only --benchmark-group-by=group``
 (the ratio table at the end comes from bench/conftest.py). Every benchmark first checks its result
@@ -7,7 +8,7 @@ against the float64 reference, so a fast-but-wrong implementation cannot win.
 import pytest
 import torch
 
-from caer_fast.ops import _dispatch
+import caer_fast.ops as ops
 from caer_fast.ops.adaptive_fusion import adaptive_fusion_reference
 from caer_fast.ops.attention_pool import attention_pool_reference
 
@@ -29,16 +30,21 @@ def _impl(op, name, reference):
         if op not in _compiled:
             _compiled[op] = torch.compile(reference, dynamic=False)
         return _compiled[op], "cpu"
-    if name == "cpp":
-        if not _dispatch._load("cpp"):
-            pytest.skip(f"cpp backend unavailable: {_dispatch.why_unavailable('cpp')}")
-        return _dispatch._IMPLS[op]["cpp"], "cpu"
-    if not torch.cuda.is_available():
+    device = "cpu" if name == "cpp" else "cuda"
+    if name != "cpp" and not torch.cuda.is_available():
         pytest.skip(f"{name}: needs a CUDA GPU" + (" (the interpreter on CPU is 400-1000x slower, not a benchmark)"
                                                   if name == "triton" else ""))
-    if not _dispatch._load(name):  # triton, or cuda (caer_fast._C built with a CUDA torch)
-        pytest.skip(f"{name} backend unavailable: {_dispatch.why_unavailable(name)}")
-    return _dispatch._IMPLS[op][name], "cuda"
+    why = ops.why_unavailable(name, device)
+    if why:
+        pytest.skip(f"{name} backend unavailable: {why}")
+    ops.set_backend(name)  # the public op on that backend; the module's fixture resets the choice
+    return getattr(ops, op), device
+
+
+@pytest.fixture(autouse=True)
+def _automatic_backend():
+    yield
+    ops.set_backend(None)
 
 
 def _timed(fn, device):

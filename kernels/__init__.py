@@ -1,6 +1,7 @@
 """Triton kernels of the fused ops, one file per op (installed as ``caer_fast.kernels``).
 
-Importing this package imports triton; nothing in caer_fast imports it eagerly. Importing an op's
-module registers its ``torch.library`` ops (``caer_fast::<op>_triton``; see ``_compile`` for how
-they are wrapped for ``torch.compile`` and what differs under ``TRITON_INTERPRET=1``).
+Each ``<op>.py`` holds the kernels and functions with the signatures of the ``caer_fast::<op>`` ops
+(csrc/ops.cpp); ``caer_fast.ops._dispatch`` registers them as the ops' CUDA kernels (and CPU ones
+under ``TRITON_INTERPRET=1``) while the backend is "triton" (``_compile`` says how). Importing this
+package imports triton; nothing in caer_fast imports it eagerly.
 """

@@ -1,29 +1,25 @@
-"""How the kernels meet ``torch.library``: ``triton_op`` / ``wrap_triton``, an eager switch, the interpreter.
+"""How the Triton kernels become the CUDA kernels of the ``caer_fast::<op>`` ops (launch helpers).
 
-* :func:`triton_op` is ``torch.library.triton_op``: the op's Python body allocates outputs and
-  launches its kernels through :func:`wrap_triton`. The body is also the op's fake (meta)
-  implementation, and under ``torch.compile`` AOTAutograd decomposes the op into that body, so the
-  kernels land in the graph as ``triton_kernel_wrapper_functional`` nodes that inductor schedules
-  (and AOTAutograd's cache keys on their source).
-* :func:`wrap_triton` is ``torch.library.wrap_triton`` — plus the interpreter case below. It must
-  be called literally as ``wrap_triton(<kernel name>)[grid](...)`` inside the op body or a
-  module-level function the body calls by name: torch finds an op's kernels by reading that source.
-* :func:`eager` turns the wrapping off: outside ``torch.compile`` the ops run through plain
-  ``autograd.Function`` twins (the custom-op dispatch plus the wrapper's higher-order-op dispatch
-  cost far more than a launch), which launch the same kernels directly.
+* :func:`register` puts a kernel module's op functions (``<op>``, ``<op>_backward``: the ops' own
+  signatures) into a ``torch.library.Library`` under the given dispatch keys, where they take the
+  C++ kernels' place while the backend is "triton" (``caer_fast.ops._dispatch`` destroys the
+  library to give the keys back). Eager calls launch the kernels directly (:func:`eager`).
+* Under ``torch.compile`` on a GPU, the functions a module lists in ``INLINE`` are also
+  decomposed under functionalization, as ``torch.library.triton_op`` does: their launches land in
+  the graph as ``triton_kernel_wrapper_functional`` nodes that inductor schedules. They must be
+  written as ``wrap_triton(<kernel name>)[grid](...)`` in the function or a module-level function
+  it calls by name: torch finds the kernels by reading that source.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) ``triton.jit`` gives ``InterpretedFunction`` kernels,
 which torch's ``wrap_triton`` returns unwrapped: they cannot become graph nodes, and launching one
-on a fake tensor fails ("Cannot access data pointer"). So there :func:`wrap_triton` skips launches
-whose arguments are fake (shape propagation only needs the allocations), and :func:`triton_op`
-keeps the op opaque under functionalization (one ``caer_fast::<op>_triton`` node in the graph,
-run for real at run time) instead of decomposing it. Same op, same body; only the graph capture
-of the kernels themselves is GPU-only.
+on a fake tensor fails. So there :func:`wrap_triton` skips launches whose arguments are fake, and
+nothing is decomposed: the op stays one opaque graph node, run for real at run time.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+import functools
+from typing import Iterable
 
 import torch
 import triton
@@ -78,17 +74,39 @@ def eager():
     return _set_wrap_triton_enabled(False)
 
 
-def _opaque(mode, func, types, args, kwargs):
-    return mode.__torch_dispatch__(func, types, args, kwargs)
+def _decomposition(fn):
+    """``fn`` traced into the graph under functionalization (torch.library.triton_op's rule)."""
+
+    def rule(mode, func, types, args, kwargs):
+        if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not torch.Tensor for t in types):
+            return NotImplemented
+        with mode:
+            return fn(*args, **kwargs)
+
+    return rule
 
 
-def triton_op(name: str, *, mutates_args: Iterable[str] = ()) -> Callable:
-    """``torch.library.triton_op(name, mutates_args=...)``; opaque to functionalization when interpreted."""
+def _launching(fn):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with eager():
+            return fn(*args, **kwargs)
 
-    def deco(fn):
-        op = torch.library.triton_op(name, fn, mutates_args=tuple(mutates_args))
-        if INTERPRETED:
-            op.register_torch_dispatch(FunctionalTensorMode, _opaque)
-        return op
+    return run
 
-    return deco
+
+def register(lib: torch.library.Library, module, keys: Iterable[str]) -> None:
+    """Register ``module``'s functions named after ``caer_fast::<op>`` ops under dispatch ``keys``."""
+    names = [n for n in (module.__name__.rsplit(".", 1)[-1],) for n in (n, n + "_backward")
+             if callable(getattr(module, n, None))]
+    for name in names:
+        for key in keys:
+            lib.impl(name, _launching(getattr(module, name)), key)
+        if not INTERPRETED and name in getattr(module, "INLINE", ()):
+            lib._register_torch_dispatch_rule(name, FunctionalTensorMode, _decomposition(getattr(module, name)))
+            try:  # what AOTAutograd's cache hashes for a triton_op
+                from torch._library.triton import get_inner_triton_kernels, triton_ops_to_kernels
+
+                triton_ops_to_kernels[f"caer_fast::{name}"] = get_inner_triton_kernels(getattr(module, name))
+            except ImportError:  # older torch
+                pass

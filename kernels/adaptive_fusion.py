@@ -4,12 +4,11 @@ Forward: one program per (row, block of output columns); the two weights are rec
 program (two exps) rather than stored and re-read. Backward: one program per row, which also
 reduces Σ g·face and Σ g·context for the score gradients:
     d face_score = -d context_score = w_f w_c (Σ g_f·face + gw_f - Σ g_c·context - gw_c),
-where gw is the gradient reaching the returned weights (0 unless they are used).
+where gw is the gradient reaching the returned weights.
 
-The launches are wrapped as the ``torch.library.triton_op`` ``caer_fast::adaptive_fusion_triton``
-(autograd registered, backward ``caer_fast::adaptive_fusion_triton_backward``), which
-:func:`adaptive_fusion` uses under ``torch.compile`` (see ``_compile``); eager calls run the same
-kernels through ``AdaptiveFusionFunction``.
+:func:`adaptive_fusion` and :func:`adaptive_fusion_backward` have the signatures of the ops
+``caer_fast::adaptive_fusion`` / ``_backward`` (csrc/ops.cpp), whose CUDA kernels they replace when
+the backend is "triton" (see ``_compile``).
 """
 from __future__ import annotations
 
@@ -20,10 +19,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._compile import eager, triton_op, wrap_triton
+from ._compile import wrap_triton
 
 BLOCK = 128
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -50,15 +48,15 @@ def _fwd_kernel(face_ptr, ctx_ptr, fs_ptr, cs_ptr, out_ptr, w_ptr, CF, CC,
     tl.store(out_ptr + n * (CF + CC) + j, y.to(out_ptr.dtype.element_ty), mask=j < CF + CC)
     if tl.program_id(1) == 0:
         k = tl.arange(0, 2)
-        tl.store(w_ptr + n * 2 + k, tl.where(k == 0, wf, wc))
+        tl.store(w_ptr + n * 2 + k, tl.where(k == 0, wf, wc).to(w_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _bwd_kernel(g_ptr, gw_ptr, face_ptr, ctx_ptr, w_ptr, gface_ptr, gctx_ptr, gfs_ptr, gcs_ptr, CF, CC,
                 face_sn, ctx_sn, HAS_GW: tl.constexpr, BLOCK: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
-    wf = tl.load(w_ptr + n * 2)
-    wc = tl.load(w_ptr + n * 2 + 1)
+    wf = tl.load(w_ptr + n * 2).to(tl.float32)
+    wc = tl.load(w_ptr + n * 2 + 1).to(tl.float32)
     row = n * (CF + CC)
     dot_f = tl.zeros((BLOCK,), tl.float32)
     dot_c = tl.zeros((BLOCK,), tl.float32)
@@ -86,106 +84,41 @@ def _bwd_kernel(g_ptr, gw_ptr, face_ptr, ctx_ptr, w_ptr, gface_ptr, gctx_ptr, gf
     tl.store(gcs_ptr + n, (-d).to(gcs_ptr.dtype.element_ty))
 
 
+INLINE = ("adaptive_fusion", "adaptive_fusion_backward")  # traced into compiled graphs on a GPU
+
+
 def _rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def adaptive_fusion_forward(face, context, face_score, context_score):
-    """(fused N×(Cf+Cc) in the promoted dtype, weights float32 N×2)."""
+def adaptive_fusion(face: Tensor, context: Tensor, face_score: Tensor, context_score: Tensor) -> Tuple[Tensor, Tensor]:
+    """face N×Cf, context N×Cc, scores N×1 (one dtype) -> (out N×(Cf+Cc), weights N×2) in that dtype."""
     face, context = _rows(face), _rows(context)
     n, cf = face.shape
     cc = context.shape[1]
-    dtype = torch.promote_types(torch.promote_types(face.dtype, context.dtype), face_score.dtype)
-    out = torch.empty(n, cf + cc, dtype=dtype, device=face.device)
-    w = torch.empty(n, 2, dtype=torch.float32, device=face.device)
+    out = torch.empty(n, cf + cc, dtype=face.dtype, device=face.device)
+    weights = torch.empty(n, 2, dtype=face.dtype, device=face.device)
     if n:
-        wrap_triton(_fwd_kernel)[(n, triton.cdiv(cf + cc, BLOCK))](
-            face, context, face_score, context_score, out, w, cf, cc, face.stride(0), context.stride(0),
+        wrap_triton(_fwd_kernel)[(n, max(1, triton.cdiv(cf + cc, BLOCK)))](
+            face, context, face_score, context_score, out, weights, cf, cc, face.stride(0), context.stride(0),
             face_score.stride(0), context_score.stride(0), BLOCK=BLOCK)
-    return out, w
+    return out, weights
 
 
-def adaptive_fusion_backward(grad, grad_weights, face, context, w32, score_dtype):
-    face, context = _rows(face), _rows(context)
-    grad = grad.contiguous()
+def adaptive_fusion_backward(grad_out: Tensor, grad_weights: Optional[Tensor], face: Tensor, context: Tensor,
+                             weights: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    face, context, weights = _rows(face), _rows(context), weights.contiguous()
+    grad_out = grad_out.contiguous()
     n, cf = face.shape
     cc = context.shape[1]
-    gface = torch.empty(n, cf, dtype=face.dtype, device=face.device)
-    gctx = torch.empty(n, cc, dtype=context.dtype, device=face.device)
-    gfs = torch.empty(n, 1, dtype=score_dtype, device=face.device)
-    gcs = torch.empty(n, 1, dtype=score_dtype, device=face.device)
+    grad_face = torch.empty(n, cf, dtype=face.dtype, device=face.device)
+    grad_context = torch.empty(n, cc, dtype=face.dtype, device=face.device)
+    grad_face_score = torch.empty(n, 1, dtype=face.dtype, device=face.device)
+    grad_context_score = torch.empty(n, 1, dtype=face.dtype, device=face.device)
     has_gw = grad_weights is not None
-    gw = grad_weights.float().contiguous() if has_gw else w32
     if n:
-        wrap_triton(_bwd_kernel)[(n,)](grad, gw, face, context, w32, gface, gctx, gfs, gcs, cf, cc,
-                                       face.stride(0), context.stride(0), HAS_GW=has_gw, BLOCK=BLOCK)
-    return gface, gctx, gfs, gcs
-
-
-# ---- the torch.library ops (torch.compile) ------------------------------------------------------
-@triton_op("caer_fast::adaptive_fusion_triton", mutates_args=())
-def adaptive_fusion_op(face: Tensor, context: Tensor, face_score: Tensor,
-                       context_score: Tensor) -> Tuple[Tensor, Tensor]:
-    """(fused N×(Cf+Cc) in the promoted dtype, weights float32 N×2); both take gradients."""
-    return adaptive_fusion_forward(face, context, face_score, context_score)
-
-
-@triton_op("caer_fast::adaptive_fusion_triton_backward", mutates_args=())
-def adaptive_fusion_backward_op(grad: Tensor, grad_weights: Optional[Tensor], face: Tensor, context: Tensor,
-                                w32: Tensor, score_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return adaptive_fusion_backward(grad, grad_weights, face, context, w32, score_dtype)
-
-
-def _op_setup(ctx, inputs, output):
-    face, context, face_score, _ = inputs
-    _, w32 = output
-    ctx.save_for_backward(face, context, w32)
-    ctx.score_dtype = face_score.dtype
-
-
-def _op_backward(ctx, grad, grad_w32):
-    face, context, w32 = ctx.saved_tensors
-    if grad is None:
-        grad = w32.new_zeros((face.shape[0], face.shape[1] + context.shape[1]))
-    grads = adaptive_fusion_backward_op(grad, grad_w32, face, context, w32, ctx.score_dtype)
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
-
-
-adaptive_fusion_op.register_autograd(_op_backward, setup_context=_op_setup)
-
-
-# ---- eager ---------------------------------------------------------------------------------------
-class AdaptiveFusionFunction(torch.autograd.Function):
-    """Eager twin of ``adaptive_fusion_op`` (same kernels and formulas, no custom-op dispatch)."""
-
-    @staticmethod
-    def forward(ctx, face, context, face_score, context_score, return_weights):
-        with eager():
-            out, w32 = adaptive_fusion_forward(face, context, face_score, context_score)
-        ctx.save_for_backward(face, context, w32)
-        ctx.score_dtype = face_score.dtype
-        ctx.return_weights = return_weights
-        if return_weights:
-            return out, w32.to(face_score.dtype, copy=True)  # w32 itself is saved for backward
-        return out
-
-    @staticmethod
-    def backward(ctx, grad, grad_weights=None):
-        face, context, w32 = ctx.saved_tensors
-        with eager():
-            gface, gctx, gfs, gcs = adaptive_fusion_backward(grad, grad_weights, face, context, w32,
-                                                             ctx.score_dtype)
-        need = ctx.needs_input_grad
-        return (gface if need[0] else None, gctx if need[1] else None,
-                gfs if need[2] else None, gcs if need[3] else None, None)
-
-
-def adaptive_fusion(face, context, face_score, context_score, return_weights: bool = False):
-    """Same contract as :func:`caer_fast.ops.adaptive_fusion`."""
-    if any(t.dtype not in KERNEL_DTYPES for t in (face, context, face_score, context_score)):
-        from caer_fast.ops.adaptive_fusion import adaptive_fusion_reference  # float64: exact reference
-        return adaptive_fusion_reference(face, context, face_score, context_score, return_weights)
-    if torch.compiler.is_compiling():
-        out, w32 = adaptive_fusion_op(face, context, face_score, context_score)
-        return (out, w32.to(face_score.dtype)) if return_weights else out
-    return AdaptiveFusionFunction.apply(face, context, face_score, context_score, return_weights)
+        wrap_triton(_bwd_kernel)[(n,)](
+            grad_out, grad_weights.contiguous() if has_gw else weights, face, context, weights, grad_face,
+            grad_context, grad_face_score, grad_context_score, cf, cc, face.stride(0), context.stride(0),
+            HAS_GW=has_gw, BLOCK=BLOCK)
+    return grad_face, grad_context, grad_face_score, grad_context_score

@@ -3,26 +3,21 @@
 One program per (sample, block of output pixels) gathers each output pixel's K_y × K_x input
 window straight from the uint8 frame (all three channels), applies the separable bilinear /
 antialiased weights, zeroes the face box on the fly for the context, normalises and stores N×3×h×w.
-The 1-D window starts and weights come from ``caer_fast.ops._resize_tables`` (built on the host,
-O(N·(h+w)·K) numbers), so one kernel serves both outputs, any crop and both antialias modes.
+The 1-D window starts and weights come from ``_resize_tables`` (built on the host, O(N·(h+w)·K)
+numbers), so one kernel serves both outputs, any crop and both antialias modes.
 
-Under ``torch.compile`` :func:`face_context` calls the ``torch.library.custom_op``
-``caer_fast::face_context_triton`` (shape-only fake implementation; no autograd, the input is
-uint8), so ``fullgraph=True`` traces it as one opaque node. It is deliberately not a ``triton_op``:
-the tables' window length K depends on the box sizes (the values of ``boxes``), so the op body
-cannot run on fake tensors and inductor could not inline the kernel anyway. Eager calls skip the
-custom-op dispatch and launch directly.
+:func:`face_context` has the signature of the op ``caer_fast::face_context`` (csrc/ops.cpp), whose CUDA
+kernel it replaces when the backend is "triton". It is not traced into compiled graphs (no
+``INLINE``): the tables' window length K depends on the values of ``boxes``, so it cannot run on
+fake tensors; the op stays one opaque node.
 """
 from __future__ import annotations
-
-from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from caer_fast.ops import _resize_tables
-from caer_fast.ops.face_context import empty_outputs
+from . import _resize_tables
 
 BLOCK = 128
 
@@ -92,40 +87,16 @@ def _launch(frames, out, y0, yw, x0, xw, t, mean, std, mask_box, zero_invalid, p
         KXP=triton.next_power_of_2(xw.shape[-1]), BLOCK=BLOCK)
 
 
-def _face_context(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype):
-    frames = frames.contiguous()
-    t = _resize_tables.build(frames, boxes, face_size, context_size, crop, antialias)
+def face_context(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype):
+    """(face N×3×fh×fw, context N×3×crop_h×crop_w) in ``dtype``; crop = (top, left, height, width)."""
     n = frames.shape[0]
-    face = torch.empty(n, 3, *t["face_size"], dtype=dtype, device=frames.device)
-    context = torch.empty(n, 3, *t["context_out"], dtype=dtype, device=frames.device)
+    face = torch.empty(n, 3, *face_size, dtype=dtype, device=frames.device)
+    context = torch.empty(n, 3, crop[2], crop[3], dtype=dtype, device=frames.device)
+    if n == 0:
+        return face, context
+    frames = frames.contiguous()
+    t = _resize_tables.build(frames, boxes, tuple(face_size), tuple(context_size), tuple(crop), antialias)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     _launch(frames, face, t["fy0"], t["fyw"], t["fx0"], t["fxw"], t, mean, std, False, True, True)
     _launch(frames, context, t["cy0"], t["cyw"], t["cx0"], t["cxw"], t, mean, std, True, False, False)
     return face, context
-
-
-@torch.library.custom_op("caer_fast::face_context_triton", mutates_args=())
-def face_context_op(frames: torch.Tensor, boxes: torch.Tensor, face_h: int, face_w: int, ctx_h: int, ctx_w: int,
-                    crop_top: int, crop_left: int, crop_h: int, crop_w: int, mean: List[float], std: List[float],
-                    antialias: bool, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(face N×3×face_h×face_w, context N×3×h×w) in ``dtype``; crop_h = -1 means no crop."""
-    crop = None if crop_h < 0 else (crop_top, crop_left, crop_h, crop_w)
-    return _face_context(frames, boxes, (face_h, face_w), (ctx_h, ctx_w), crop, mean, std, antialias, dtype)
-
-
-@face_context_op.register_fake
-def _(frames, boxes, face_h, face_w, ctx_h, ctx_w, crop_top, crop_left, crop_h, crop_w, mean, std, antialias,
-      dtype):
-    return empty_outputs(frames, face_h, face_w, ctx_h, ctx_w, crop_h, crop_w, dtype)
-
-
-def face_context(frames, boxes, face_size=(96, 96), context_size=(128, 171), crop=None,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), antialias=True,
-                 dtype=torch.float32):
-    """Same contract as :func:`caer_fast.ops.face_context` (no autograd: the input is uint8)."""
-    if torch.compiler.is_compiling():
-        top, left, ch, cw = (0, 0, -1, -1) if crop is None else (int(v) for v in crop)
-        return face_context_op(frames, boxes, int(face_size[0]), int(face_size[1]), int(context_size[0]),
-                               int(context_size[1]), top, left, ch, cw, [float(m) for m in mean],
-                               [float(s) for s in std], bool(antialias), dtype)
-    return _face_context(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype)

@@ -5,11 +5,62 @@ The reference runs in float64 on the very same (rounded) inputs, so the differen
 kernel's arithmetic only. float32 must agree to ~1e-5; float16/bfloat16 may be at most twice as far
 from it as plain PyTorch in that same precision (flash-attention's rule), plus one rounding step.
 """
+import contextlib
+import ctypes
+import glob
+import os
+
 import torch
 
 from caer_fast.ops.adaptive_fusion import adaptive_fusion_reference
 from caer_fast.ops.attention_pool import attention_pool_reference
 from caer_fast.ops.face_context import face_context_reference
+
+@contextlib.contextmanager
+def junk_filled_allocations():
+    """New CPU tensors come back filled with NaN (c10 flag caffe2_cpu_allocator_do_junk_fill): an
+    output element a kernel forgets to write stays NaN and fails the comparison."""
+    lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.*"))[0])
+    flag = ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_cpu_allocator_do_junk_fill")
+    old, flag.value = flag.value, True
+    try:
+        yield
+    finally:
+        flag.value = old
+
+
+def ops_called(fn):
+    """The names of the operators ``fn()`` dispatches below autograd (``caer_fast.<op>.default`` …)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def aot_recorder():
+    """(a torch.compile backend, {"fw": [...], "bw": [...]}): AOTAutograd recording the call targets of
+    the forward and backward graphs, then running them as they are."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    seen = {"fw": [], "bw": []}
+
+    def record(stage):
+        def compiler(gm, _):
+            seen[stage] += [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=record("fw"), bw_compiler=record("bw")), seen
+
 
 _ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 

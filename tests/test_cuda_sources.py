@@ -79,24 +79,36 @@ def test_bindings_compile(tmp_path):
 
 
 def test_cuda_backend_reports_why_unavailable():
-    from caer_fast.ops import _cuda
+    import caer_fast.ops as ops
 
-    ok, why = _cuda.is_available()
-    if torch.cuda.is_available() and ok:
+    why = ops.why_unavailable("cuda", "cuda")
+    if torch.cuda.is_available() and why is None:
         pytest.skip("the CUDA extension is available here")
-    assert not ok and why
+    assert why
 
 
 # ---- gpu tier: the built extension vs the reference ------------------------------------------
+class _CudaOps:
+    """The public ops, run on the cuda backend (the extension's CUDA kernels)."""
+
+    def __getattr__(self, name):
+        import caer_fast.ops as ops
+
+        def run(*args, **kwargs):
+            with ops.use_backend("cuda"):
+                return getattr(ops, name)(*args, **kwargs)
+        return run
+
+
 def _cuda_backend():
     if not torch.cuda.is_available():
         pytest.skip("torch.cuda.is_available() is False")
-    from caer_fast.ops import _cuda
+    import caer_fast.ops as ops
 
-    ok, why = _cuda.is_available()
-    if not ok:
+    why = ops.why_unavailable("cuda", "cuda")
+    if why:
         pytest.skip(f"CUDA extension unavailable: {why}")
-    return _cuda
+    return _CudaOps()
 
 
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -13,14 +13,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..constants import CLIP_FRAMES, NUM_CLASSES
-from ..ops import _dispatch, adaptive_fusion, attention_pool
+from ..ops import AdaptiveFusion, AttentionPool, preload
 
 ENCODER_WIDTHS = (3, 32, 64, 128, 256, 256)
 ATTENTION_WIDTHS = (256, 128, 1)
 
 
 class Encoder(nn.Module):
-    """[conv k3 p1 → BN → ReLU] per layer, max-pool after every layer but the last (if pooling)."""
+    """[conv k3 p1 → BN → ReLU] per layer, max-pool after every layer but the last (if pooling).
+
+    Eager 2-D inference (eval mode, autograd off, not compiling) runs each conv→BN pair as one
+    convolution with the batch norm folded in (:func:`caer_fast.models.optimize.fold_conv_bn`) on
+    channels_last tensors: the convolutions are most of the time (bench/RESULTS.md). The folded
+    weights are cached and recomputed when any of their source tensors changes (an optimizer step,
+    ``load_state_dict``). With autograd on, the plain path runs: gradients through the folded
+    channels_last convolutions were occasionally 4e-3 (relative, in norm) from float64 on this CPU
+    where the plain path is 4e-7.
+    """
 
     def __init__(self, widths: Sequence[int], dims: int = 2, pool: bool = True,
                  pool_sizes: Sequence = ()):
@@ -28,17 +37,54 @@ class Encoder(nn.Module):
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
         n = len(widths) - 1
-        self.convs = nn.ModuleList(conv(widths[i], widths[i + 1], 3, padding=1) for i in range(n))
-        self.bn = nn.ModuleList(norm(widths[i + 1]) for i in range(n))
-        self.dims = dims
+        self._setup(nn.ModuleList(conv(widths[i], widths[i + 1], 3, padding=1) for i in range(n)),
+                    nn.ModuleList(norm(widths[i + 1]) for i in range(n)), dims, pool, pool_sizes)
+
+    def _setup(self, convs: nn.ModuleList, bns: nn.ModuleList, dims: int, pool: bool, pool_sizes: Sequence):
+        self.convs, self.bn, self.dims = convs, bns, dims
         # one max-pool size per pooled layer (all but the last); default 2 in every dimension
-        if not pool:
-            self.pool_sizes = ()
-        else:
-            self.pool_sizes = tuple(pool_sizes) or (2,) * (n - 1)
+        self.pool_sizes = (tuple(pool_sizes) or (2,) * (len(convs) - 1)) if pool else ()
+        self._folded = None  # (source tensor versions, [(weight, bias)]) of the inference fast path
+
+    @classmethod
+    def wrap(cls, convs: nn.ModuleList, bns: nn.ModuleList, pool: bool) -> "Encoder":
+        """An Encoder running the given (shared, not copied) 2-D conv and BN modules."""
+        encoder = cls.__new__(cls)
+        nn.Module.__init__(encoder)
+        encoder._setup(convs, bns, 2, pool, ())
+        return encoder
+
+    def __getstate__(self):  # copies and pickles start without the cache
+        return {**self.__dict__, "_folded": None}
+
+    def _foldable(self) -> bool:
+        return (self.dims == 2 and not self.training and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()
+                and all(type(c) is nn.Conv2d for c in self.convs)
+                and all(isinstance(b, nn.BatchNorm2d) and b.running_var is not None and b.affine for b in self.bn))
+
+    def _folded_weights(self):
+        from .optimize import fold_conv_bn
+
+        sources = [t for c, b in zip(self.convs, self.bn)
+                   for t in (c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var) if t is not None]
+        key = tuple((id(t), t._version) for t in sources)
+        if self._folded is None or self._folded[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # usable outside inference_mode too
+                layers = [fold_conv_bn(c, b) for c, b in zip(self.convs, self.bn)]
+            self._folded = (key, [(w.contiguous(memory_format=torch.channels_last), b) for w, b in layers])
+        return self._folded[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pool = F.max_pool2d if self.dims == 2 else F.max_pool3d
+        if self._foldable():
+            x = x.contiguous(memory_format=torch.channels_last)
+            for i, (conv, (weight, bias)) in enumerate(zip(self.convs, self._folded_weights())):
+                x = F.relu(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups),
+                           inplace=True)
+                if i < len(self.pool_sizes):
+                    x = pool(x, self.pool_sizes[i])
+            return x
         for i, (conv, bn) in enumerate(zip(self.convs, self.bn)):
             x = F.relu(bn(conv(x)))
             if i < len(self.pool_sizes):
@@ -52,6 +98,19 @@ class TwoStreamNetwork(nn.Module):
         self.face_encoding_module = Encoder(ENCODER_WIDTHS, dims, pool_sizes=pool_sizes)
         self.context_encoding_module = Encoder(ENCODER_WIDTHS, dims, pool_sizes=pool_sizes)
         self.attention_inference_module = Encoder(ATTENTION_WIDTHS, dims, pool=False)
+        self.attention_pool = AttentionPool()
+
+    @classmethod
+    def wrap(cls, face_encoding_module: nn.Module, context_encoding_module: nn.Module,
+             attention_inference_module: nn.Module) -> "TwoStreamNetwork":
+        """A TwoStreamNetwork running the given (shared, not copied) encoders."""
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        net.face_encoding_module = face_encoding_module
+        net.context_encoding_module = context_encoding_module
+        net.attention_inference_module = attention_inference_module
+        net.attention_pool = AttentionPool()
+        return net
 
     def forward(self, face: torch.Tensor, context: torch.Tensor):
         """Returns pooled face N×256, attended context N×256 and the attention map N×1×(S…)."""
@@ -59,8 +118,11 @@ class TwoStreamNetwork(nn.Module):
         face = face.flatten(2).mean(dim=-1)
         context = self.context_encoding_module(context)
         logits = self.attention_inference_module(context)
-        context, attention = attention_pool(context, logits, return_attention=True)
+        context, attention = self.attention_pool(context, logits)
         return face, context, attention
+
+
+_FUSION_MODULES = ("face_bn", "context_bn", "face_1", "face_2", "context_1", "context_2", "fc1", "fc2", "dropout")
 
 
 class FusionNetwork(nn.Module):
@@ -77,6 +139,19 @@ class FusionNetwork(nn.Module):
         self.fc1 = nn.Linear(512, 128)
         self.fc2 = nn.Linear(128, num_class)
         self.dropout = nn.Dropout()
+        self.adaptive_fusion = AdaptiveFusion()
+
+    @classmethod
+    def wrap(cls, other: nn.Module) -> "FusionNetwork":
+        """A FusionNetwork running ``other``'s (shared, not copied) modules and stream settings."""
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        for name in _FUSION_MODULES:
+            setattr(net, name, getattr(other, name))
+        net.use_face, net.use_context = getattr(other, "use_face", True), getattr(other, "use_context", True)
+        net.concat = getattr(other, "concat", False)
+        net.adaptive_fusion = AdaptiveFusion()
+        return net
 
     def forward(self, face: torch.Tensor, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns logits and the N×2 fusion weights (λ_face, λ_context)."""
@@ -87,7 +162,7 @@ class FusionNetwork(nn.Module):
         else:
             face_score = self.face_2(F.relu(self.face_1(face)))
             context_score = self.context_2(F.relu(self.context_1(context)))
-            features, weights = adaptive_fusion(face, context, face_score, context_score, return_weights=True)
+            features, weights = self.adaptive_fusion(face, context, face_score, context_score)
         if not (self.use_face and self.use_context):  # ablations: drop a stream after weighting
             f, c = features.split([face.shape[1], context.shape[1]], dim=-1)
             features = torch.cat([f if self.use_face else torch.zeros_like(f),
@@ -99,7 +174,7 @@ class FusionNetwork(nn.Module):
 class _CAERBase(nn.Module):
     def __init__(self):
         super().__init__()
-        _dispatch.preload()  # this machine's backend (CUDA if present): not lazily inside a compiled forward
+        preload()  # this machine's backend (CUDA if present): not lazily inside a compiled forward
 
     def forward(self, face: torch.Tensor, context: torch.Tensor, return_details: bool = False):
         face_vec, context_vec, attention = self.two_stream_net(face, context)
@@ -122,8 +197,11 @@ class CAERSNet(_CAERBase):
         (torch.Size([2, 7]), torch.Size([2, 1, 7, 7]), torch.Size([2, 2]))
     """
 
-    def __init__(self, use_face: bool = True, use_context: bool = True, concat: bool = False,
+    def __init__(self, use_face: bool = True, use_context: bool = True, concat: bool = False, *,
                  num_classes: int = NUM_CLASSES):
+        if not all(isinstance(v, (bool, int)) and v in (0, 1) for v in (use_face, use_context, concat)):
+            raise TypeError("CAERSNet(use_face, use_context, concat, *, num_classes) takes three booleans first, got "
+                            f"{use_face!r}, {use_context!r}, {concat!r} (CAERNet takes num_classes, frames)")
         super().__init__()
         self.two_stream_net = TwoStreamNetwork(dims=2)
         self.fusion_net = FusionNetwork(use_face, use_context, concat, num_classes)
@@ -142,8 +220,11 @@ class CAERNet(_CAERBase):
         torch.Size([1, 7])
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, frames: int = CLIP_FRAMES, use_face: bool = True,
+    def __init__(self, num_classes: int = NUM_CLASSES, frames: int = CLIP_FRAMES, *, use_face: bool = True,
                  use_context: bool = True, concat: bool = False):
+        if isinstance(num_classes, bool) or isinstance(frames, bool):  # CAERSNet's (use_face, use_context, …)
+            raise TypeError("CAERNet(num_classes, frames, *, use_face, use_context, concat): got a bool for "
+                            "num_classes or frames (CAERSNet takes use_face, use_context, concat first)")
         super().__init__()
         self.frames = frames
         self.two_stream_net = TwoStreamNetwork(dims=3, pool_sizes=((1, 2, 2), 2, 2, 2))

@@ -27,9 +27,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ..ops import _dispatch
+from ..ops import preload
 
 MODES = ("train", "inference")
 _CACHE_ATTR = "_caer_fast_optimized"
@@ -46,10 +46,17 @@ class _Cache(dict):
         return (_Cache, ())
 
 
+def fold_conv_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm):
+    """(weight, bias) of the one convolution computing ``bn(conv(x))`` with the BN's running
+    statistics: w' = w·γ/σ, b' = (b−μ)·γ/σ + β (torch's ``fuse_conv_bn_weights``). The one fold of
+    caer_fast: :func:`fold_batch_norm` and the Encoder's eager inference path use it."""
+    return fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+
+
 def fold_batch_norm(model: nn.Module) -> nn.Module:
     """Fold every eval-mode BN that follows a conv in an :class:`Encoder` into that conv, in place.
 
-    The folded conv computes conv→BN in one op (w' = w·γ/σ, b' = (b−μ)·γ/σ + β); the BN becomes
+    The folded conv computes conv→BN in one op (:func:`fold_conv_bn`); the BN becomes
     ``nn.Identity``. Call it on a copy: it replaces the model's modules.
     """
     from .caer_net import Encoder
@@ -58,7 +65,11 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
         if isinstance(enc, Encoder):
             for i, (conv, bn) in enumerate(zip(enc.convs, enc.bn)):
                 if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                    enc.convs[i] = fuse_conv_bn_eval(conv.eval(), bn.eval())
+                    fused = copy.deepcopy(conv.eval())
+                    weight, bias = fold_conv_bn(conv, bn.eval())
+                    fused.weight = nn.Parameter(weight.detach(), conv.weight.requires_grad)
+                    fused.bias = nn.Parameter(bias.detach(), conv.weight.requires_grad)
+                    enc.convs[i] = fused
                     enc.bn[i] = nn.Identity()
     return model
 
@@ -196,7 +207,7 @@ def optimize(model: nn.Module, mode: str = "inference", *, compile: Optional[boo
         cache = _Cache()
         model.__dict__[_CACHE_ATTR] = cache  # a plain attribute: not a submodule, not in state_dict
     device = _device(model)
-    _dispatch.preload(device)
+    preload(device)
     fmt = _memory_format(model) if channels_last else None
 
     if key in cache:

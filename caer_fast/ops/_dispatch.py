@@ -1,135 +1,261 @@
 """The one place that chooses a backend for the fused ops.
 
-Backends: ``torch`` (readable reference, always there), ``cpp`` (``caer_fast._C`` CPU kernels),
-``triton`` (``caer_fast.kernels``; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and
-``cuda`` (``caer_fast._C`` CUDA kernels, only where built). ``CAER_FAST_BACKEND`` forces one.
-Backend modules are imported lazily, the first time an op needs them, never at package import.
+Every op has one name, ``torch.ops.caer_fast.<op>``, defined in C++ (csrc/ops.cpp) with its CPU
+and CUDA kernels registered under torch's dispatch keys; importing ``caer_fast._C`` registers them.
+A backend is a choice of what runs:
+
+- ``torch``: the readable PyTorch references in ``caer_fast/ops/<op>.py`` (always there);
+- ``cpp``: the op with ``caer_fast._C``'s CPU kernels (csrc/cpu);
+- ``cuda``: the op with ``caer_fast._C``'s CUDA kernels (csrc/cuda; only where built with a CUDA torch);
+- ``triton``: the op with the Triton kernels of ``caer_fast.kernels`` registered under the CUDA key in
+  place of the C++ ones (and under the CPU key when ``TRITON_INTERPRET=1`` runs them on CPU tensors).
+
+:func:`set_backend` / :func:`use_backend` (or ``CAER_FAST_BACKEND``) force one; otherwise CPU tensors
+get ``cpp`` and CUDA tensors ``cuda``, then ``triton``, falling back to ``torch``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import os
-from typing import Callable, Dict, Optional
+import sys
+import warnings
+from pathlib import Path
+from typing import Iterator, List, Optional
 
 import torch
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 ENV_VAR = "CAER_FAST_BACKEND"
+OPS = ("attention_pool", "adaptive_fusion", "face_context")  # each has kernels/<op>.py for triton
 
-# op name -> backend name -> implementation with the op's full positional signature
-_IMPLS: Dict[str, Dict[str, Callable]] = {}
-# backend name -> module that registers that backend's implementations when imported
-_BACKEND_MODULES = {
-    "cpp": "caer_fast.ops._cpp",
-    "triton": "caer_fast.ops._triton",
-    "cuda": "caer_fast.ops._cuda",
-}
-_load_errors: Dict[str, str] = {}
+try:  # registers the ops and their C++ kernels
+    from .. import _C  # noqa: F401
+
+    _EXT_ERROR = None
+except ImportError as exc:  # not built (CAER_FAST_BUILD_EXT=0), or a broken build
+    _EXT_ERROR = f"caer_fast._C is not built ({type(exc).__name__}: {exc}); reinstall with " \
+                 "`pip install --no-build-isolation -e .`"
+
+HAS_OPS = _EXT_ERROR is None
+#: the C++ CUDA kernels are in this build (a CUDA torch and nvcc at install time)
+HAS_CUDA_KERNELS = HAS_OPS and torch._C._dispatch_has_kernel_for_dispatch_key("caer_fast::attention_pool", "CUDA")
+
+_forced: Optional[str] = None  # set_backend / use_backend; wins over the environment variable
+_triton_lib = None  # the torch.library.Library holding the Triton kernels while they are registered
+_triton_keys: frozenset = frozenset()
 
 
 class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run here."""
 
 
-def register(op: str, backend_name: str, fn: Callable) -> None:
-    _IMPLS.setdefault(op, {})[backend_name] = fn
-
-
-def _load(backend_name: str) -> bool:
-    """Import the backend's module once; remember why it failed."""
-    if backend_name == "torch":
-        return True
-    if backend_name in _load_errors:
-        return False
-    if any(backend_name in impls for impls in _IMPLS.values()):
-        return True
-    try:
-        module = importlib.import_module(_BACKEND_MODULES[backend_name])
-        ok, why = module.is_available()
-    except Exception as exc:  # an ImportError, or a broken build
-        ok, why = False, f"{type(exc).__name__}: {exc}"
-    if not ok:
-        _load_errors[backend_name] = why
-    return ok
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _device_type(device) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(device, torch.Tensor):
-        device = device.device
+        return device.device.type
     return torch.device(device).type
 
 
-def _preferred(device_type: str):
-    if device_type == "cuda":
-        return ("cuda", "triton", "torch")
-    return ("cpp", "torch")
+def why_unavailable(name: str, device=None) -> Optional[str]:
+    """Why backend ``name`` cannot run ops on ``device`` (default: CUDA if present, else CPU); None if it can."""
+    dev = _device_type(device)
+    if name not in BACKENDS:
+        return f"{name!r} is not one of {', '.join(BACKENDS)}"
+    if name == "torch":
+        return None
+    if _EXT_ERROR is not None:
+        return _EXT_ERROR
+    if name == "cpp":
+        return None if dev == "cpu" else f"it runs on CPU tensors, not {dev}"
+    if name == "cuda":
+        if not HAS_CUDA_KERNELS:
+            return "caer_fast._C was built without CUDA (needs a CUDA build of torch and nvcc at install time)"
+        return None if dev == "cuda" and torch.cuda.is_available() else "no CUDA device"
+    if importlib.util.find_spec("triton") is None:  # triton
+        return "triton is not installed (pip install triton==3.7.1)"
+    if dev == "cuda" and torch.cuda.is_available() or dev == "cpu" and _interpreted():
+        return None
+    return "no CUDA device (on CPU it needs TRITON_INTERPRET=1, set before triton is imported)"
 
 
-def available_backends(device=None) -> list:
+def available_backends(device=None) -> List[str]:
     """Backends that can run ops on ``device`` (default: CUDA if present, else CPU)."""
-    dtype = _device_type(device)
-    out = []
-    for name in BACKENDS:
-        if name == "triton" and dtype == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            continue
-        if name == "cuda" and dtype != "cuda":
-            continue
-        if name == "cpp" and dtype != "cpu":
-            continue
-        if _load(name):
-            out.append(name)
-    return out
+    return [name for name in BACKENDS if why_unavailable(name, device) is None]
 
 
-def why_unavailable(backend_name: str) -> Optional[str]:
-    _load(backend_name)
-    return _load_errors.get(backend_name)
+def _requested() -> Optional[str]:
+    if _forced is not None:
+        return _forced
+    return os.environ.get(ENV_VAR, "").strip().lower() or None
 
 
 def backend(device=None) -> str:
-    """Name of the backend the ops use for tensors on ``device``.
+    """Name of the backend the ops use for tensors on ``device`` (default: CUDA if present, else CPU).
 
-    ``CAER_FAST_BACKEND=torch|cpp|triton|cuda`` forces one; a forced backend that cannot run on
-    this device is a :class:`BackendUnavailableError` saying why.
+    A forced backend (:func:`set_backend`, :func:`use_backend`, ``CAER_FAST_BACKEND``) that cannot run
+    on this device is a :class:`BackendUnavailableError` saying why.
     """
-    dtype = _device_type(device)
-    forced = os.environ.get(ENV_VAR, "").strip().lower()
-    if forced:
-        if forced not in BACKENDS:
-            raise BackendUnavailableError(f"{ENV_VAR}={forced!r} is not one of {', '.join(BACKENDS)}")
-        if forced not in available_backends(dtype):
-            why = why_unavailable(forced) or f"it does not run on {dtype} tensors"
-            hint = {
-                "triton": " (on CPU it needs TRITON_INTERPRET=1, set before triton is imported)",
-                "cuda": " (it needs a CUDA build of torch, nvcc and a GPU)",
-                "cpp": " (reinstall with `pip install --no-build-isolation -e .` to build caer_fast._C)",
-            }.get(forced, "")
-            raise BackendUnavailableError(f"{ENV_VAR}={forced} is unavailable: {why}{hint}")
-        return forced
-    for name in _preferred(dtype):
-        if name in available_backends(dtype):
+    dev = _device_type(device)
+    name = _requested()
+    if name is not None:
+        why = why_unavailable(name, dev)
+        if why is not None:
+            source = "caer_fast.ops.set_backend" if _forced is not None else ENV_VAR
+            raise BackendUnavailableError(f"{source}={name} is unavailable on {dev}: {why}")
+        return name
+    for name in (("cuda", "triton") if dev == "cuda" else ("cpp",)):
+        if why_unavailable(name, dev) is None:
             return name
     return "torch"
 
 
-def preload(device=None) -> str:
-    """Import the backend ops on ``device`` will use, now, outside any ``torch.compile`` trace.
+def _kernels(module: str):
+    """``caer_fast.kernels.<module>``. A development install (``setup.py develop``) ignores setup.py's
+    ``package_dir``, so there the package is loaded from the checkout's kernels/ folder."""
+    try:
+        return importlib.import_module(f"caer_fast.kernels.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != "caer_fast.kernels":
+            raise
+    folder = Path(__file__).resolve().parents[2] / "kernels"
+    spec = importlib.util.spec_from_file_location("caer_fast.kernels", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["caer_fast.kernels"] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module(f"caer_fast.kernels.{module}")
 
-    The first import of a backend runs its module code (library loading, a self-check); inside a
-    dynamo trace that code is untraceable and ``fullgraph=True`` fails. Models and ``optimize`` call
-    this up front. Returns the backend name, or None where a forced backend is unavailable (the
+
+def _route(name: str, device_type: str) -> None:
+    """Register the Triton kernels under ``device_type``'s dispatch key while ``name`` is "triton",
+    and take them out (the C++ kernels come back) when it is not."""
+    global _triton_lib, _triton_keys
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    keys = _triton_keys | {key} if name == "triton" else _triton_keys - {key}
+    if keys == _triton_keys:
+        return
+    if torch.compiler.is_compiling():
+        raise BackendUnavailableError("caer_fast: the backend changed inside torch.compile; call "
+                                      "caer_fast.ops.preload() (or use_backend) before compiling")
+    if _triton_lib is not None:
+        _triton_lib._destroy()
+        _triton_lib = None
+    if keys:
+        _compile = _kernels("_compile")
+        lib = torch.library.Library("caer_fast", "IMPL")
+        with warnings.catch_warnings():  # "overriding a previously registered kernel": the C++ one, on purpose
+            warnings.simplefilter("ignore")
+            for op in OPS:
+                _compile.register(lib, _kernels(op), sorted(keys))
+        _triton_lib = lib
+    _triton_keys = frozenset(keys)
+
+
+def kernel_backend(device_type: str) -> Optional[str]:
+    """The backend whose kernels run an op on ``device_type`` tensors, or None for the torch reference.
+    The front doors (``caer_fast/ops/<op>.py``) call it once per call."""
+    name = backend(device_type)
+    if name == "torch":
+        return None
+    _route(name, device_type)
+    return name
+
+
+def preload(device=None) -> Optional[str]:
+    """Load the backend ops on ``device`` will use, now, outside any ``torch.compile`` trace.
+
+    Registering the Triton kernels is untraceable: models, :func:`caer_fast.optimize`, bench and tests
+    call this up front. Returns the backend name, or None where a forced backend is unavailable (the
     op call itself raises that error, with its reason).
     """
     try:
-        return backend(device)
+        name = backend(device)
     except BackendUnavailableError:
         return None
+    _route(name, _device_type(device))
+    return name
 
 
-def implementation(op: str, tensor: torch.Tensor) -> Callable:
-    """The implementation of ``op`` for ``tensor``'s device under the current backend choice."""
-    name = backend(tensor)
-    impls = _IMPLS.get(op, {})
-    return impls.get(name, impls["torch"])
+def set_backend(name: Optional[str]) -> None:
+    """Force backend ``name`` (one of :data:`BACKENDS`) for every op from now on; None: choose per device.
+
+    An unavailable backend is reported by the op call (with its reason), as for ``CAER_FAST_BACKEND``.
+    """
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
+    _forced = name
+    preload("cpu")
+    if torch.cuda.is_available():
+        preload("cuda")
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Context manager: :func:`set_backend` ``(name)`` inside, the previous choice after.
+
+    Example:
+        >>> with caer_fast.ops.use_backend("torch"):      # doctest: +SKIP
+        ...     reference = model(face, context)
+    """
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+# ---- calling an op ------------------------------------------------------------------------------
+class _Eager(torch.autograd.Function):
+    """Eager calls of every op with an autograd formula: the formula the op registered (its
+    ``setup_context`` and ``backward``), without the Python dispatch of the registered autograd
+    kernel, which costs about as much as a small kernel (bench/RESULTS.md, "op layer")."""
+
+    @staticmethod
+    def forward(ctx, op, setup_context, backward, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op(*args)
+        setup_context(ctx, args, output)
+        ctx.formula = backward
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, None, *ctx.formula(ctx, *grads))
+
+
+def register_autograd(op: str, saved):
+    """Register the autograd formula of ``caer_fast::<op>``: save ``saved(inputs, output)`` (the state
+    every backend's ``<op>_backward`` takes), and in backward call
+    ``caer_fast::<op>_backward(*output_grads, *saved)``. Returns ``(setup_context, backward)`` for :func:`call`."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*saved(inputs, output))
+
+    def backward(ctx, *grads):
+        return getattr(torch.ops.caer_fast, f"{op}_backward").default(*grads, *ctx.saved_tensors)
+
+    if HAS_OPS:
+        torch.library.register_autograd(f"caer_fast::{op}", backward, setup_context=setup_context)
+    return setup_context, backward
+
+
+def call(op, *args, setup_context=None, backward=None):
+    """``op(*args)``, where ``setup_context`` / ``backward`` are the formula registered for ``op`` (if any).
+
+    Under ``torch.compile`` the op itself is traced (its fake implementation and registered formula);
+    eager calls skip the registered autograd kernel's Python dispatch (:class:`_Eager`)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if backward is not None and torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return _Eager.apply(op, setup_context, backward, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)

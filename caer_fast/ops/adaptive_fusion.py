@@ -1,7 +1,13 @@
-"""`adaptive_fusion`: two-way softmax over the stream scores, then the weighted concatenation."""
+"""`adaptive_fusion`: two-way softmax over the stream scores, then the weighted concatenation.
+
+The op ``caer_fast::adaptive_fusion(face, context, face_score, context_score) -> (out, weights)`` and
+its backward are defined in csrc/ops.cpp; this file checks the inputs, promotes them to one dtype,
+registers the fake implementation and the autograd formula, and holds the torch reference.
+"""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from . import _dispatch
 
@@ -14,11 +20,15 @@ def _check_inputs(face, context, face_score, context_score) -> None:
     for name, s in (("face_score", face_score), ("context_score", context_score)):
         if tuple(s.shape) != (n, 1):
             raise ValueError(f"adaptive_fusion: {name} must be {n}×1, got {tuple(s.shape)}")
+    tensors = (face, context, face_score, context_score)
+    if not all(t.is_floating_point() for t in tensors):
+        raise ValueError(f"adaptive_fusion: inputs must be floating point, got {[str(t.dtype) for t in tensors]}")
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"adaptive_fusion: inputs on several devices: {[str(t.device) for t in tensors]}")
 
 
 def adaptive_fusion_reference(face, context, face_score, context_score, return_weights: bool = False):
     """Plain PyTorch reference, as the community model writes it."""
-    _check_inputs(face, context, face_score, context_score)
     weights = torch.softmax(torch.cat([face_score, context_score], dim=-1), dim=-1)
     fused = torch.cat([face * weights[:, 0:1], context * weights[:, 1:2]], dim=-1)
     if return_weights:
@@ -36,7 +46,8 @@ def adaptive_fusion(face: torch.Tensor, context: torch.Tensor, face_score: torch
         return_weights: also return the N×2 weights (λ_face, λ_context), rows summing to 1.
 
     Returns:
-        N×(Cf+Cc) ``concat(λ_face·face, λ_context·context)`` (and the weights if asked).
+        N×(Cf+Cc) ``concat(λ_face·face, λ_context·context)`` in the inputs' promoted dtype (and the
+        weights, in the scores' promoted dtype, if asked).
 
     Example:
         >>> out = adaptive_fusion(torch.randn(4, 256), torch.randn(4, 256), torch.randn(4, 1), torch.randn(4, 1))
@@ -44,8 +55,44 @@ def adaptive_fusion(face: torch.Tensor, context: torch.Tensor, face_score: torch
         torch.Size([4, 512])
     """
     _check_inputs(face, context, face_score, context_score)
-    impl = _dispatch.implementation("adaptive_fusion", face)
-    return impl(face, context, face_score, context_score, return_weights)
+    args = (face, context, face_score, context_score)
+    dtype = face.dtype
+    for t in args[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    name = _dispatch.kernel_backend(face.device.type)
+    if name is None or dtype == torch.float64 and name != "cpp":  # float64: exact enough, rare
+        return adaptive_fusion_reference(*args, return_weights)
+    args = tuple(t if t.dtype == dtype else t.to(dtype) for t in args)  # differentiable casts
+    out, weights = _dispatch.call(torch.ops.caer_fast.adaptive_fusion.default, *args, setup_context=_setup_context,
+                                     backward=_backward)
+    if return_weights:
+        return out, weights.to(torch.promote_types(face_score.dtype, context_score.dtype))
+    return out
 
 
-_dispatch.register("adaptive_fusion", "torch", adaptive_fusion_reference)
+class AdaptiveFusion(nn.Module):
+    """:func:`adaptive_fusion` as a module: ``forward(face, context, face_score, context_score)`` →
+    (N×(Cf+Cc) fused features, N×2 weights)."""
+
+    def forward(self, face, context, face_score, context_score):
+        return adaptive_fusion(face, context, face_score, context_score, return_weights=True)
+
+
+# ---- the op's fake implementation and autograd formula ----------------------------------------
+# d face = w_f g_f;  d w_f = g_f·face + gw_f (likewise context);  softmax over two:
+# d face_score = −d context_score = w_f w_c (d w_f − d w_c). Every backend saves (face, context, weights).
+_setup_context, _backward = _dispatch.register_autograd(
+    "adaptive_fusion", saved=lambda inputs, output: (inputs[0], inputs[1], output[1]))
+
+if _dispatch.HAS_OPS:
+    @torch.library.register_fake("caer_fast::adaptive_fusion")
+    def _(face, context, face_score, context_score):
+        n = face.shape[0]
+        return face.new_empty((n, face.shape[1] + context.shape[1])), face.new_empty((n, 2))
+
+    @torch.library.register_fake("caer_fast::adaptive_fusion_backward")
+    def _(grad_out, grad_weights, face, context, weights):
+        n = face.shape[0]
+        return (face.new_empty(face.shape), face.new_empty(context.shape), face.new_empty((n, 1)),
+                face.new_empty((n, 1)))
+

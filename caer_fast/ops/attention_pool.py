@@ -2,10 +2,20 @@
 
 out[n, c] = mean_s softmax(logits[n, 0, :])[s] * features[n, c, s] — exactly the community
 model's ``context * softmax(attention)`` followed by ``avg_pool2d`` over the whole map.
+
+The op ``caer_fast::attention_pool(features N×C×S, logits N×S) -> (out N×C, attention N×S)`` and its
+backward are defined in csrc/ops.cpp; this file checks the inputs, registers the fake implementation
+and the autograd formula, and holds the torch reference.
+
+Non-finite logits follow ``torch.softmax`` on every backend: a ``-inf`` logit gives its position
+weight 0; a ``+inf`` or NaN logit, or all ``-inf``, make that sample's attention and output NaN.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 
 from . import _dispatch
 
@@ -17,14 +27,22 @@ def _check_inputs(features: torch.Tensor, logits: torch.Tensor) -> None:
     if tuple(logits.shape) != expected:
         raise ValueError(f"attention_pool: logits must be {expected} for features {tuple(features.shape)}, "
                          f"got {tuple(logits.shape)}")
+    if not (features.is_floating_point() and logits.is_floating_point()):
+        raise ValueError(f"attention_pool: features and logits must be floating point, got {features.dtype} "
+                         f"and {logits.dtype}")
+    if features.device != logits.device:
+        raise ValueError(f"attention_pool: features on {features.device}, logits on {logits.device}")
+    if math.prod(features.shape[2:]) == 0:
+        raise ValueError(f"attention_pool: features need at least one position, got {tuple(features.shape)}")
 
 
 def attention_pool_reference(features: torch.Tensor, logits: torch.Tensor, return_attention: bool = False):
-    """Plain PyTorch reference (materialises the N×C×S attended tensor)."""
-    _check_inputs(features, logits)
+    """Plain PyTorch reference (materialises the N×C×S attended tensor); the softmax in float32 or wider."""
     n, c = features.shape[:2]
-    attention = torch.softmax(logits.reshape(n, 1, -1).float(), dim=-1).to(features.dtype)
-    pooled = (features.reshape(n, c, -1) * attention).mean(dim=-1)
+    s = math.prod(features.shape[2:])
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    attention = torch.softmax(logits.reshape(n, 1, s).to(compute), dim=-1).to(features.dtype)
+    pooled = (features.reshape(n, c, s) * attention).mean(dim=-1)
     if return_attention:
         return pooled, attention.reshape(logits.shape)
     return pooled
@@ -39,7 +57,7 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
         return_attention: also return the N×1×(S…) attention map (it sums to 1 per sample).
 
     Returns:
-        N×C pooled features (and the attention map if asked).
+        N×C pooled features in ``features.dtype`` (and the attention map if asked).
 
     Example:
         >>> f, a = torch.randn(2, 256, 7, 7), torch.randn(2, 1, 7, 7)
@@ -47,8 +65,37 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
         torch.Size([2, 256])
     """
     _check_inputs(features, logits)
-    impl = _dispatch.implementation("attention_pool", features)
-    return impl(features, logits, return_attention)
+    name = _dispatch.kernel_backend(features.device.type)
+    if name is None or features.dtype == torch.float64 and name != "cpp":  # float64: exact enough, rare
+        return attention_pool_reference(features, logits, return_attention)
+    n, c, s = features.shape[0], features.shape[1], math.prod(features.shape[2:])
+    flat = (features.reshape(n, c, s), logits.reshape(n, s).to(features.dtype))  # the cast is differentiable
+    out, attention = _dispatch.call(torch.ops.caer_fast.attention_pool.default, *flat, setup_context=_setup_context,
+                                     backward=_backward)
+    return (out, attention.view(logits.shape)) if return_attention else out
 
 
-_dispatch.register("attention_pool", "torch", attention_pool_reference)
+class AttentionPool(nn.Module):
+    """:func:`attention_pool` as a module: ``forward(features, logits)`` → (N×C pooled, attention map)."""
+
+    def forward(self, features: torch.Tensor, logits: torch.Tensor):
+        return attention_pool(features, logits, return_attention=True)
+
+
+# ---- the op's fake implementation and autograd formula ----------------------------------------
+# a = softmax(x), out_c = mean_s a_s f_cs:
+#   d f_cs = g_c a_s / S;   d x_s = a_s (Σ_c g_c f_cs / S − Σ_c g_c out_c + ga_s − Σ_t a_t ga_t)
+# (ga: the gradient reaching the returned attention map). Every backend saves (features, attention, out).
+_setup_context, _backward = _dispatch.register_autograd(
+    "attention_pool", saved=lambda inputs, output: (inputs[0], output[1], output[0]))
+
+if _dispatch.HAS_OPS:
+    @torch.library.register_fake("caer_fast::attention_pool")
+    def _(features, logits):
+        n, c, s = features.shape
+        return features.new_empty((n, c)), features.new_empty((n, s))
+
+    @torch.library.register_fake("caer_fast::attention_pool_backward")
+    def _(grad_out, grad_attention, features, attention, out):
+        return features.new_empty(features.shape), features.new_empty(attention.shape)
+

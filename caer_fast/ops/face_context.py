@@ -1,9 +1,13 @@
 """`face_context`: face crop and face-masked context from uint8 frames, in one op.
 
-The torch backend below is the readable reference the fused backends are tested against.
+The op ``caer_fast::face_context`` is defined in csrc/ops.cpp; this file checks the arguments (every
+error of the op is raised here, before any backend runs), registers the fake implementation and
+holds the per-frame torch reference the kernels are tested against. Kernels compute in float32 and
+round once to ``dtype`` (float16/bfloat16 kernels write it directly); other dtypes are cast after.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -13,14 +17,33 @@ from ..constants import CONTEXT_SIZE, FACE_SIZE, IMAGENET_MEAN, IMAGENET_STD
 from . import _dispatch
 
 
-def _check_inputs(frames: torch.Tensor, boxes: torch.Tensor) -> None:
+def _check_inputs(frames: torch.Tensor, boxes: torch.Tensor, face_size, context_size, crop, mean, std):
+    """Every error of the op, raised before any backend runs (so all backends agree on them)."""
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
         raise ValueError(
             f"face_context: frames must be uint8 N×H×W×3 (RGB), got {tuple(frames.shape)} {frames.dtype}")
+    if frames.shape[1] == 0 or frames.shape[2] == 0:
+        raise ValueError(f"face_context: frames must have H, W > 0, got {tuple(frames.shape)}")
     if boxes.dim() != 2 or boxes.shape != (frames.shape[0], 4):
         raise ValueError(f"face_context: boxes must be N×4 xyxy with N={frames.shape[0]}, got {tuple(boxes.shape)}")
-    if boxes.is_floating_point():
-        raise ValueError("face_context: boxes must be integer pixels (xyxy)")
+    if boxes.is_floating_point() or boxes.is_complex() or boxes.dtype == torch.bool:
+        raise ValueError(f"face_context: boxes must be integer pixels (xyxy), got {boxes.dtype}")
+    if boxes.device != frames.device:
+        raise ValueError(f"face_context: frames on {frames.device}, boxes on {boxes.device}")
+    for name, size in (("face_size", face_size), ("context_size", context_size)):
+        if len(size) != 2 or any(int(v) != v or v <= 0 for v in size):
+            raise ValueError(f"face_context: {name} must be two positive integers (h, w), got {tuple(size)}")
+    if crop is not None:
+        top, left, h, w = crop if len(crop) == 4 else (None,) * 4
+        if top is None or any(int(v) != v for v in crop) or top < 0 or left < 0 or h <= 0 or w <= 0 \
+                or top + h > context_size[0] or left + w > context_size[1]:
+            raise ValueError(f"face_context: crop (top, left, height, width) = {tuple(crop)} must lie inside the "
+                             f"{context_size[0]}×{context_size[1]} context")
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"face_context: {name} must be 3 finite numbers, got {tuple(values)}")
+    if any(v == 0 for v in std):
+        raise ValueError(f"face_context: std must be nonzero, got {tuple(std)}")
 
 
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -31,15 +54,6 @@ def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
     b[empty] = 0
     return b
-
-
-def empty_outputs(frames: torch.Tensor, face_h: int, face_w: int, ctx_h: int, ctx_w: int, crop_h: int,
-                  crop_w: int, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialised (face N×3×face_h×face_w, context N×3×h×w) for the backends' flat op signature
-    (``crop_h < 0``: no crop, h×w = ctx_h×ctx_w): the shape function of their fake implementations."""
-    n = frames.shape[0]
-    h, w = (ctx_h, ctx_w) if crop_h < 0 else (crop_h, crop_w)
-    return frames.new_empty((n, 3, face_h, face_w), dtype=dtype), frames.new_empty((n, 3, h, w), dtype=dtype)
 
 
 def _resize(img: torch.Tensor, size, antialias: bool) -> torch.Tensor:
@@ -58,7 +72,6 @@ def face_context_reference(frames, boxes, face_size=FACE_SIZE, context_size=CONT
                            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                            antialias: bool = True, dtype: torch.dtype = torch.float32):
     """Per-frame PyTorch reference of :func:`face_context` (float32 math, then cast)."""
-    _check_inputs(frames, boxes)
     n, h, w, _ = frames.shape
     boxes = clip_boxes(boxes, h, w).tolist()
     mean_t = torch.tensor(mean, dtype=torch.float32, device=frames.device).view(3, 1, 1)
@@ -105,10 +118,23 @@ def face_context(frames: torch.Tensor, boxes: torch.Tensor, face_size=FACE_SIZE,
         >>> face.shape, context.shape
         (torch.Size([2, 3, 96, 96]), torch.Size([2, 3, 112, 112]))
     """
-    _check_inputs(frames, boxes)
-    impl = _dispatch.implementation("face_context", frames)
-    return impl(frames, boxes, tuple(face_size), tuple(context_size), None if crop is None else tuple(crop),
-                tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(antialias), dtype)
+    face_size, context_size = tuple(face_size), tuple(context_size)
+    crop = None if crop is None else tuple(crop)
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    _check_inputs(frames, boxes, face_size, context_size, crop, mean, std)
+    if _dispatch.kernel_backend(frames.device.type) is None:
+        return face_context_reference(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype)
+    kernel_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    crop = (0, 0, *context_size) if crop is None else crop
+    face, context = _dispatch.call(torch.ops.caer_fast.face_context.default, frames, boxes,
+                                   [int(v) for v in face_size], [int(v) for v in context_size],
+                                   [int(v) for v in crop], list(mean), list(std), bool(antialias), kernel_dtype)
+    return (face, context) if kernel_dtype == dtype else (face.to(dtype), context.to(dtype))
 
 
-_dispatch.register("face_context", "torch", face_context_reference)
+if _dispatch.HAS_OPS:
+    @torch.library.register_fake("caer_fast::face_context")
+    def _(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype):
+        n = frames.shape[0]
+        return (frames.new_empty((n, 3, *face_size), dtype=dtype),
+                frames.new_empty((n, 3, crop[2], crop[3]), dtype=dtype))

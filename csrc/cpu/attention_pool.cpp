@@ -1,12 +1,18 @@
 // Fused attention pooling on CPU: softmax over all positions + attended mean, in one pass over the
 // features (online softmax over tiles of positions), without an N×C×S attended tensor.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
-#include "ops.h"
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
 #include "simd.h"
 
 namespace {
@@ -21,33 +27,19 @@ constexpr int64_t kTile = 256;  // positions per online-softmax step (exp weight
 // Samples per task so a task holds at least ~32k feature elements (thread start-up is not free).
 int64_t grain(int64_t per_sample) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_sample)); }
 
-int64_t positions(const at::Tensor& t) {
-  int64_t s = 1;
-  for (int64_t d = 2; d < t.dim(); ++d) s *= t.size(d);
-  return s;
-}
-
 bool is_reduced(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
-void check_forward(const at::Tensor& features, const at::Tensor& logits) {
-  TORCH_CHECK(features.device().is_cpu() && logits.device().is_cpu(), "attention_pool (cpp): CPU tensors only");
-  TORCH_CHECK(features.dim() >= 3, "attention_pool: features must be N×C×(S…), got ", features.sizes());
-  TORCH_CHECK(logits.dim() == features.dim() && logits.size(0) == features.size(0) && logits.size(1) == 1 &&
-                  logits.sizes().slice(2) == features.sizes().slice(2),
-              "attention_pool: logits must be N×1×(S…) matching features ", features.sizes(), ", got ",
+// The op's contract (caer_fast/ops/attention_pool.py has checked the user's inputs already).
+void check(const at::Tensor& features, const at::Tensor& logits) {
+  TORCH_CHECK(features.dim() == 3 && logits.dim() == 2 && logits.size(0) == features.size(0) &&
+                  logits.size(1) == features.size(2),
+              "caer_fast::attention_pool: features must be N×C×S and logits N×S, got ", features.sizes(), " and ",
               logits.sizes());
-  TORCH_CHECK(logits.scalar_type() == features.scalar_type(), "attention_pool (cpp): features and logits must share a dtype, got ",
-              features.scalar_type(), " and ", logits.scalar_type());
-  TORCH_CHECK(at::isFloatingType(features.scalar_type()), "attention_pool: floating-point tensors only");
-}
-
-void check_out(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.sizes() == shape, "attention_pool: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.device().is_cpu(), "attention_pool: ", name,
-              " must be a CPU ", like.scalar_type(), " tensor");
-  TORCH_CHECK(t.is_contiguous(), "attention_pool: ", name, " must be contiguous");
+  TORCH_CHECK(logits.scalar_type() == features.scalar_type() && at::isFloatingType(features.scalar_type()),
+              "caer_fast::attention_pool: features and logits must share one floating dtype");
+  TORCH_CHECK(features.size(2) > 0, "caer_fast::attention_pool: features need at least one position");
 }
 
 template <typename T>
@@ -118,84 +110,60 @@ void backward_kernel(const T* G, const T* GA, const T* F, const T* A, const T* O
   });
 }
 
-}  // namespace
-
-void attention_pool_forward_out(const at::Tensor& features, const at::Tensor& logits, at::Tensor& out,
-                                at::Tensor& attention) {
-  check_forward(features, logits);
-  const int64_t N = features.size(0), C = features.size(1), S = positions(features);
-  check_out(out, {N, C}, features, "out");
-  check_out(attention, logits.sizes(), features, "attention");
-  TORCH_CHECK(S > 0, "attention_pool: features need at least one position");
-  if (N == 0) return;
-  if (is_reduced(features)) {  // upcast: compute in float32, write back
-    at::Tensor o = at::empty({N, C}, features.options().dtype(at::kFloat));
-    at::Tensor a = at::empty(logits.sizes(), features.options().dtype(at::kFloat));
-    attention_pool_forward_out(features.to(at::kFloat), logits.to(at::kFloat), o, a);
-    out.copy_(o);
-    attention.copy_(a);
-    return;
+std::tuple<at::Tensor, at::Tensor> attention_pool_cpu(const at::Tensor& features, const at::Tensor& logits) {
+  check(features, logits);
+  if (is_reduced(features)) {  // compute in float32, round once
+    auto [out, attention] = attention_pool_cpu(features.to(at::kFloat), logits.to(at::kFloat));
+    return {out.to(features.scalar_type()), attention.to(features.scalar_type())};
   }
+  const int64_t N = features.size(0), C = features.size(1), S = features.size(2);
+  at::Tensor out = at::empty({N, C}, features.options());
+  at::Tensor attention = at::empty({N, S}, features.options());
+  if (N == 0) return {out, attention};
   const at::Tensor f = features.contiguous(), x = logits.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "attention_pool_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "attention_pool", [&] {
     forward_kernel<scalar_t>(f.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                              attention.data_ptr<scalar_t>(), N, C, S);
   });
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_pool_forward(const at::Tensor& features, const at::Tensor& logits) {
-  check_forward(features, logits);
-  at::Tensor out = at::empty({features.size(0), features.size(1)}, features.options());
-  at::Tensor attention = at::empty(logits.sizes(), features.options());
-  attention_pool_forward_out(features, logits, out, attention);
   return {out, attention};
 }
 
-void attention_pool_backward_out(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attention,
-                                 const at::Tensor& features, const at::Tensor& attention, const at::Tensor& out,
-                                 at::Tensor& grad_features, at::Tensor& grad_logits) {
-  check_forward(features, attention);
-  const int64_t N = features.size(0), C = features.size(1), S = positions(features);
-  check_out(out, {N, C}, features, "out");
-  check_out(grad_features, features.sizes(), features, "grad_features");
-  check_out(grad_logits, attention.sizes(), features, "grad_logits");
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == features.scalar_type(),
-              "attention_pool: grad_out must be ", out.sizes(), " ", features.scalar_type());
+std::tuple<at::Tensor, at::Tensor> attention_pool_backward_cpu(const at::Tensor& grad_out,
+                                                               const std::optional<at::Tensor>& grad_attention,
+                                                               const at::Tensor& features, const at::Tensor& attention,
+                                                               const at::Tensor& out) {
+  check(features, attention);
+  const int64_t N = features.size(0), C = features.size(1), S = features.size(2);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({N, C}) && out.sizes() == at::IntArrayRef({N, C}),
+              "caer_fast::attention_pool_backward: grad_out and out must be ", N, "×", C);
   const bool has_ga = grad_attention.has_value() && grad_attention->defined();
-  if (has_ga) {
-    TORCH_CHECK(grad_attention->sizes() == attention.sizes() &&
-                    grad_attention->scalar_type() == features.scalar_type(),
-                "attention_pool: grad_attention must match attention ", attention.sizes());
-  }
-  TORCH_CHECK(S > 0, "attention_pool: features need at least one position");
-  if (N == 0) return;
+  TORCH_CHECK(!has_ga || grad_attention->sizes() == attention.sizes(),
+              "caer_fast::attention_pool_backward: grad_attention must be ", N, "×", S);
+  const auto dt = features.scalar_type();
   if (is_reduced(features)) {
-    at::Tensor gf = at::empty(features.sizes(), features.options().dtype(at::kFloat));
-    at::Tensor gx = at::empty(attention.sizes(), features.options().dtype(at::kFloat));
     std::optional<at::Tensor> ga;
     if (has_ga) ga = grad_attention->to(at::kFloat);
-    attention_pool_backward_out(grad_out.to(at::kFloat), ga, features.to(at::kFloat), attention.to(at::kFloat),
-                                out.to(at::kFloat), gf, gx);
-    grad_features.copy_(gf);
-    grad_logits.copy_(gx);
-    return;
+    auto [gf, gx] = attention_pool_backward_cpu(grad_out.to(at::kFloat), ga, features.to(at::kFloat),
+                                                attention.to(at::kFloat), out.to(at::kFloat));
+    return {gf.to(dt), gx.to(dt)};
   }
-  const at::Tensor g = grad_out.contiguous(), f = features.contiguous(), a = attention.contiguous(),
-                   o = out.contiguous();
-  const at::Tensor ga = has_ga ? grad_attention->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "attention_pool_backward", [&] {
+  at::Tensor grad_features = at::empty({N, C, S}, features.options());
+  at::Tensor grad_logits = at::empty({N, S}, features.options());
+  if (N == 0) return {grad_features, grad_logits};
+  const at::Tensor g = grad_out.to(dt).contiguous(), f = features.contiguous(), a = attention.contiguous(),
+                   o = out.to(dt).contiguous();
+  const at::Tensor ga = has_ga ? grad_attention->to(dt).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(dt, "attention_pool_backward", [&] {
     backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), has_ga ? ga.data_ptr<scalar_t>() : nullptr,
                               f.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
                               grad_features.data_ptr<scalar_t>(), grad_logits.data_ptr<scalar_t>(), N, C, S);
   });
+  return {grad_features, grad_logits};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_pool_backward(const at::Tensor& grad_out,
-                                                           const std::optional<at::Tensor>& grad_attention,
-                                                           const at::Tensor& features, const at::Tensor& attention,
-                                                           const at::Tensor& out) {
-  at::Tensor grad_features = at::empty(features.sizes(), features.options());
-  at::Tensor grad_logits = at::empty(attention.sizes(), features.options());
-  attention_pool_backward_out(grad_out, grad_attention, features, attention, out, grad_features, grad_logits);
-  return {grad_features, grad_logits};
+}  // namespace
+
+TORCH_LIBRARY_IMPL(caer_fast, CPU, m) {
+  m.impl("attention_pool", &attention_pool_cpu);
+  m.impl("attention_pool_backward", &attention_pool_backward_cpu);
 }

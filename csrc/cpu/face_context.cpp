@@ -8,7 +8,8 @@
 //
 // Resampling matches F.interpolate(mode="bilinear", align_corners=False, antialias=...) on the
 // float frame (aten UpSample.h / UpSampleKernel.cpp _compute_weights_aa, guard_index_and_lambda).
-#include "ops.h"
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <ATen/Parallel.h>
 
@@ -16,6 +17,8 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#include "face_context.h"
 
 // One clone per ISA, chosen at load time (same scheme as simd.cpp): no -march flag needed.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -26,82 +29,8 @@
 
 namespace {
 
-// 1-D resampling table for output indices [o_begin, o_end): output o reads inputs
-// start[o]..start[o]+k-1 with weights w[o*k..]. Windows are shifted to end inside the input (the
-// extra taps get weight 0), so every read is in bounds and no padding is needed.
-struct Taps {
-  int64_t k = 1;
-  std::vector<int64_t> start;
-  std::vector<float> w;
-  // Horizontal form: taps in pairs, each weight repeated for the R, G, B, X lanes, so one output
-  // is kp 8-float FMAs over contiguous RGBX pixels (reads up to 1 pixel past the window, weight 0).
-  int64_t kp = 1;
-  std::vector<float> w8;
-  int64_t lo = 0, hi = 0;  // union of the windows: input range this axis touches
-};
-
-Taps make_taps(int64_t in, int64_t out, int64_t o_begin, int64_t o_end, bool antialias) {
-  const int64_t n = o_end - o_begin;
-  std::vector<int64_t> xmin(n);
-  std::vector<std::vector<float>> ws(n);
-  // aten's float arithmetic, mixed float/double exactly as written there: on noisy frames a window
-  // position off by one float ulp moves outputs by ~1e-4 after normalisation.
-  const float scale = static_cast<float>(in) / static_cast<float>(out);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t o = o_begin + i;
-    if (antialias) {
-      // Triangle filter widened by the downscale factor, weights normalised over the window.
-      const float support = scale >= 1.0 ? scale : 1.0f;
-      const float invscale = scale >= 1.0 ? static_cast<float>(1.0 / scale) : 1.0f;
-      const float center = static_cast<float>(scale * (o + 0.5));
-      const int64_t lo = std::max<int64_t>(static_cast<int64_t>((center - support) + 0.5), 0);
-      const int64_t size = std::min<int64_t>(static_cast<int64_t>((center + support) + 0.5), in) - lo;
-      float total = 0.f;
-      for (int64_t j = 0; j < size; ++j) {
-        float x = static_cast<float>(((static_cast<float>(j + lo) - center) + 0.5) * invscale);
-        x = x < 0.f ? -x : x;
-        const float w = x < 1.f ? static_cast<float>(1.0 - x) : 0.f;
-        ws[i].push_back(w);
-        total += w;
-      }
-      if (total != 0.f)
-        for (auto& w : ws[i]) w /= total;
-      xmin[i] = lo;
-    } else if (in == out) {
-      xmin[i] = o;
-      ws[i] = {1.f};
-    } else {
-      // Plain bilinear: source index clamped at 0, last pixel repeated.
-      float src = scale * (static_cast<float>(o) + 0.5f) - 0.5f;
-      src = src < 0.f ? 0.f : src;
-      const int64_t i0 = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
-      const float lam = std::min(std::max(src - static_cast<float>(i0), 0.f), 1.f);
-      xmin[i] = i0;
-      ws[i] = i0 < in - 1 ? std::vector<float>{1.f - lam, lam} : std::vector<float>{1.f};
-    }
-  }
-  Taps t;
-  for (const auto& w : ws) t.k = std::max<int64_t>(t.k, static_cast<int64_t>(w.size()));
-  t.k = std::min(t.k, in);
-  t.start.resize(n);
-  t.w.assign(n * t.k, 0.f);
-  t.lo = in;
-  t.hi = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t s = std::min(xmin[i], in - t.k);  // shift the window left to end inside
-    const int64_t off = xmin[i] - s;
-    for (size_t j = 0; j < ws[i].size(); ++j) t.w[i * t.k + off + j] = ws[i][j];
-    t.start[i] = s;
-    t.lo = std::min(t.lo, s);
-    t.hi = std::max(t.hi, s + t.k);
-  }
-  t.kp = (t.k + 1) / 2;
-  t.w8.assign(n * 8 * t.kp, 0.f);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < t.k; ++j)
-      for (int c = 0; c < 4; ++c) t.w8[i * 8 * t.kp + 4 * j + c] = t.w[i * t.k + j];
-  return t;
-}
+using caer_fast::make_taps;
+using caer_fast::Taps;
 
 // uint8 RGB pixels [x0, x1) -> float RGBX at dst[4x..] (X = 0: a pixel is one 4-lane vector).
 void widen_row_scalar(const uint8_t* __restrict src, float* __restrict dst, int64_t x0, int64_t x1) {
@@ -232,50 +161,24 @@ struct Stream {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> face_context_forward(const at::Tensor& frames, const at::Tensor& boxes,
-                                                        int64_t face_h, int64_t face_w, int64_t ctx_h,
-                                                        int64_t ctx_w, int64_t crop_top, int64_t crop_left,
-                                                        int64_t crop_h, int64_t crop_w, std::vector<double> mean,
-                                                        std::vector<double> std, bool antialias) {
-  TORCH_CHECK(frames.device().is_cpu(), "face_context (cpp): frames must be a CPU tensor, got ", frames.device());
-  TORCH_CHECK(frames.scalar_type() == at::kByte && frames.dim() == 4 && frames.size(3) == 3,
-              "face_context (cpp): frames must be uint8 N×H×W×3 (RGB), got ", frames.sizes(), " ",
-              frames.scalar_type());
+std::tuple<at::Tensor, at::Tensor> face_context_cpu(const at::Tensor& frames, const at::Tensor& boxes,
+                                                    at::IntArrayRef face_size, at::IntArrayRef context_size,
+                                                    at::IntArrayRef crop, at::ArrayRef<double> mean,
+                                                    at::ArrayRef<double> std, bool antialias, at::ScalarType dtype) {
+  const caer_fast::FaceContextArgs args = caer_fast::check_face_context(frames, boxes, face_size, context_size, crop,
+                                                                        mean, std);
   const int64_t n = frames.size(0), H = frames.size(1), W = frames.size(2);
-  TORCH_CHECK(H > 0 && W > 0, "face_context (cpp): frames must have H, W > 0, got ", frames.sizes());
-  TORCH_CHECK(boxes.device().is_cpu(), "face_context (cpp): boxes must be a CPU tensor");
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == n && boxes.size(1) == 4,
-              "face_context (cpp): boxes must be N×4 xyxy with N=", n, ", got ", boxes.sizes());
-  TORCH_CHECK(!boxes.is_floating_point() && !boxes.is_complex() && boxes.scalar_type() != at::kBool,
-              "face_context (cpp): boxes must be integer pixels, got ", boxes.scalar_type());
-  TORCH_CHECK(face_h > 0 && face_w > 0 && ctx_h > 0 && ctx_w > 0,
-              "face_context (cpp): output sizes must be positive, got face ", face_h, "×", face_w, ", context ",
-              ctx_h, "×", ctx_w);
-  if (crop_h == -1) {
-    crop_top = 0;
-    crop_left = 0;
-    crop_h = ctx_h;
-    crop_w = ctx_w;
-  }
-  TORCH_CHECK(crop_top >= 0 && crop_left >= 0 && crop_h > 0 && crop_w > 0 && crop_top + crop_h <= ctx_h &&
-                  crop_left + crop_w <= ctx_w,
-              "face_context (cpp): crop (top=", crop_top, ", left=", crop_left, ", h=", crop_h, ", w=", crop_w,
-              ") must lie inside the ", ctx_h, "×", ctx_w, " context");
-  TORCH_CHECK(mean.size() == 3 && std.size() == 3, "face_context (cpp): mean and std need 3 values, got ",
-              mean.size(), " and ", std.size());
-  float a[3], b[3];  // (v/255 - mean)/std == v*a + b
-  for (int c = 0; c < 3; ++c) {
-    TORCH_CHECK(std[c] != 0.0, "face_context (cpp): std must be nonzero");
-    a[c] = static_cast<float>(1.0 / (255.0 * std[c]));
-    b[c] = static_cast<float>(-mean[c] / std[c]);
-  }
+  const int64_t face_h = args.face_h, face_w = args.face_w, ctx_h = args.ctx_h, ctx_w = args.ctx_w;
+  const int64_t crop_top = args.top, crop_left = args.left, crop_h = args.crop_h, crop_w = args.crop_w;
+  const float* a = args.a;
+  const float* b = args.b;
 
   const at::Tensor src = frames.contiguous();
   const at::Tensor bx = boxes.to(at::kLong).contiguous();
   auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor face = at::empty({n, 3, face_h, face_w}, opts);
   at::Tensor ctx = at::empty({n, 3, crop_h, crop_w}, opts);
-  if (n == 0) return {face, ctx};
+  if (n == 0) return {face.to(dtype), ctx.to(dtype)};
 
   // The context tables are the same for every frame.
   const Taps cth = make_taps(W, ctx_w, crop_left, crop_left + crop_w, antialias);
@@ -342,5 +245,8 @@ std::tuple<at::Tensor, at::Tensor> face_context_forward(const at::Tensor& frames
       }
     }
   });
+  if (dtype != at::kFloat) return {face.to(dtype), ctx.to(dtype)};  // float32 arithmetic, one rounding
   return {face, ctx};
 }
+
+TORCH_LIBRARY_IMPL(caer_fast, CPU, m) { m.impl("face_context", &face_context_cpu); }

@@ -10,18 +10,19 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// features N×C×S (any strides), logits N×S (same dtype as features). Writes out (dtype) and
-// out32 (float) N×C, lse float N, and the attention N×S (dtype) when attention != nullptr.
-cudaError_t attention_pool_forward(DType dtype, const void* features, const void* logits, void* out, float* out32,
-                                   float* lse, void* attention, int64_t N, int64_t C, int64_t S, int64_t f_sn,
-                                   int64_t f_sc, int64_t f_ss, int64_t l_sn, int64_t l_ss, cudaStream_t stream);
+// features N×C×S (any strides), logits N×S (same dtype as features). Writes out N×C (dtype),
+// lse float N (scratch) and the attention N×S (dtype, contiguous).
+cudaError_t attention_pool_forward(DType dtype, const void* features, const void* logits, void* out, float* lse,
+                                   void* attention, int64_t N, int64_t C, int64_t S, int64_t f_sn, int64_t f_sc,
+                                   int64_t f_ss, int64_t l_sn, int64_t l_ss, cudaStream_t stream);
 
-// grad N×C contiguous, dot float N (Σ_c grad·out). grad_features N×C×S contiguous and
-// grad_logits N×S contiguous, each skipped when nullptr.
-cudaError_t attention_pool_backward(DType dtype, const void* grad, const void* features, const void* logits,
-                                    const float* lse, const float* dot, void* grad_features, void* grad_logits,
-                                    int64_t N, int64_t C, int64_t S, int64_t f_sn, int64_t f_sc, int64_t f_ss,
-                                    int64_t l_sn, int64_t l_ss, cudaStream_t stream);
+// grad N×C, attention N×S and grad_attention N×S (or nullptr) contiguous, dot float N
+// (Σ_c grad·out + Σ_s attention·grad_attention). grad_features N×C×S and grad_logits N×S
+// contiguous, each skipped when nullptr.
+cudaError_t attention_pool_backward(DType dtype, const void* grad, const void* features, const void* attention,
+                                    const void* grad_attention, const float* dot, void* grad_features,
+                                    void* grad_logits, int64_t N, int64_t C, int64_t S, int64_t f_sn, int64_t f_sc,
+                                    int64_t f_ss, cudaStream_t stream);
 
 // face N×CF, context N×CC (row strides face_sn / ctx_sn, unit column stride), scores N (strides
 // fs_sn / cs_sn). Writes out N×(CF+CC) contiguous and weights float N×2.

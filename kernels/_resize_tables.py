@@ -1,4 +1,4 @@
-"""1-D resampling tables for the fused ``face_context`` kernels (Triton and CUDA).
+"""1-D resampling tables for the Triton ``face_context`` kernel (a launch helper).
 
 A bilinear resize, antialiased or not, is separable: each output row (column) is a weighted sum
 of a window of input rows (columns). We build, per sample and output index, the window start and
@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .face_context import clip_boxes
+from caer_fast.ops.face_context import clip_boxes
 
 
 def _tables(in_sizes: torch.Tensor, out_size: int, antialias: bool, keep: Optional[Tuple[int, int]] = None):
@@ -68,9 +68,7 @@ def build(frames: torch.Tensor, boxes: torch.Tensor, face_size, context_size, cr
     fy0 = (fy0 + b[:, 1:2].to(torch.int32)).contiguous()
     fx0 = (fx0 + b[:, 0:1].to(torch.int32)).contiguous()
     ch, cw = context_size
-    top, left, oh, ow = (0, 0, ch, cw) if crop is None else crop
-    if top < 0 or left < 0 or top + oh > ch or left + ow > cw:
-        raise ValueError(f"face_context: crop {crop} does not fit the {ch}×{cw} context")
+    top, left, oh, ow = crop  # checked by caer_fast.ops.face_context
     cy0, cyw = _tables(torch.tensor([h]), ch, antialias, keep=(top, oh))
     cx0, cxw = _tables(torch.tensor([w]), cw, antialias, keep=(left, ow))
     dev = frames.device

@@ -1,0 +1,106 @@
+"""adaptive_fusion on every backend present (tests/ops/conftest.py), against the float64 reference."""
+import pytest
+import torch
+
+import caer_fast.ops as ops
+from op_checks import aot_recorder, check_adaptive_fusion, junk_filled_allocations
+
+from .conftest import interpreted
+
+
+def fusion(*args):
+    with junk_filled_allocations():
+        return ops.adaptive_fusion(*args[:4], return_weights=args[4])
+
+
+@pytest.mark.parametrize("n,cf,cc", [(1, 3, 5), (4, 256, 256), (3, 13, 7), (3, 200, 77)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_float64(backend, n, cf, cc, dtype):
+    check_adaptive_fusion(fusion, n, cf, cc, dtype, backend[1], return_weights=True)
+    check_adaptive_fusion(fusion, n, cf, cc, dtype, backend[1], return_weights=False, strided=True, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision(backend, dtype):
+    check_adaptive_fusion(fusion, 5, 9, 11, dtype, backend[1], return_weights=True)
+
+
+def test_huge_scores(backend):
+    """±1e4 scores: saturated weights (0 / 1) stay finite."""
+    check_adaptive_fusion(fusion, 5, 9, 11, torch.float32, backend[1], score_scale=1e4, return_weights=True)
+
+
+def test_mixed_dtypes_promote(backend):
+    """Inputs of several dtypes compute in the promoted one; gradients come back in each input's dtype."""
+    device = backend[1]
+    face = torch.randn(3, 4, device=device, dtype=torch.float16, requires_grad=True)
+    context = torch.randn(3, 5, device=device, requires_grad=True)
+    fs, cs = (torch.randn(3, 1, device=device, requires_grad=True) for _ in range(2))
+    out, w = ops.adaptive_fusion(face, context, fs, cs, return_weights=True)
+    with ops.use_backend("torch"):
+        ref, ref_w = ops.adaptive_fusion(face, context, fs, cs, return_weights=True)
+    assert out.dtype == ref.dtype == torch.float32 and w.dtype == ref_w.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert face.grad.dtype == torch.float16 and context.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (((2, 3, 1), (2, 3), (2, 1), (2, 1)), "N×C"),
+    (((2, 3), (3, 3), (2, 1), (2, 1)), "N×C"),
+    (((2, 3), (2, 3), (2, 2), (2, 1)), "face_score must be 2×1"),
+    (((2, 3), (2, 3), (2, 1), (2,)), "context_score must be 2×1"),
+])
+def test_errors(backend, shapes, match):
+    device = backend[1]
+    with pytest.raises(ValueError, match=match):
+        ops.adaptive_fusion(*(torch.randn(s, device=device) for s in shapes))
+
+
+def test_empty_batch(backend):
+    device = backend[1]
+    inputs = [torch.randn(s, device=device, requires_grad=True) for s in [(0, 3), (0, 4), (0, 1), (0, 1)]]
+    out, w = ops.adaptive_fusion(*inputs, return_weights=True)
+    assert out.shape == (0, 7) and w.shape == (0, 2)
+    (out.sum() + w.sum()).backward()
+    assert all(t.grad.shape == t.shape for t in inputs)
+
+
+def test_gradcheck_float64(backend):
+    name, device = backend
+    if name != "cpp" and name != "torch":
+        pytest.skip(f"{name} runs float64 on the torch reference")
+    inputs = tuple(torch.randn(*s, dtype=torch.float64, device=device, requires_grad=True)
+                   for s in [(3, 5), (3, 4), (3, 1), (3, 1)])
+    assert torch.autograd.gradcheck(lambda *a: ops.adaptive_fusion(*a, return_weights=True), inputs)
+    assert torch.autograd.gradcheck(lambda *a: ops.adaptive_fusion(*a), inputs)
+    if name == "cpp":
+        assert torch.autograd.gradcheck(torch.ops.caer_fast.adaptive_fusion, inputs)
+
+
+def test_opcheck(backend):
+    name, device = backend
+    if name == "torch":
+        pytest.skip("the torch backend does not call the op")
+    gen = torch.Generator().manual_seed(2)
+    args = tuple(torch.randn(*s, generator=gen).to(device).requires_grad_() for s in [(3, 6), (3, 4), (3, 1), (3, 1)])
+    torch.library.opcheck(torch.ops.caer_fast.adaptive_fusion.default, args)
+    _, w = torch.ops.caer_fast.adaptive_fusion.default(*(a.detach() for a in args))
+    for gw in (None, torch.randn(3, 2, device=device)):
+        torch.library.opcheck(torch.ops.caer_fast.adaptive_fusion_backward.default,
+                              (torch.randn(3, 10, device=device), gw, args[0].detach(), args[1].detach(), w))
+
+
+def test_compile_fullgraph(backend):
+    name, device = backend
+    recorder, seen = aot_recorder()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: ops.adaptive_fusion(*a[:4], return_weights=a[4]), fullgraph=True,
+                             backend=recorder)
+    check_adaptive_fusion(compiled, 3, 200, 77, torch.float32, device, return_weights=True)
+    check_adaptive_fusion(compiled, 1, 5, 13, torch.float16, device, strided=True)
+    if name in ("cpp", "cuda") or interpreted(name):
+        assert "caer_fast.adaptive_fusion.default" in seen["fw"], seen
+        assert "caer_fast.adaptive_fusion_backward.default" in seen["bw"], seen
+    elif name == "triton":
+        assert any("triton_kernel_wrapper" in t for t in seen["fw"]) and not any("caer_fast." in t for t in seen["fw"])
