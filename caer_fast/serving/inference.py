@@ -374,7 +374,7 @@ class Predictor:
         return result
 
     def predict_file(self, path, with_arrays: bool = False, known_boxes=None, on_clip=None, follow: bool = False,
-                     timer: Optional[StageTimer] = None) -> Prediction:
+                     timer: Optional[StageTimer] = None, on_start=None) -> Prediction:
         """Emotion of the video or image at ``path`` (a file, ``"-"`` for standard input, or a URL PyAV
         opens); see the module docstring for the pipeline. Videos stream (:meth:`stream`); ``known_boxes``
         as in :meth:`prepare_file`. Returns a :class:`~.stream.Prediction` (``.to_dict()`` is the JSON)."""
@@ -393,7 +393,7 @@ class Predictor:
                         on_clip(c)
                 return result
         return self.stream(path, with_arrays=with_arrays, known_boxes=known_boxes, on_clip=on_clip, follow=follow,
-                           timer=timer)
+                           timer=timer, on_start=on_start)
 
     def open_video(self, source, follow: bool = False) -> VideoStream:
         """The :class:`~caer_fast.data.video.VideoStream` of ``source`` with this predictor's limits."""
@@ -412,12 +412,15 @@ class Predictor:
             yield k, i, video.rgb(frame)
 
     def stream(self, source, with_arrays: bool = False, known_boxes=None, on_clip=None, follow: bool = False,
-               timer: Optional[StageTimer] = None) -> Prediction:
+               timer: Optional[StageTimer] = None, on_start=None) -> Prediction:
         """Stream a video through the pipeline of :mod:`caer_fast.serving.stream` in bounded memory;
-        ``on_clip(ClipResult)`` is called as each clip is ready (timelines, ``--follow``)."""
+        ``on_start(VideoStream)`` once its header is read, ``on_clip(ClipResult)`` as each clip is ready
+        (progress, timelines, ``--follow``)."""
         timer = timer if timer is not None else StageTimer()
         video = self.open_video(source, follow=follow)
         try:
+            if on_start is not None:
+                on_start(video)
             acc = Accumulator(self, kind="video", fps=video.fps, keep_frames=with_arrays)
             chunks = iter_chunks(self, self.sampled_frames(video, timer), self.stream_chunk, known_boxes=known_boxes,
                                  keep_frames=with_arrays, timer=timer)
