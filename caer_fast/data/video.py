@@ -282,7 +282,8 @@ class VideoStream:
 
     Iterating yields ``(index, position, frame)``: ``index`` counts decoded frames (decode order, as in
     :func:`decode_video`), ``position`` is the presentation time × the stream's average rate (equal to
-    ``index`` for a constant-rate file; a variable-rate file is placed by its timestamps) and ``frame`` is
+    ``index`` for a constant-rate file; a variable-rate file is placed by its timestamps; AVI files and
+    timestamps that do not increase fall back to the frame grid) and ``frame`` is
     the ``av.VideoFrame`` (convert with :meth:`rgb`, only for frames that are used: conversion costs
     as much as decoding).
 
@@ -334,7 +335,10 @@ class VideoStream:
         stream = self.stream
         tb = Fraction(stream.time_base) if stream.time_base else None
         rate = Fraction(self.fps).limit_denominator(100000)
-        pts0, last_pos = None, -1.0
+        pts0, last_pts, last_pos = None, None, -1.0
+        # AVI has no presentation timestamps (B-frames come out with shuffled ones): its frames are on the
+        # nominal grid, which is also what the whole-file path (decode order) assumes
+        use_pts = "avi" not in (self.container.format.name or "")
         it = self.container.decode(stream)
         i = 0
         while True:
@@ -364,13 +368,15 @@ class VideoStream:
             if self.max_pixels is not None and self.decoded_pixels > self.max_pixels:
                 raise MediaTooLargeError(self.name, f"video over the decoded-pixel budget: more than "
                                                     f"{self.max_pixels} pixels after {i + 1} frames")
-            if frame.pts is not None and tb is not None:
+            if use_pts and (frame.pts is None or tb is None or (last_pts is not None and frame.pts <= last_pts)):
+                use_pts = False  # no timestamps, or ones that do not increase: the frame grid from here on
+            if use_pts:
                 if pts0 is None:
                     pts0 = frame.pts
+                last_pts = frame.pts
                 pos = float((frame.pts - pts0) * tb * rate)
             else:
-                pos = float(i)
-            pos = max(pos, last_pos)  # timestamps that go backwards (broken muxing) do not reorder frames
+                pos = last_pos + 1.0
             last_pos = pos
             self.decoded = i + 1
             yield i, pos, frame
