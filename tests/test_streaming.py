@@ -268,23 +268,23 @@ def test_follow_a_file_still_being_written(ckpts, tmp_path):
             with av.open(raw, "w", format="mpegts") as c:
                 s = c.add_stream("mpeg2video", rate=25)
                 s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-                for i in range(150):
+                for i in range(250):
                     img = np.full((48, 64, 3), (3 * i) % 256, np.uint8)
                     for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                         c.mux(pkt)
                     if i % 25 == 24:
                         written.append(time.monotonic())
-                        time.sleep(0.6)  # about real time: 1 s of video per 0.6 s
+                        time.sleep(1.0)  # real time: 1 s of video per second
                 for pkt in s.encode():
                     c.mux(pkt)
         done.set()
 
-    t = threading.Thread(target=writer)
-    t.start()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "caer_fast.predict", str(path), "--checkpoint", str(ckpts["caer"]),
-                             "--detector", "none", "--follow", "--follow-idle", "3"], stdout=subprocess.PIPE,
+                             "--detector", "none", "--follow", "--follow-idle", "4"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
+    t = threading.Thread(target=writer)
+    t.start()
     lines, first_at = [], None
     for line in proc.stdout:
         if first_at is None:
@@ -296,9 +296,9 @@ def test_follow_a_file_still_being_written(ckpts, tmp_path):
     assert proc.returncode == 0, proc.stderr.read()
     clips = [x for x in lines if x["type"] == "clip"]
     assert lines[-1]["type"] == "result" and "clips" not in lines[-1]
-    assert len(clips) == 7  # 150 frames at 25 fps → 60 at 10 fps → 8-frame clips at 0, 8, …, 48
+    assert len(clips) == 12  # 250 frames at 25 fps → 100 at 10 fps → 8-frame clips at 0, 8, …, 88
     assert first_before_writer_done  # results came out while the file was still growing
-    assert [c["clip"] for c in clips] == list(range(7))
+    assert [c["clip"] for c in clips] == list(range(12))
 
 
 def test_memory_stays_flat_with_length(ckpts, tmp_path):

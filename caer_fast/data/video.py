@@ -267,6 +267,8 @@ def open_source(source, follow: bool = False, idle_s: float = 5.0, timeout_s: fl
         target = FollowReader(path, idle_s) if follow else str(path)
     try:
         kwargs = {"timeout": timeout_s} if isinstance(target, str) and is_url(target) else {}
+        if not isinstance(target, str):  # a pipe or a growing file: start after a short probe, not 5 s of stream
+            kwargs["container_options"] = {"probesize": "65536", "analyzeduration": "500000"}
         container = av.open(target, "r", **kwargs)
     except Exception as exc:  # av.error.InvalidDataError, network errors, …
         what = "could not open the stream" if is_url(source) else "not a readable video container"
