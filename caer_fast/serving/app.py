@@ -294,7 +294,7 @@ class BodyLimitMiddleware:
                 await _send_json(send, 413, {"error": "upload too large", "detail": str(exc)})
         except BodyTimeout as exc:
             if not started:
-                self.counters["408 body timeout"] += 1
+                self.counters["408 request body too slow"] += 1
                 await _send_json(send, 408, {"error": "request body too slow", "detail": str(exc)})
 
 
@@ -424,8 +424,10 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
         timeline = request.query_params.get("timeline", "").lower() in ("1", "true", "yes")
         try:
             form = await request.form(max_files=1, max_fields=8)
-        except (UploadTooLarge, BodyTimeout):  # answered by the guard around the app
-            raise
+        except UploadTooLarge as exc:  # a body without Content-Length that grew past the limit
+            return error(413, "upload too large", str(exc))
+        except BodyTimeout as exc:
+            return error(408, "request body too slow", str(exc))
         except Exception as exc:  # not multipart, malformed body
             return error(400, "bad multipart body", f"{type(exc).__name__}: {exc}")
         upload = form.get("file")
@@ -483,10 +485,12 @@ def guarded_protocol(header_timeout_s: float, counters: Counter):
     class GuardedH11Protocol(H11Protocol):
         _header_timer = None
         _waiting_headers = False
+        _got_bytes = False
 
         def _arm(self) -> None:
             self._disarm()
             self._waiting_headers = True
+            self._got_bytes = False
             self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
 
         def _disarm(self) -> None:
@@ -497,9 +501,14 @@ def guarded_protocol(header_timeout_s: float, counters: Counter):
         def _headers_late(self) -> None:
             self._header_timer = None
             if self._waiting_headers and not self.transport.is_closing():
-                counters["408 header timeout"] += 1
-                self.transport.write(answer)
+                if self._got_bytes:  # a request started and stalled; an idle keep-alive is just closed
+                    counters["408 header timeout"] += 1
+                    self.transport.write(answer)
                 self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            self._got_bytes = True
+            super().data_received(data)
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
