@@ -330,3 +330,25 @@ def test_memory_stays_flat_with_length(ckpts, tmp_path):
             del stream_mod.Chunk.__post_init__
         else:
             stream_mod.Chunk.__post_init__ = orig
+
+
+def test_a_url_is_read_like_a_file(ckpts, tmp_path):
+    """http:// through FFmpeg's own protocol: a local HTTP server in a thread serves the file."""
+    import functools
+    import http.server
+
+    video = write_video(tmp_path / "web.mp4", frames=60, fps=20, size=(48, 64))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/web.mp4"
+        p = Predictor(ckpts["caer"], device="cpu", detector=None)
+        assert p.predict_file(url).probabilities == p.predict_file(video).probabilities
+        proc = run_predict(url.replace("web.mp4", "missing.mp4"), "--checkpoint", ckpts["caer"])
+        assert proc.returncode == 2 and "error:" in proc.stderr and "missing.mp4" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        httpd.shutdown()
