@@ -349,12 +349,10 @@ class Accumulator:
         classes = self.p.classes
         visual = None
         if self.keep_frames:
-            dt = 1.0 / CLIP_FPS
             visual = {"frame": frame, "box": box, "attention": att2d.numpy(), "context_size": self.p.context_size,
                       "crop": self.p.crop,
                       "clip_probs": np.array([[c.probabilities[n] for n in classes] for c in self.clips], np.float32),
                       "clip_times": [(c.start_s + c.end_s) / 2 for c in self.clips]}
-            del dt
         return Prediction(
             kind=self.kind, model=self.p.model_type, checkpoint_kind=self.p.source, emotion=classes[top],
             confidence=float(overall[top]), probabilities={c: float(v) for c, v in zip(classes, overall.tolist())},
