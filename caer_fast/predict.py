@@ -4,10 +4,14 @@
     python -m caer_fast.predict photo.png --checkpoint model_best.pth --json          # community CAER-S checkpoint
     python -m caer_fast.predict clip.avi --checkpoint ck.pth --save-viz clip.png      # attention + fusion picture
     python -m caer_fast.predict photo.png --checkpoint ck.pth --int8 --calibrate demo-data/CAER-S   # int8 (CPU)
+    python -m caer_fast.predict episode.mkv --checkpoint ck.pth --timeline t.csv --timeline-plot t.png
+    ffmpeg -i cam.mp4 -f mpegts - | python -m caer_fast.predict - --checkpoint ck.pth --follow   # a pipe
+    python -m caer_fast.predict rtsp://camera/stream --checkpoint ck.pth --follow                # any URL PyAV opens
 
 Videos are sampled at 10 fps, faces are detected every few frames (``--detector``), clips of the model's
 clip length (8-frame stride) are classified and their probabilities averaged. Without a face the
-prediction rests on the context only; the output says so.
+prediction rests on the context only; the output says so. Videos stream through the pipeline in bounded
+memory (whatever their length); a truncated file gives the result up to its last good frame, with a note.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from .data.detectors import DETECTORS
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m caer_fast.predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("path", type=Path, help="a video (.avi, .mp4, …) or an image (.png, .jpg, …)")
+    p.add_argument("path", help="a video (.avi, .mp4, …) or an image (.png, .jpg, …); - reads a video stream "
+                                "(MPEG-TS, Matroska, …) on standard input; a URL PyAV opens (rtsp://, http://, …)")
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="our checkpoint.pth (train.py) or a community CAER-S checkpoint ({'state_dict': …})")
     p.add_argument("--json", action="store_true", help="print the full result as JSON instead of a summary")
@@ -36,6 +41,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "or a CAER-S <split>.txt (as written by python -m caer_fast.faces or the demo data)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per line in the summary")
+    p.add_argument("--timeline", type=Path, default=None, metavar="OUT.csv|OUT.json",
+                   help="write the per-clip timeline (start/end s, emotion, probabilities, λ face/context, face found)")
+    p.add_argument("--timeline-plot", type=Path, default=None, metavar="OUT.png",
+                   help="plot the probabilities over time, the dominant emotion and the spans with a face")
+    p.add_argument("--follow", action="store_true",
+                   help="print each clip's result as a JSON line as soon as it is ready (then a final result line); "
+                        "a file that is still being written is read as it grows")
+    p.add_argument("--follow-idle", type=float, default=5.0, metavar="S",
+                   help="with --follow on a file: it is complete once it has not grown for this many seconds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on a terminal only)")
     from .serve import add_int8_arguments
 
     add_int8_arguments(p)
@@ -47,10 +62,15 @@ def _top(probs: dict, k: int) -> str:
     return ", ".join(f"{c} {p:.1%}" for c, p in items)
 
 
+MAX_SUMMARY_CLIPS = 30
+
+
 def format_summary(r: dict, path, top: int = 3) -> str:
     lines = [f"{path}: {r['kind']}, model {r['model']}" + (f", {r['frames_used']} frames at 10 fps, "
                                                            f"{len(r['clips'])} clips" if r["kind"] == "video" else "")]
-    if r["kind"] == "video" and len(r["clips"]) > 1:
+    if r["kind"] == "video" and len(r["clips"]) > MAX_SUMMARY_CLIPS:
+        lines.append(f"  ({len(r['clips'])} clips: --timeline OUT.csv writes them all)")
+    elif r["kind"] == "video" and len(r["clips"]) > 1:
         for c in r["clips"]:
             lines.append(f"  clip {c['clip']:>2} {c['start_s']:6.1f}-{c['end_s']:<6.1f}s  {c['emotion']:<8}  "
                          f"{_top(c['probabilities'], top)}" + ("" if c["face_found"] else "  [no face]"))
@@ -190,32 +210,211 @@ def boxes_for(path: Path, box_file: Path) -> dict:
     raise LookupError(f"{box_file} has no boxes for {path}")
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def timeline_rows(r: dict) -> list:
+    """One flat row per clip (the CSV's columns)."""
+    rows = []
+    for c in r["clips"]:
+        row = {"clip": c["clip"], "start_s": c["start_s"], "end_s": c["end_s"], "first_frame": c["first_frame"],
+               "last_frame": c["last_frame"], "emotion": c["emotion"]}
+        row.update({f"p_{k}": v for k, v in c["probabilities"].items()})
+        row.update({"lambda_face": c["fusion_weights"]["face"], "lambda_context": c["fusion_weights"]["context"],
+                    "face_found": int(c["face_found"])})
+        rows.append(row)
+    return rows
+
+
+def write_timeline(r: dict, out: Path, source: str = "") -> Path:
+    """The per-clip timeline as CSV (by the suffix .csv) or JSON (anything else), written atomically."""
+    import csv
+    import io
+
+    out = Path(out)
+    if out.suffix.lower() == ".csv":
+        rows = timeline_rows(r)
+        buf = io.StringIO()
+        fields = list(rows[0]) if rows else ["clip", "start_s", "end_s"]
+        w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        _atomic_write(out, buf.getvalue())
+    else:
+        doc = {"source": source, "kind": r["kind"], "fps": r["fps"], "emotion": r["emotion"],
+               "probabilities": r["probabilities"], "note": r["note"], "truncated": r.get("truncated", False),
+               "clip_seconds": None, "clips": r["clips"]}
+        if r["clips"]:
+            doc["clip_seconds"] = round(r["clips"][0]["end_s"] - r["clips"][0]["start_s"], 3)
+        _atomic_write(out, json.dumps(doc, indent=1))
+    return out
+
+
+EMOTION_COLORS = {"Anger": "#d32f2f", "Disgust": "#7b1fa2", "Fear": "#455a64", "Happy": "#fbc02d",
+                  "Neutral": "#9e9e9e", "Sad": "#1976d2", "Surprise": "#f57c00"}
+
+
+def save_timeline_plot(r: dict, out: Path, title: str = "") -> Path:
+    """Probabilities over time (stacked, so they read as shares even for thousands of clips), the
+    dominant emotion as a colour strip, λ face, and the spans where a face was found."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    clips = r["clips"]
+    classes = list(r["probabilities"])
+    t0 = np.array([c["start_s"] for c in clips])
+    t1 = np.array([c["end_s"] for c in clips])
+    mid = (t0 + t1) / 2
+    probs = np.array([[c["probabilities"][k] for k in classes] for c in clips]).reshape(-1, len(classes))
+    span = float(t1.max()) if len(clips) else 1.0
+    unit, scale = ("min", 60.0) if span > 600 else ("s", 1.0)
+    x = mid / scale
+    colors = [EMOTION_COLORS.get(k, f"C{i}") for i, k in enumerate(classes)]
+    fig = plt.figure(figsize=(14, 6.2), dpi=110, constrained_layout=True)
+    grid = fig.add_gridspec(4, 1, height_ratios=[4, 0.45, 1.2, 0.45])
+    ax = fig.add_subplot(grid[0])
+    if len(clips) > 1:
+        ax.stackplot(x, probs.T, colors=colors, labels=classes, alpha=0.9, linewidth=0)
+    else:
+        bottom = 0.0
+        for j, k in enumerate(classes):
+            ax.bar(x, probs[:, j], bottom=bottom, color=colors[j], label=k, width=max(span / scale, 1e-3))
+            bottom = bottom + probs[:, j]
+    ax.set_ylim(0, 1)
+    ax.set_xlim(0, span / scale)
+    ax.set_ylabel("probability (stacked)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, title="emotion")
+    ax.set_title(title or f"emotion timeline: overall {r['emotion']} ({r['confidence']:.0%})", fontsize=11)
+    ax.tick_params(labelbottom=False)
+
+    def strip(a, values, label):
+        for lo, hi, col in values:
+            a.axvspan(lo / scale, hi / scale, color=col, lw=0)
+        a.set_xlim(0, span / scale)
+        a.set_yticks([])
+        a.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+
+    def runs(keys):  # merge consecutive clips with the same key: thousands of spans → a few hundred
+        out = []
+        for lo, hi, k in zip(t0, t1, keys):
+            if out and out[-1][2] == k and lo <= out[-1][1] + 1e-9:
+                out[-1][1] = max(out[-1][1], hi)
+            else:
+                out.append([lo, hi, k])
+        return out
+
+    ax_e = fig.add_subplot(grid[1], sharex=ax)
+    strip(ax_e, [(lo, hi, EMOTION_COLORS.get(k, "k")) for lo, hi, k in runs([c["emotion"] for c in clips])],
+          "dominant")
+    ax_e.tick_params(labelbottom=False)
+    ax_l = fig.add_subplot(grid[2], sharex=ax)
+    lam = np.array([c["fusion_weights"]["face"] for c in clips])
+    ax_l.plot(x, lam, color="#00897b", lw=1)
+    ax_l.axhline(0.5, color="grey", lw=0.6, ls=":")
+    ax_l.set_ylim(0, 1)
+    ax_l.set_ylabel("λ face", fontsize=9)
+    ax_l.tick_params(labelbottom=False)
+    ax_f = fig.add_subplot(grid[3], sharex=ax)
+    strip(ax_f, [(lo, hi, "#43a047" if k else "#e0e0e0") for lo, hi, k in runs([c["face_found"] for c in clips])],
+          "face")
+    ax_f.set_xlabel(f"time ({unit})")
+    ax_f.legend(handles=[Patch(color="#43a047", label="face found"), Patch(color="#e0e0e0", label="no face")],
+                loc="upper left", bbox_to_anchor=(1.0, 1.6), fontsize=8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+class _Progress:
+    """tqdm bar over seconds of video on stderr, only on a terminal; total from the header when known."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar = None
+        self.done = 0.0
+
+    def start(self, video) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        total = video.duration_s or (video.header_frames / video.fps if video.header_frames else None)
+        self.bar = tqdm(total=round(total, 1) if total else None, unit="s", unit_scale=False, file=sys.stderr,
+                        desc="video seconds", dynamic_ncols=True, bar_format=None)
+
+    def clip(self, c) -> None:
+        if self.bar is not None and c.end_s > self.done:
+            self.bar.update(round(c.end_s - self.done, 3))
+            self.done = c.end_s
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     from .serve import check_int8_arguments
 
     check_int8_arguments(parser, args)
+    if args.timeline is not None and args.timeline.suffix.lower() not in (".csv", ".json"):
+        parser.error(f"--timeline {args.timeline}: the file name must end in .csv or .json")
     from .data.detectors import DetectorUnavailable
-    from .data.video import MediaDecodeError
+    from .data.video import MediaDecodeError, is_url
     from .devices import DeviceError, resolve_device
     from .models.checkpoint import CheckpointError
     from .serving.inference import Predictor
 
+    source = args.path
+    local = source != "-" and not is_url(source)
+    path = Path(source) if local else None
+    progress = _Progress(not args.no_progress and not args.follow)
+
+    def on_clip(c):
+        progress.clip(c)
+        if args.follow:
+            print(json.dumps({"type": "clip", **c.to_dict()}), flush=True)
+
     try:
         predictor = Predictor(args.checkpoint, device=resolve_device(args.device), detect_every=args.detect_every,
                               detector=None if args.detector == "none" else args.detector)
-        known = None if args.boxes is None else boxes_for(args.path, args.boxes)
+        if args.boxes is not None and not local:
+            raise LookupError(f"--boxes needs a file path, not {source}")
+        known = None if args.boxes is None else boxes_for(path, args.boxes)
         with_arrays = args.save_viz is not None
-        prep = predictor.prepare_file(args.path, keep_frames=with_arrays, known_boxes=known)
         if args.int8:
             from .models.quantize import quantize_predictor
+            from .serving.inference import is_image_file
 
-            n, bs = prep.num_inputs, predictor.batch_size
-            sizes = {min(n, bs)} | ({n % bs} if n > bs and n % bs else set())  # this file's model calls
+            image = local and path.is_file() and is_image_file(path)
+            sizes = {1} if image else {1, 2, predictor.stream_chunk}  # the streamed chunks' model calls
             quantize_predictor(predictor, args.calibrate, args.calibrate_samples, warmup_batch_sizes=sizes,
                                out=sys.stderr)
-        result = predictor.finish(prep, *predictor.forward(prep.face, prep.context), with_arrays=with_arrays)
+        try:
+            result = predictor.predict_file(path if local else source, with_arrays=with_arrays, known_boxes=known,
+                                            on_clip=on_clip, follow=args.follow and local, on_start=progress.start)
+        finally:
+            progress.close()
+        result = result.to_dict()
         if known is not None:
             result["detector"] = f"boxes from {args.boxes.name}"
     except (CheckpointError, MediaDecodeError, DetectorUnavailable, LookupError, DeviceError) as exc:
@@ -227,17 +426,34 @@ def main(argv=None) -> int:
         print(f"error: --int8: {exc}", file=sys.stderr)
         return 2
     visual = result.pop("_visual", None)
-    if args.save_viz is not None:
-        result["_visual"] = visual
-        save_visualization(result, args.save_viz, title=f"{args.path.name} — {args.checkpoint.name}")
-        result.pop("_visual")
-    if args.json:
-        result["path"] = str(args.path)
+    name = path.name if local else source
+    try:
+        if args.save_viz is not None:
+            result["_visual"] = visual
+            save_visualization(result, args.save_viz, title=f"{name} — {args.checkpoint.name}")
+            result.pop("_visual")
+        if args.timeline is not None:
+            write_timeline(result, args.timeline, source=str(source))
+        if args.timeline_plot is not None:
+            save_timeline_plot(result, args.timeline_plot, title=f"{name} — {args.checkpoint.name}: overall "
+                                                                  f"{result['emotion']} ({result['confidence']:.0%})")
+    except OSError as exc:
+        print(f"error: could not write {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if args.follow:
+        print(json.dumps({"type": "result", "path": str(source), **{k: v for k, v in result.items() if k != "clips"}}),
+              flush=True)
+    elif args.json:
+        result["path"] = str(source)
         print(json.dumps(result, indent=2))
     else:
-        print(format_summary(result, args.path, args.top))
+        print(format_summary(result, source, args.top))
         if args.save_viz is not None:
             print(f"picture: {args.save_viz}")
+        if args.timeline is not None:
+            print(f"timeline: {args.timeline}")
+        if args.timeline_plot is not None:
+            print(f"timeline plot: {args.timeline_plot}")
     return 0
 
 

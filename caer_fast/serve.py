@@ -31,6 +31,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload")
     p.add_argument("--max-frames", type=int, default=3000,
                    help="longest accepted video, in decoded frames (3000 = 100 s at 30 fps)")
+    p.add_argument("--max-frame-pixels", type=int, default=3840 * 2160,
+                   help="largest accepted frame or image, width × height (default 4K UHD)")
+    p.add_argument("--max-pixels", type=int, default=3000 * 1920 * 1080,
+                   help="decoded-pixel budget of one video (frames × width × height), checked from the stream "
+                        "header and while decoding (default: 3000 frames of 1080p)")
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="resident memory the server stays under: each request reserves its estimated peak "
+                        "before decoding; one that never fits is refused (413), others wait (then 503). "
+                        "Default: half the machine's memory (the cgroup limit if lower)")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="open connections served at once; more are answered 503 at once")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send its headers")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="longest pause, in seconds, while a client sends its body (slower clients get 408)")
     p.add_argument("--detector", default="haar", choices=DETECTORS + ("none",))
     p.add_argument("--detect-every", type=int, default=4, help="detect faces on every k-th sampled frame")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -70,19 +84,18 @@ def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_int8_arguments(parser, args)
-    import uvicorn
-
     from .data.detectors import DetectorUnavailable
     from .devices import DeviceError, resolve_device
     from .models.checkpoint import CheckpointError
-    from .serving.app import create_app
+    from .serving.app import default_memory_budget_mb, run_server
     from .serving.inference import Predictor, set_threads_from_env
 
     set_threads_from_env()
     try:
         predictor = Predictor(args.checkpoint, device=resolve_device(args.device), detect_every=args.detect_every,
                               detector=None if args.detector == "none" else args.detector,
-                              max_frames=args.max_frames, batch_size=max(args.max_batch, 1))
+                              max_frames=args.max_frames, batch_size=max(args.max_batch, 1),
+                              max_frame_pixels=args.max_frame_pixels, max_pixels=args.max_pixels)
     except (CheckpointError, DetectorUnavailable, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -96,11 +109,13 @@ def main(argv=None) -> int:
         except (QuantizationUnavailable, NotImplementedError, TypeError, ValueError, FileNotFoundError) as exc:
             print(f"error: --int8: {exc}", file=sys.stderr)
             return 2
-    app = create_app(predictor, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     max_upload_mb=args.max_upload_mb, preprocess_threads=args.threads)
+    budget = args.memory_budget_mb or default_memory_budget_mb()
     print(f"caer_fast serving {predictor.model_type}{' int8' if args.int8 else ''} ({args.checkpoint}) on http://{args.host}:{args.port} "
-          f"— max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+          f"— max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, memory budget {budget:.0f} MiB", flush=True)
+    run_server(predictor, args.host, args.port, log_level=args.log_level, max_connections=args.max_connections,
+               header_timeout_s=args.header_timeout, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+               max_upload_mb=args.max_upload_mb, preprocess_threads=args.threads, memory_budget_mb=budget,
+               body_timeout_s=args.body_timeout)
     return 0
 
 

@@ -2,14 +2,18 @@
 
 - ``GET /health`` → model, limits and batching statistics.
 - ``POST /predict`` (multipart field ``file``: a video or an image) → the :class:`~.inference.Predictor`
-  result as JSON. Bad uploads get a 4xx JSON ``{"error": reason, "detail": …}``: missing field (400),
-  empty (400), too big (413), not an image or video (415), undecodable (422), too long (413).
+  result as JSON (``?timeline=1`` adds the per-clip ``timeline`` rows). Bad uploads get a 4xx JSON
+  ``{"error": reason, "detail": …}``: missing field (400), empty (400), too big (413), not an image or
+  video (415), a known format that does not decode (422), too long / frames too large / over the
+  decoded-pixel or memory budget (413), server busy (503), slow client (408).
 
-Each request is decoded and preprocessed in a worker thread; its model inputs then go onto an asyncio
-queue. One batching task takes what is queued (up to ``max_batch`` inputs, waiting at most
+Videos stream through :mod:`.stream` (the ``predict`` pipeline): a worker thread decodes and preprocesses
+one chunk of clips at a time while the previous chunk waits for the model; each chunk goes onto an
+asyncio queue. One batching task takes what is queued (up to ``max_batch`` inputs, waiting at most
 ``max_wait_ms`` after the first) and runs one model call for all of them, so concurrent requests share
-a forward pass. Uploads are written to a private temp directory under a fixed name: nothing from the
-request (file name, path) is ever used as a path.
+a forward pass. Memory: a request reserves an estimate of its peak (from the frame size in the stream
+header) against ``memory_budget`` before it decodes anything. Uploads are written to a private temp
+directory under a fixed name: nothing from the request (file name, path) is ever used as a path.
 """
 from __future__ import annotations
 
@@ -27,8 +31,91 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ..data.video import MediaDecodeError
-from .inference import MediaTooLongError, Predictor
+from ..data.video import MediaDecodeError, MediaTooLargeError, sniff_media
+from .inference import MediaTooLongError, Predictor, is_image_file
+from .stream import Accumulator, iter_chunks
+
+
+def machine_memory_bytes() -> int:
+    """RAM this process may use: the cgroup limit when there is one, else MemTotal."""
+    total = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            v = open(p).read().strip()
+            if v.isdigit() and (total is None or int(v) < total):
+                total = int(v)
+        except OSError:
+            pass
+    return total or 8 * 2**30
+
+
+def default_memory_budget_mb() -> int:
+    """Half the machine's memory, at least 1 GiB: the server's default resident-memory budget."""
+    return max(1024, machine_memory_bytes() // 2 // 2**20)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+# Peak bytes one streaming request adds, by decoded frame size: decoder frame pool and threads (≈ 16 YUV
+# frames at 1.5 B/px), RGB frames of one preprocessing group (3 B/px, 8 frames at most) and the float copy
+# face_context makes of them (12 B/px); plus a fixed part for the chunk's clips and the model's activations
+# at the largest batch. Measured on this machine: tests/test_serve_limits.py keeps RSS under the budget.
+STREAM_BYTES_PER_PIXEL = 16 * 1.5 + 8 * 3 + 8 * 12
+STREAM_FIXED_BYTES = 96 * 2**20
+
+
+def request_memory_estimate(width: int, height: int, model_batch_bytes: int = 0) -> int:
+    px = max(1, int(width)) * max(1, int(height))
+    group = max(1, min(8, (8 * 640 * 360) // px))  # frames preprocessed together (stream.GROUP_PIXELS)
+    return int(px * (16 * 1.5 + group * 3 + group * 12) + STREAM_FIXED_BYTES + model_batch_bytes)
+
+
+class MemoryBudget:
+    """Admission control: requests reserve their estimated peak; one that does not fit waits (up to
+    ``wait_s``) for others to finish, one that could never fit is refused."""
+
+    def __init__(self, budget_bytes: int, base_bytes: int, wait_s: float = 30.0):
+        self.budget, self.base, self.wait_s = int(budget_bytes), int(base_bytes), float(wait_s)
+        self.reserved = 0
+        self.peak_reserved = 0
+        self._cond: Optional[asyncio.Condition] = None
+
+    @property
+    def available(self) -> int:
+        return self.budget - self.base
+
+    async def acquire(self, n: int) -> None:
+        if n > self.available:
+            raise MemoryError(f"needs about {n / 2**20:.0f} MiB, more than the server's memory budget allows "
+                              f"({self.available / 2**20:.0f} MiB above its {self.base / 2**20:.0f} MiB at rest)")
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(lambda: self.reserved + n <= self.available), self.wait_s)
+            except asyncio.TimeoutError:
+                raise TimeoutError("server busy: its memory budget is taken by other requests") from None
+            self.reserved += n
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.reserved -= n
+            self._cond.notify_all()
 
 
 class _Job:
@@ -138,6 +225,10 @@ class UploadTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    pass
+
+
 DRAIN_LIMIT = 256 * 2**20  # read (and drop) at most this much of a refused body before answering
 
 
@@ -156,8 +247,10 @@ class BodyLimitMiddleware:
     """Refuses request bodies over ``limit`` bytes with 413, by Content-Length or while streaming,
     before the multipart parser spools them to disk."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, counters: Optional[Counter] = None, body_timeout_s: Optional[float] = None):
         self.app, self.limit = app, int(limit)
+        self.counters = counters if counters is not None else Counter()
+        self.body_timeout = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -165,14 +258,21 @@ class BodyLimitMiddleware:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            await _drain(receive, True)
+            self.counters["413 upload too large"] += 1
+            try:
+                await asyncio.wait_for(_drain(receive, True), self.body_timeout)
+            except asyncio.TimeoutError:
+                pass
             return await _send_json(send, 413, _too_big(int(length), self.limit))
         seen = 0
         started = False
 
         async def counting_receive():
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(f"no body bytes for {self.body_timeout:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
@@ -190,7 +290,12 @@ class BodyLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except UploadTooLarge as exc:  # raised outside the /predict handler's own catch
             if not started:
+                self.counters["413 upload too large"] += 1
                 await _send_json(send, 413, {"error": "upload too large", "detail": str(exc)})
+        except BodyTimeout as exc:
+            if not started:
+                self.counters["408 request body too slow"] += 1
+                await _send_json(send, 408, {"error": "request body too slow", "detail": str(exc)})
 
 
 def _too_big(size: int, limit: int) -> dict:
@@ -209,20 +314,28 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 
 def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10.0, max_upload_mb: float = 50.0,
-               preprocess_threads: int = 2):
-    """The ASGI app (FastAPI wrapped in the upload-size guard)."""
+               preprocess_threads: int = 2, memory_budget_mb: Optional[float] = None, body_timeout_s: float = 30.0,
+               counters: Optional[Counter] = None):
+    """The ASGI app (FastAPI wrapped in the upload-size and body-timeout guard).
+
+    ``memory_budget_mb``: resident memory the server keeps under (default: half the machine's memory);
+    ``counters``: shared with the connection guard of :func:`run_server` so /health shows its refusals."""
     from contextlib import asynccontextmanager
 
     batcher = MicroBatcher(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms)
     pool = ThreadPoolExecutor(max(1, preprocess_threads), thread_name_prefix="preprocess")
     limit = int(max_upload_mb * 2**20)
     tmp_root = tempfile.mkdtemp(prefix="caer_fast_serve_")  # mode 0700: private to this process's user
-    counters = Counter()
+    counters = counters if counters is not None else Counter()
     started = time.time()
+    budget_mb = float(memory_budget_mb or default_memory_budget_mb())
+    # the model's activations at the largest batch are in the fixed part of every estimate: one batch runs at a time
+    memory = MemoryBudget(int(budget_mb * 2**20), rss_bytes())
 
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
+        memory.base = max(memory.base, rss_bytes())  # after imports and warm-up
         yield
         await batcher.stop()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -241,19 +354,80 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
                 "face_size": list(predictor.face_size), "context_size": list(predictor.context_size),
                 "detector": predictor.detector_name, "device": str(predictor.device),
                 "precision": "int8" if getattr(predictor, "int8_info", None) else "fp32",
-                "limits": {"max_upload_bytes": limit, "max_frames": predictor.max_frames},
+                "limits": {"max_upload_bytes": limit, "max_frames": predictor.max_frames,
+                           "max_frame_pixels": predictor.max_frame_pixels, "max_pixels": predictor.max_pixels,
+                           "memory_budget_bytes": memory.budget, "body_timeout_s": body_timeout_s},
+                "memory": {"rss_bytes": rss_bytes(), "base_bytes": memory.base, "reserved_bytes": memory.reserved,
+                           "peak_reserved_bytes": memory.peak_reserved},
                 "uptime_s": round(time.time() - started, 1), "batching": batcher.stats(),
                 "errors": dict(counters)}
 
-    def _prepare(path: str):
-        return predictor.prepare_file(path)
+    def media_error(exc: Exception, path: str) -> JSONResponse:
+        if isinstance(exc, MediaTooLongError):
+            return error(413, "video too long", str(exc))
+        if isinstance(exc, MediaTooLargeError):
+            problem = exc.problem.replace(path, "upload")
+            return error(413, "video too long" if "too long" in problem else "media too large", problem)
+        if isinstance(exc, MediaDecodeError):
+            problem = exc.problem.replace(path, "upload")  # our temp path is nobody's business
+            try:
+                with open(path, "rb") as f:
+                    known = sniff_media(f.read(512))
+            except OSError:
+                known = None
+            if known is None and (problem.startswith("not a readable video container") or problem == "no video stream"):
+                return error(415, "not an image or a video", problem)
+            # a known format that does not decode: truncated before its first frame, or corrupt
+            return error(422, "undecodable media", problem)
+        return error(422, "undecodable media", f"{type(exc).__name__}: {exc}")  # odd frames the op refuses
+
+    async def predict_video(path: str, loop) -> dict:
+        video = await loop.run_in_executor(pool, predictor.open_video, path)  # header checks: size, frames
+        gen = fut = None
+        try:
+            need = request_memory_estimate(video.width, video.height)
+            await memory.acquire(need)
+            try:
+                acc = Accumulator(predictor, kind="video", fps=video.fps)
+                gen = iter_chunks(predictor, predictor.sampled_frames(video), max(1, batcher.max_batch))
+                fut = loop.run_in_executor(pool, next, gen, None)
+                while True:
+                    chunk = await fut
+                    fut = None
+                    if chunk is None:
+                        break
+                    if not chunk.last:  # decode the next chunk while this one waits for the model
+                        fut = loop.run_in_executor(pool, next, gen, None)
+                    if chunk.n:
+                        probs, att, weights = await batcher.submit(chunk.face, chunk.context)
+                    else:
+                        probs = att = weights = torch.empty(0)
+                    acc.add(chunk, probs, att, weights)
+                    if chunk.last:
+                        break
+                return acc.result(notes=video.notes, truncated=video.truncated).to_dict()
+            finally:
+                if fut is not None:  # a chunk still decoding: let it end before the decoder is closed
+                    await asyncio.wait([fut])
+                await memory.release(need)
+        finally:
+            if gen is not None:
+                gen.close()
+            video.close()
+
+    def predict_image(path: str):
+        prep = predictor.prepare_file(path)
+        return prep
 
     @app.post("/predict")
     async def predict(request: Request):
+        timeline = request.query_params.get("timeline", "").lower() in ("1", "true", "yes")
         try:
             form = await request.form(max_files=1, max_fields=8)
         except UploadTooLarge as exc:  # a body without Content-Length that grew past the limit
             return error(413, "upload too large", str(exc))
+        except BodyTimeout as exc:
+            return error(408, "request body too slow", str(exc))
         except Exception as exc:  # not multipart, malformed body
             return error(400, "bad multipart body", f"{type(exc).__name__}: {exc}")
         upload = form.get("file")
@@ -273,21 +447,116 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
                 return error(400, "empty upload", "the file has 0 bytes")
             loop = asyncio.get_running_loop()
             try:
-                prep = await loop.run_in_executor(pool, _prepare, path)
-            except MediaTooLongError as exc:
-                return error(413, "video too long", str(exc))
-            except MediaDecodeError as exc:
-                problem = exc.problem.replace(path, "upload")  # our temp path is nobody's business
-                if problem.startswith("not a readable video container") or problem == "no video stream":
-                    return error(415, "not an image or a video", problem)
-                return error(422, "undecodable media", problem)
-            except (ValueError, RuntimeError) as exc:  # odd frames (e.g. a 1-pixel video) the op refuses
-                return error(422, "undecodable media", f"{type(exc).__name__}: {exc}")
-            probs, att, weights = await batcher.submit(prep.face, prep.context)
-            result = predictor.finish(prep, probs, att, weights)
+                if await loop.run_in_executor(pool, is_image_file, path):
+                    prep = await loop.run_in_executor(pool, predict_image, path)
+                    probs, att, weights = await batcher.submit(prep.face, prep.context)
+                    result = predictor.finish(prep, probs, att, weights)
+                else:
+                    result = await predict_video(path, loop)
+            except MemoryError as exc:
+                return error(413, "media too large", str(exc))
+            except TimeoutError as exc:
+                counters["503 busy"] += 1
+                return JSONResponse({"error": "busy", "detail": str(exc)}, status_code=503,
+                                    headers={"Retry-After": "5"})
+            except (MediaDecodeError, MediaTooLongError, ValueError, RuntimeError) as exc:
+                return media_error(exc, path)
+            if timeline:
+                from ..predict import timeline_rows
+
+                result["timeline"] = timeline_rows(result)
             counters["200"] += 1
             return result
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    return BodyLimitMiddleware(app, limit)
+    return BodyLimitMiddleware(app, limit, counters=counters, body_timeout_s=body_timeout_s)
+
+
+def guarded_protocol(header_timeout_s: float, counters: Counter):
+    """uvicorn's h11 protocol with a deadline for each request's headers (a client that trickles them is
+    answered 408 and dropped), its refusals counted instead of logged one line each."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = b'{"error": "request headers too slow", "detail": "the headers did not arrive in time"}'
+    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer = None
+        _waiting_headers = False
+        _got_bytes = False
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._waiting_headers = True
+            self._got_bytes = False
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self._waiting_headers and not self.transport.is_closing():
+                if self._got_bytes:  # a request started and stalled; an idle keep-alive is just closed
+                    counters["408 header timeout"] += 1
+                    self.transport.write(answer)
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            self._got_bytes = True
+            super().data_received(data)
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before:  # a request's headers are complete
+                self._waiting_headers = False
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request on this connection gets its own deadline
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+class _CountRefusals:
+    """A logging filter: uvicorn's one-line-per-request warnings for refused connections become a count."""
+
+    def __init__(self, counters: Counter):
+        self.counters = counters
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Exceeded concurrency limit"):
+            self.counters["503 too many connections"] += 1
+            return False
+        return True
+
+
+def run_server(predictor: Predictor, host: str, port: int, log_level: str = "warning", max_connections: int = 64,
+               header_timeout_s: float = 10.0, keep_alive_s: float = 5.0, **app_kwargs) -> None:
+    """Serve with uvicorn: connection limit (503 beyond it), header / body / keep-alive timeouts."""
+    import logging
+
+    import uvicorn
+
+    counters = Counter()
+    app = create_app(predictor, counters=counters, **app_kwargs)
+    logging.getLogger("uvicorn.error").addFilter(_CountRefusals(counters))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                http=guarded_protocol(header_timeout_s, counters), limit_concurrency=max_connections,
+                timeout_keep_alive=keep_alive_s, backlog=max(128, 2 * max_connections))

@@ -30,16 +30,28 @@ import torch
 
 from ..constants import CLASSES, CLIP_FPS, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE, TEST_CLIP_STRIDE
 from ..data.datasets import clip_starts as _dataset_clip_starts, resample_indices
-from ..data.video import MediaDecodeError, decode_video, probe_video
+from ..data.video import (MAX_IMAGE_PIXELS, MediaDecodeError, MediaTooLargeError, VideoStream, decode_video,
+                          image_size, is_url, open_source, probe_video, sample_positions, sniff_media)
 from ..models.caer_net import CAERNet
 from ..models.checkpoint import load_checkpoint, read_checkpoint
 from ..ops import face_context
+from .stream import Accumulator, ClipResult, Prediction, StageTimer, iter_chunks, run_stream
 
-MAX_PIXELS = 4096 * 4096  # refuse frames larger than this (memory: a decoded frame is H·W·3 bytes)
+MAX_PIXELS = MAX_IMAGE_PIXELS  # refuse frames larger than this (memory: a decoded frame is H·W·3 bytes)
 
 
 class MediaTooLongError(ValueError):
     """A video with more frames than the configured limit."""
+
+
+def _prediction_from_dict(d: dict) -> Prediction:
+    """The typed result of the whole-input path's dict (:meth:`Predictor.finish`)."""
+    clips = [ClipResult(**c) for c in d["clips"]]
+    notes = [] if not d.get("note") else [d["note"]]
+    return Prediction(d["kind"], d["model"], d["checkpoint_kind"], d["emotion"], d["confidence"], d["probabilities"],
+                      d["fusion_weights"], d["face_found"], d["frames_with_face"], d["frames_used"], d["fps"],
+                      d["detector"], d["face_boxes"], d["attention"], clips, notes, bool(d.get("truncated", False)),
+                      d.get("_visual"))
 
 
 def _pair(v, default) -> Tuple[int, int]:
@@ -72,15 +84,30 @@ def clip_starts(num_frames: int, clip_frames: int, stride: int = TEST_CLIP_STRID
 
 
 def is_image_file(path) -> bool:
-    """Sniff the content (not the name): does PIL read it as an image?"""
+    """Sniff the content (not the name): an image format's magic bytes, or PIL reads it as an image.
+    Size is not judged here: a 20000×20000 PNG is an image (refused as too large by the reader)."""
     from PIL import Image
 
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    kind = sniff_media(head)
+    if kind is not None:
+        return kind == "image"
+    if image_size(path) is None:
+        return False
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # size is the reader's business
     try:
         with Image.open(path) as im:
             im.verify()
         return True
     except Exception:  # any failure means "not an image we can read"; video decoding is tried next
         return False
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
 
 
 @dataclass
@@ -116,6 +143,13 @@ class Predictor:
         detect_every: run the detector on every k-th sampled frame (10 fps → k=4 is 2.5 detections/s).
         max_frames: refuse videos with more decoded frames than this (None: no limit).
         batch_size: largest model batch (inputs are chunked).
+        max_frame_pixels: refuse frames (and images) with more pixels than this.
+        max_pixels: decoded-pixel budget of one video (frames × width × height; None: no limit), checked
+            from the header and while decoding.
+        engine: what runs the model, called as ``engine(face, context, return_details=True)`` like the
+            model (an exported / compiled / int8 form); default the loaded model itself.
+        stream_chunk: model inputs per chunk of the streaming pipeline (clips for the video model,
+            frames for the image model; default: 4 clips / ``batch_size`` frames).
 
     Example:
         >>> p = Predictor("runs/demo/both/checkpoint.pth")                     # doctest: +SKIP
@@ -123,7 +157,8 @@ class Predictor:
     """
 
     def __init__(self, checkpoint, device: Optional[str] = None, detector="haar", detect_every: int = 4,
-                 max_frames: Optional[int] = None, batch_size: int = 16):
+                 max_frames: Optional[int] = None, batch_size: int = 16, max_frame_pixels: Optional[int] = MAX_PIXELS,
+                 max_pixels: Optional[int] = None, engine=None, stream_chunk: Optional[int] = None):
         ckpt = read_checkpoint(checkpoint)
         self.model = load_checkpoint(ckpt).eval()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -139,12 +174,20 @@ class Predictor:
         self.detect_every = max(1, int(detect_every))
         self.max_frames = max_frames
         self.batch_size = max(1, int(batch_size))
+        self.max_frame_pixels, self.max_pixels = max_frame_pixels, max_pixels
+        self.engine = engine
+        self.stream_chunk = max(1, int(stream_chunk)) if stream_chunk else (
+            min(4, self.batch_size) if self.is_video_model else self.batch_size)
         self._detector_spec = detector
         self._local = threading.local()  # one detector per thread: OpenCV cascades are not shared safely
         self.detector_name = detector if isinstance(detector, str) else (
             "none" if detector is None else getattr(detector, "name", type(detector).__name__))
         if isinstance(detector, str):
             self._detector()  # fail now (unknown name, missing package), not on the first request
+
+    @property
+    def is_video_model(self) -> bool:
+        return self.model_type == "caer" or isinstance(self.model, CAERNet)
 
     # -- preprocessing ----------------------------------------------------------------------------
     def _detector(self):
@@ -187,15 +230,11 @@ class Predictor:
             raise MediaDecodeError(path, "empty file (0 bytes)")
         if is_image_file(path):
             from ..data.video import read_image
-            from PIL import Image
 
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise MediaDecodeError(path, f"image too large ({im.width}×{im.height} pixels)")
-            return "image", read_image(path)[None], np.zeros(1, dtype=np.int64), 0.0
+            return "image", read_image(path, max_pixels=self.max_frame_pixels)[None], np.zeros(1, dtype=np.int64), 0.0
         info = probe_video(path, count_frames=False)  # header only: cheap
-        if info.width * info.height > MAX_PIXELS:
-            raise MediaDecodeError(path, f"video frames too large ({info.width}×{info.height} pixels)")
+        if self.max_frame_pixels is not None and info.width * info.height > self.max_frame_pixels:
+            raise MediaTooLargeError(path, f"video frames too large ({info.width}×{info.height} pixels)")
         limit = self.max_frames
         if limit is not None and info.num_frames > limit:
             raise MediaTooLongError(f"video too long: {info.num_frames} frames, the limit is {limit}")
@@ -260,10 +299,11 @@ class Predictor:
     @torch.inference_mode()
     def forward(self, face: torch.Tensor, context: torch.Tensor):
         """(probabilities n×C, attention n×1×(S…), fusion weights n×2) on CPU, in chunks of ``batch_size``."""
+        run = self.engine if self.engine is not None else self.model
         probs, att, weights = [], [], []
         for i in range(0, face.shape[0], self.batch_size):
-            logits, d = self.model(face[i:i + self.batch_size].to(self.device),
-                                   context[i:i + self.batch_size].to(self.device), return_details=True)
+            logits, d = run(face[i:i + self.batch_size].to(self.device),
+                            context[i:i + self.batch_size].to(self.device), return_details=True)
             probs.append(torch.softmax(logits.float(), dim=-1).cpu())
             att.append(d["attention"].float().cpu())
             weights.append(d["fusion_weights"].float().cpu())
@@ -333,16 +373,66 @@ class Predictor:
             }
         return result
 
-    def predict_file(self, path, with_arrays: bool = False, known_boxes=None) -> dict:
-        """Emotion of the video or image at ``path`` (see the module docstring for the pipeline);
-        ``known_boxes`` as in :meth:`prepare_file`."""
-        prep = self.prepare_file(path, keep_frames=with_arrays, known_boxes=known_boxes)
-        return self.finish(prep, *self.forward(prep.face, prep.context), with_arrays=with_arrays)
+    def predict_file(self, path, with_arrays: bool = False, known_boxes=None, on_clip=None, follow: bool = False,
+                     timer: Optional[StageTimer] = None, on_start=None) -> Prediction:
+        """Emotion of the video or image at ``path`` (a file, ``"-"`` for standard input, or a URL PyAV
+        opens); see the module docstring for the pipeline. Videos stream (:meth:`stream`); ``known_boxes``
+        as in :meth:`prepare_file`. Returns a :class:`~.stream.Prediction` (``.to_dict()`` is the JSON)."""
+        if not follow and path != "-" and not is_url(str(path)) and not hasattr(path, "read"):
+            p = Path(path)
+            if not p.is_file():
+                raise MediaDecodeError(p, "no such file")
+            if p.stat().st_size == 0:
+                raise MediaDecodeError(p, "empty file (0 bytes)")
+            if is_image_file(p):
+                prep = self.prepare_file(p, keep_frames=with_arrays, known_boxes=known_boxes)
+                result = _prediction_from_dict(self.finish(prep, *self.forward(prep.face, prep.context),
+                                                           with_arrays=with_arrays))
+                if on_clip is not None:
+                    for c in result.clips:
+                        on_clip(c)
+                return result
+        return self.stream(path, with_arrays=with_arrays, known_boxes=known_boxes, on_clip=on_clip, follow=follow,
+                           timer=timer, on_start=on_start)
 
-    def predict_frames(self, frames, fps: Optional[float] = None, boxes=None, with_arrays: bool = False) -> dict:
+    def open_video(self, source, follow: bool = False) -> VideoStream:
+        """The :class:`~caer_fast.data.video.VideoStream` of ``source`` with this predictor's limits."""
+        container = open_source(source, follow=follow)
+        name = "<stdin>" if source == "-" else str(source)
+        try:
+            return VideoStream(container, name, max_frame_pixels=self.max_frame_pixels, max_frames=self.max_frames,
+                               max_pixels=self.max_pixels)
+        except BaseException:
+            container.close()
+            raise
+
+    def sampled_frames(self, video: VideoStream, timer: Optional[StageTimer] = None):
+        """(k, decode index, RGB frame) of the video resampled to 10 fps (RGB conversion timed as decode)."""
+        for k, i, frame in sample_positions(video, video.fps, CLIP_FPS):
+            yield k, i, video.rgb(frame)
+
+    def stream(self, source, with_arrays: bool = False, known_boxes=None, on_clip=None, follow: bool = False,
+               timer: Optional[StageTimer] = None, on_start=None) -> Prediction:
+        """Stream a video through the pipeline of :mod:`caer_fast.serving.stream` in bounded memory;
+        ``on_start(VideoStream)`` once its header is read, ``on_clip(ClipResult)`` as each clip is ready
+        (progress, timelines, ``--follow``)."""
+        timer = timer if timer is not None else StageTimer()
+        video = self.open_video(source, follow=follow)
+        try:
+            if on_start is not None:
+                on_start(video)
+            acc = Accumulator(self, kind="video", fps=video.fps, keep_frames=with_arrays)
+            chunks = iter_chunks(self, self.sampled_frames(video, timer), self.stream_chunk, known_boxes=known_boxes,
+                                 keep_frames=with_arrays, timer=timer)
+            run_stream(self, chunks, acc, on_clip=on_clip, timer=timer)
+        finally:
+            video.close()
+        return acc.result(notes=video.notes, truncated=video.truncated)
+
+    def predict_frames(self, frames, fps: Optional[float] = None, boxes=None, with_arrays: bool = False) -> Prediction:
         """Emotion of in-memory frames (H×W×3 image or T×H×W×3 video, uint8 RGB); see :meth:`prepare_frames`."""
         prep = self.prepare_frames(frames, fps=fps, boxes=boxes, keep_frames=with_arrays)
-        return self.finish(prep, *self.forward(prep.face, prep.context), with_arrays=with_arrays)
+        return _prediction_from_dict(self.finish(prep, *self.forward(prep.face, prep.context), with_arrays=with_arrays))
 
 
 def set_threads_from_env() -> None:

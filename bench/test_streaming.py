@@ -1,0 +1,172 @@
+"""Streaming inference with the full-size CAER-Net: memory against input length, speed against real time and
+against the model alone, each stage's share.
+
+    pytest bench/test_streaming.py --benchmark-only -s                       # 10- and 30-minute inputs
+    CAER_BENCH_STREAM_MINUTES=2,4 pytest bench/test_streaming.py --benchmark-only -s   # quicker
+
+Inputs are 640×360 25 fps H.264 (ultrafast) videos written with PyAV into a temp dir (never into git):
+a low-complexity scene (a gradient, a moving block, a face-like ellipse pair), so they encode and decode
+cheaply. The checkpoint is a full-size CAER-Net (16-frame clips, 96² faces, 112² context crops) from
+random init; the Haar detector runs on every 4th sampled frame.
+
+- ``test_peak_memory_vs_length``: ``python -m caer_fast.predict`` in a subprocess per length; peak RSS
+  from ``wait4``'s ``ru_maxrss``; goal: within 10 % of each other and ≤ 1.5 GB.
+- ``test_pipeline_vs_model_alone``: in one process, the pipeline on a shorter input (stage seconds from
+  its timer) against the model alone on the same clips pre-decoded and preprocessed, same chunk size;
+  goals: ≥ 3× real time, ≥ 0.9× the model alone.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MINUTES = [float(m) for m in os.environ.get("CAER_BENCH_STREAM_MINUTES", "10,30").split(",")]
+SPEED_SECONDS = float(os.environ.get("CAER_BENCH_STREAM_SPEED_SECONDS", "120"))
+FPS, H, W = 25, 360, 640
+
+
+def write_long_video(path: Path, seconds: float) -> Path:
+    """H.264 ultrafast, 640×360 at 25 fps; the frames cycle through 100 pre-drawn ones (cheap to encode)."""
+    import av
+
+    rng = np.random.default_rng(0)
+    base = np.zeros((H, W, 3), np.uint8)
+    base[..., 0] = np.linspace(30, 200, W, dtype=np.uint8)[None]
+    base[..., 2] = np.linspace(60, 160, H, dtype=np.uint8)[:, None]
+    yy, xx = np.mgrid[0:H, 0:W]
+    frames = []
+    for t in range(100):
+        img = base.copy()
+        x = 80 + (4 * t) % 400
+        img[200:300, x:x + 80] = (200, 180, 60)
+        cy, cx = 140, 300 + int(20 * np.sin(t / 8))
+        face = ((yy - cy) / 55.0) ** 2 + ((xx - cx) / 42.0) ** 2 < 1
+        img[face] = (224, 180, 150)
+        for ex in (-16, 16):  # eyes and a mouth, so a Haar cascade sometimes fires
+            img[cy - 15:cy - 7, cx + ex - 7:cx + ex + 7] = (40, 30, 30)
+        img[cy + 20:cy + 26, cx - 14:cx + 14] = (120, 40, 40)
+        frames.append(np.clip(img.astype(int) + rng.integers(-3, 4, img.shape), 0, 255).astype(np.uint8))
+    n = int(seconds * FPS)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=FPS, options={"preset": "ultrafast", "crf": "30", "tune": "zerolatency"})
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        vf = [av.VideoFrame.from_ndarray(f, format="rgb24") for f in frames]
+        for i in range(n):
+            for pkt in s.encode(vf[i % len(vf)]):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    return path
+
+
+def full_size_checkpoint(path: Path) -> Path:
+    from caer_fast.constants import CLASSES
+    from caer_fast.models import CAERNet
+
+    torch.manual_seed(0)
+    model = CAERNet()
+    torch.save({"model": model.state_dict(), "epoch": 0, "model_type": "caer",
+                "model_args": {"use_face": True, "use_context": True, "frames": 16},
+                "args": {"face_size": [96, 96], "context_size": [128, 171], "crop": 112, "clip_frames": 16,
+                         "model": "caer"}, "classes": list(CLASSES)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench_stream")
+    return {"dir": d, "ckpt": full_size_checkpoint(d / "caer_full.pth")}
+
+
+def run_predict_rss(video: Path, ckpt: Path, out: Path):
+    """(wall s, peak RSS bytes, result) of predict in a subprocess (its own peak, from wait4)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t = time.perf_counter()
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "caer_fast.predict", str(video), "--checkpoint", str(ckpt),
+                                 "--json", "--no-progress", "--detect-every", "4"], stdout=f, stderr=subprocess.PIPE,
+                                env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-2000:]
+    return wall, usage.ru_maxrss * 1024, json.loads(out.read_text())
+
+
+def test_peak_memory_vs_length(benchmark, media):
+    rows = []
+
+    def run():
+        for minutes in MINUTES:
+            video = media["dir"] / f"long_{minutes:g}min.mp4"
+            t = time.perf_counter()
+            write_long_video(video, minutes * 60)
+            gen_s = time.perf_counter() - t
+            wall, rss, r = run_predict_rss(video, media["ckpt"], media["dir"] / f"out_{minutes:g}.json")
+            rows.append({"minutes": minutes, "peak_rss_mb": rss / 2**20, "wall_s": wall,
+                         "x_real_time": minutes * 60 / wall, "clips": len(r["clips"]), "frames_used": r["frames_used"],
+                         "file_mb": video.stat().st_size / 2**20, "encode_s": gen_s})
+            video.unlink()
+            print(f"\nstreaming {minutes:g} min 640x360@25: peak RSS {rss / 2**20:.0f} MiB, {wall:.0f} s wall "
+                  f"({minutes * 60 / wall:.2f}x real time incl. start-up), {len(r['clips'])} clips, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+        return rows
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(rows=rows, load=os.getloadavg()[0])
+    peaks = [r["peak_rss_mb"] for r in rows]
+    assert max(peaks) <= 1.5 * 1024, rows
+    if len(peaks) > 1:
+        assert max(peaks) <= 1.10 * min(peaks), rows
+
+
+def test_pipeline_vs_model_alone(benchmark, media):
+    from caer_fast.serving.inference import Predictor
+    from caer_fast.serving.stream import StageTimer, iter_chunks
+
+    video = write_long_video(media["dir"] / "speed.mp4", SPEED_SECONDS)
+    p = Predictor(media["ckpt"], device="cpu", detector="haar", detect_every=4)
+    # model alone: the same clips, decoded and preprocessed beforehand, in the pipeline's chunk size
+    vs = p.open_video(video)
+    chunks = [(c.face, c.context) for c in iter_chunks(p, p.sampled_frames(vs), p.stream_chunk) if c.n]
+    vs.close()
+    n_clips = sum(f.shape[0] for f, _ in chunks)
+    p.forward(*chunks[0])  # warm-up
+    out = {}
+
+    def run():
+        t = time.perf_counter()
+        for f, c in chunks:
+            p.forward(f, c)
+        out["model_alone_s"] = time.perf_counter() - t
+        timer = StageTimer()
+        t = time.perf_counter()
+        r = p.predict_file(video, timer=timer)
+        out["pipeline_s"] = time.perf_counter() - t
+        out["stages"] = dict(timer.seconds)
+        out["clips"] = len(r.clips)
+        return out
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    assert out["clips"] == n_clips
+    model_rate = n_clips / out["model_alone_s"]
+    pipe_rate = n_clips / out["pipeline_s"]
+    real_time = SPEED_SECONDS / out["pipeline_s"]
+    total_stage = sum(v for k, v in out["stages"].items() if k != "wait_for_input")
+    shares = {k: round(v / out["pipeline_s"], 3) for k, v in out["stages"].items()}
+    info = {"clips": n_clips, "model_alone_clips_s": model_rate, "pipeline_clips_s": pipe_rate,
+            "pipeline_vs_model": pipe_rate / model_rate, "x_real_time": real_time, "stage_seconds": out["stages"],
+            "stage_share_of_wall": shares, "stage_sum_over_wall": total_stage / out["pipeline_s"],
+            "threads": torch.get_num_threads(), "load": os.getloadavg()[0], "chunk": p.stream_chunk}
+    benchmark.extra_info.update(info)
+    print(f"\nstreaming speed ({SPEED_SECONDS:g} s input, {n_clips} clips, chunk {p.stream_chunk}, "
+          f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}): pipeline {pipe_rate:.2f} clips/s = "
+          f"{real_time:.2f}x real time; model alone {model_rate:.2f} clips/s; ratio {pipe_rate / model_rate:.2f}; "
+          f"stage seconds {json.dumps({k: round(v, 1) for k, v in out['stages'].items()})}", flush=True)
+    assert real_time >= 3.0 and pipe_rate >= 0.9 * model_rate, info

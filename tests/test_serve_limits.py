@@ -1,0 +1,204 @@
+"""The server under hostile clients, as a real process: uploads that would decode to huge frames or huge frame
+counts (4xx before memory is spent, RSS measured under the budget), slow clients (408 and dropped), too many
+connections (503, counted, no traceback flood), truncated uploads (200 with a note / 422), 413s in /health."""
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+av = pytest.importorskip("av")
+
+from serving_helpers import Server, make_checkpoint, write_video  # noqa: E402
+
+BUDGET_MB = 1300
+
+
+def encode(frames: int, size, fmt: str = "matroska", codec: str = "libx264", fps: int = 25) -> bytes:
+    """A highly compressible video (one still picture): tiny file, as many decoded pixels as asked."""
+    h, w = size
+    buf = io.BytesIO()
+    opts = {"preset": "ultrafast", "crf": "45"} if codec == "libx264" else {}
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=fps, options=opts)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        img = np.zeros((h, w, 3), np.uint8)
+        img[h // 4:h // 2, w // 4:w // 2] = 90
+        vf = av.VideoFrame.from_ndarray(img, format="rgb24")
+        for _ in range(frames):
+            for pkt in s.encode(vf):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    return buf.getvalue()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def post(url, data: bytes, timeout=300, query=""):
+    return httpx.post(url + "/predict" + query, files={"file": ("x.bin", data, "application/octet-stream")},
+                      timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("limits")
+    return {"dir": d, "ckpt": make_checkpoint(d / "caers.pth", "caers")}
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to measure the server's memory")
+    srv = Server(files["ckpt"], "--memory-budget-mb", BUDGET_MB, "--max-frame-pixels", 4096 * 4096,
+                 "--max-pixels", 12 * 4096 * 4096, "--max-frames", 3000, "--max-upload-mb", 5, "--threads", 2,
+                 "--max-batch", 8, cwd=files["dir"])
+    yield srv
+    srv.close()
+
+
+def test_hostile_uploads_are_4xx_and_rss_stays_under_budget(server):
+    if not Path(f"/proc/{server.proc.pid}/status").exists():
+        pytest.skip("no /proc")
+    huge_mkv = encode(40, (4096, 4096))  # 40 × 4096² = 671 M pixels in a few KB; no frame count in the header
+    huge_mp4 = encode(40, (4096, 4096), fmt="mp4")  # the same with a frame count in the header
+    long_mkv = encode(4000, (32, 32))  # more frames than --max-frames
+    assert len(huge_mkv) < 200_000 and len(huge_mp4) < 200_000 and len(long_mkv) < 500_000
+
+    r = post(server.url, huge_mp4)  # refused from the header: nothing decoded
+    assert r.status_code == 413 and "budget" in r.json()["detail"], r.text
+    r = post(server.url, huge_mkv)  # refused while decoding, after 12 frames' worth of pixels
+    assert r.status_code == 413 and "budget" in r.json()["detail"], r.text
+    r = post(server.url, long_mkv)
+    assert r.status_code == 413 and "too long" in r.json()["error"], r.text
+
+    # accepted heavy uploads, three at once: each reserves its estimate, so they take turns within the budget
+    ok = encode(6, (4096, 4096))
+    results = [None] * 3
+
+    def send(i):
+        results[i] = post(server.url, ok)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert all(r is not None and r.status_code == 200 for r in results), [r and r.text[:300] for r in results]
+    assert results[0].json()["frames_used"] == 3  # 6 frames at 25 fps → 3 at 10 fps
+    health = httpx.get(server.url + "/health", timeout=30).json()
+    assert health["memory"]["peak_reserved_bytes"] <= health["limits"]["memory_budget_bytes"]
+    peak = peak_rss_mb(server.proc.pid)
+    assert peak <= BUDGET_MB, (peak, health["memory"])
+    print(f"server peak RSS {peak:.0f} MiB, budget {BUDGET_MB} MiB, base {health['memory']['base_bytes'] / 2**20:.0f} MiB")
+
+
+def test_truncated_uploads_are_200_with_a_note_or_422(server, files):
+    video = write_video(files["dir"] / "t.avi", frames=120, fps=20, codec="mpeg4", size=(64, 96)).read_bytes()
+    r = post(server.url, video[: len(video) // 2])  # AVI cut in the middle: the first half decodes
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["truncated"] is True and "truncated" in out["note"] and out["frames_used"] > 0
+    mp4 = write_video(files["dir"] / "t.mp4", frames=40, fps=20).read_bytes()
+    r = post(server.url, mp4[: len(mp4) // 2])  # MP4 cut before its index: a known format, nothing decodes
+    assert r.status_code == 422 and r.json()["error"] == "undecodable media", r.text
+    r = post(server.url, video, query="?timeline=1")
+    assert r.status_code == 200 and len(r.json()["timeline"]) == len(r.json()["clips"]) >= 2
+    assert set(r.json()["timeline"][0]) >= {"start_s", "end_s", "emotion", "lambda_face", "face_found", "p_Happy"}
+
+
+def test_413s_are_counted_in_health(server):
+    before = httpx.get(server.url + "/health", timeout=30).json()["errors"].get("413 upload too large", 0)
+    r = post(server.url, b"x" * (6 * 2**20))
+    assert r.status_code == 413
+    after = httpx.get(server.url + "/health", timeout=30).json()["errors"].get("413 upload too large", 0)
+    assert after == before + 1
+
+
+@pytest.fixture(scope="module")
+def strict_server(files):
+    srv = Server(files["ckpt"], "--header-timeout", 1, "--body-timeout", 1, "--max-connections", 6,
+                 cwd=files["dir"])
+    yield srv
+    srv.close()
+
+
+def _connect(port):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return s
+
+
+def _read_all(s, limit=10.0) -> bytes:
+    s.settimeout(limit)
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        pass
+    return data
+
+
+def test_slow_clients_are_dropped(strict_server):
+    s = _connect(strict_server.port)
+    s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+    t = time.monotonic()
+    data = _read_all(s)
+    assert b"408" in data.split(b"\r\n")[0] and time.monotonic() - t < 8, data
+    s.close()
+    s = _connect(strict_server.port)  # headers complete, body stalls
+    s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+              b"Content-Length: 100000\r\n\r\n--zz\r\n")
+    t = time.monotonic()
+    data = _read_all(s)
+    assert b"408" in data.split(b"\r\n")[0] and b"too slow" in data and time.monotonic() - t < 8, data
+    s.close()
+    errors = httpx.get(strict_server.url + "/health", timeout=30).json()["errors"]
+    assert errors.get("408 header timeout", 0) >= 1 and errors.get("408 request body too slow", 0) >= 1, errors
+
+
+@pytest.fixture(scope="module")
+def small_server(files):
+    srv = Server(files["ckpt"], "--header-timeout", 60, "--max-connections", 6, cwd=files["dir"])
+    yield srv
+    srv.close()
+
+
+def test_too_many_connections_are_refused_quietly(small_server):
+    strict_server = small_server
+    idle = [_connect(strict_server.port) for _ in range(6)]  # hold the limit with connections that send nothing
+    for s in idle:
+        s.sendall(b"GET /health HTTP/1.1\r\n")
+    time.sleep(0.3)
+    refused = 0
+    for _ in range(20):
+        r = httpx.get(strict_server.url + "/health", timeout=30)
+        refused += r.status_code == 503
+    assert refused == 20
+    flood = []  # and a burst of 100 connections at once: refused, not a traceback each
+    for _ in range(100):
+        c = _connect(strict_server.port)
+        c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        flood.append(c)
+    answers = [_read_all(c, 10).split(b"\r\n")[0] for c in flood]
+    assert all(b"503" in a for a in answers), set(answers)
+    for c in flood + idle:
+        c.close()
+    time.sleep(1.5)
+    h = httpx.get(strict_server.url + "/health", timeout=30)
+    assert h.status_code == 200 and h.json()["errors"].get("503 too many connections", 0) >= 120
+    log = strict_server.output()
+    assert "Traceback" not in log and log.count("Exceeded concurrency limit") == 0, log[-2000:]
