@@ -57,7 +57,8 @@ def format_summary(r: dict, path, top: int = 3) -> str:
     fw = r["fusion_weights"]
     lines.append(f"emotion: {r['emotion']} ({r['confidence']:.1%})  |  {_top(r['probabilities'], top)}")
     lines.append(f"fusion weights: face {fw['face']:.2f}, context {fw['context']:.2f}  |  face found in "
-                 f"{r['frames_with_face']}/{r['frames_used']} frames ({r['detector']})")
+                 f"{r['frames_with_face']}/{r['frames_used']} frames ({r['detector']})"
+                 + (f"  |  engine {r['engine']}" if r.get("engine") else ""))
     if r["note"]:
         lines.append(f"note: {r['note']}")
     return "\n".join(lines)
@@ -199,6 +200,7 @@ def main(argv=None) -> int:
     from .data.detectors import DetectorUnavailable
     from .data.video import MediaDecodeError
     from .models.checkpoint import CheckpointError
+    from .serving.engines import EngineError
     from .serving.inference import Predictor
 
     try:
@@ -214,11 +216,20 @@ def main(argv=None) -> int:
             sizes = {min(n, bs)} | ({n % bs} if n > bs and n % bs else set())  # this file's model calls
             quantize_predictor(predictor, args.calibrate, args.calibrate_samples, warmup_batch_sizes=sizes,
                                out=sys.stderr)
+            predictor.engine_name = "int8"
+        else:
+            from .serving.engines import use_engine
+
+            use_engine(predictor, args.engine, out=sys.stderr)
         result = predictor.finish(prep, *predictor.forward(prep.face, prep.context), with_arrays=with_arrays)
+        result["engine"] = getattr(predictor, "engine_name", "eager")
         if known is not None:
             result["detector"] = f"boxes from {args.boxes.name}"
     except (CheckpointError, MediaDecodeError, DetectorUnavailable, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except EngineError as exc:
+        print(f"error: --engine {args.engine}: {exc}", file=sys.stderr)
         return 2
     except (NotImplementedError, FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
         if not args.int8:
