@@ -58,6 +58,43 @@ def example_inputs(model, face_size, crop_size, clip_frames: int, batch: int = 2
     return torch.randn(batch, 3, *face_size), torch.randn(batch, 3, *crop_size)
 
 
+OUTPUT_NAMES = ("logits", "attention", "fusion_weights")
+
+
+def export_model_onnx(model, face_shape, context_shape, output, opset: Optional[int] = None,
+                      dynamo: bool = False) -> Path:
+    """Write ``output`` (.onnx) for a live model; ``face_shape`` / ``context_shape`` without the batch
+    dimension (which is dynamic). The model's own train/eval mode is left as it was."""
+    was_training = model.training
+    # eval() on the wrapper too: the TorchScript exporter restores the wrapper's mode afterwards, recursively,
+    # which would leave a train-mode wrapper's model in train mode (BN on batch statistics)
+    wrapped = _Exported(model).eval()
+    inputs = (torch.randn(2, *face_shape), torch.randn(2, *context_shape))  # batch 2: not specialised to 1
+    dynamic = {name: {0: "batch"} for name in ("face", "context", *OUTPUT_NAMES)}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {} if opset is None else {"opset_version": int(opset)}
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        with reference_backend(), torch.no_grad(), warnings.catch_warnings():
+            # the ops' input checks read shapes as Python bools: harmless constants in the trace
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            names = dict(input_names=["face", "context"], output_names=list(OUTPUT_NAMES))
+            if dynamo:
+                batch = torch.export.Dim("batch")
+                torch.onnx.export(wrapped, inputs, str(tmp), dynamic_shapes=({0: batch}, {0: batch}),
+                                  dynamo=True, external_data=False, **names, **kwargs)
+            else:
+                warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
+                torch.onnx.export(wrapped, inputs, str(tmp), dynamic_axes=dynamic, dynamo=False,
+                                  **names, **kwargs)
+        os.replace(tmp, output)  # atomic: a reader never sees half a file
+    finally:
+        tmp.unlink(missing_ok=True)
+        model.train(was_training)
+    return output
+
+
 def export_onnx(checkpoint, output, opset: Optional[int] = None, dynamo: bool = False) -> dict:
     """Write ``output`` (.onnx) for the checkpoint's model; returns what was exported (names, shapes).
 
@@ -69,26 +106,10 @@ def export_onnx(checkpoint, output, opset: Optional[int] = None, dynamo: bool = 
     p = Predictor(checkpoint, device="cpu", detector=None)  # reads the sizes the same way predict does
     model = p.model.eval()
     crop = p.crop[2:] if p.crop else p.context_size
-    inputs = example_inputs(model, p.face_size, crop, p.clip_frames)
-    dynamic = {"face": {0: "batch"}, "context": {0: "batch"}, "logits": {0: "batch"}, "attention": {0: "batch"},
-               "fusion_weights": {0: "batch"}}
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = {} if opset is None else {"opset_version": int(opset)}
-    with reference_backend(), torch.no_grad(), warnings.catch_warnings():
-        # the ops' input checks read shapes as Python bools: harmless constants in the trace
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        names = dict(input_names=["face", "context"], output_names=["logits", "attention", "fusion_weights"])
-        if dynamo:
-            batch = torch.export.Dim("batch")
-            torch.onnx.export(_Exported(model), inputs, str(output), dynamic_shapes=({0: batch}, {0: batch}),
-                              dynamo=True, external_data=False, **names, **kwargs)
-        else:
-            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
-            torch.onnx.export(_Exported(model), inputs, str(output), dynamic_axes=dynamic, dynamo=False,
-                              **names, **kwargs)
+    face, context = example_inputs(model, p.face_size, crop, p.clip_frames, batch=1)
+    export_model_onnx(model, face.shape[1:], context.shape[1:], output, opset, dynamo)
     return {"output": str(output), "model": p.model_type, "classes": p.classes,
-            "face": list(inputs[0].shape[1:]), "context": list(inputs[1].shape[1:])}
+            "face": list(face.shape[1:]), "context": list(context.shape[1:])}
 
 
 def main(argv=None) -> int:

@@ -77,7 +77,8 @@ def format_summary(r: dict, path, top: int = 3) -> str:
     fw = r["fusion_weights"]
     lines.append(f"emotion: {r['emotion']} ({r['confidence']:.1%})  |  {_top(r['probabilities'], top)}")
     lines.append(f"fusion weights: face {fw['face']:.2f}, context {fw['context']:.2f}  |  face found in "
-                 f"{r['frames_with_face']}/{r['frames_used']} frames ({r['detector']})")
+                 f"{r['frames_with_face']}/{r['frames_used']} frames ({r['detector']})"
+                 + (f"  |  engine {r['engine']}" if r.get("engine") else ""))
     if r["note"]:
         lines.append(f"note: {r['note']}")
     return "\n".join(lines)
@@ -382,6 +383,7 @@ def main(argv=None) -> int:
     from .data.video import MediaDecodeError, is_url
     from .devices import DeviceError, resolve_device
     from .models.checkpoint import CheckpointError
+    from .serving.engines import EngineError
     from .serving.inference import Predictor
 
     source = args.path
@@ -409,16 +411,25 @@ def main(argv=None) -> int:
             sizes = {1} if image else {1, 2, predictor.stream_chunk}  # the streamed chunks' model calls
             quantize_predictor(predictor, args.calibrate, args.calibrate_samples, warmup_batch_sizes=sizes,
                                out=sys.stderr)
+            predictor.engine_name = "int8"
+        else:
+            from .serving.engines import use_engine
+
+            use_engine(predictor, args.engine, out=sys.stderr)
         try:
             result = predictor.predict_file(path if local else source, with_arrays=with_arrays, known_boxes=known,
                                             on_clip=on_clip, follow=args.follow and local, on_start=progress.start)
         finally:
             progress.close()
         result = result.to_dict()
+        result["engine"] = getattr(predictor, "engine_name", "eager")
         if known is not None:
             result["detector"] = f"boxes from {args.boxes.name}"
     except (CheckpointError, MediaDecodeError, DetectorUnavailable, LookupError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except EngineError as exc:
+        print(f"error: --engine {args.engine}: {exc}", file=sys.stderr)
         return 2
     except (NotImplementedError, FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
         if not args.int8:

@@ -55,7 +55,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def add_int8_arguments(p: argparse.ArgumentParser) -> None:
-    """--int8 / --calibrate / --calibrate-samples (shared with python -m caer_fast.predict)."""
+    """--engine, --int8 / --calibrate / --calibrate-samples (shared with python -m caer_fast.predict)."""
+    import os
+
+    from .serving.engines import ENGINES
+
+    p.add_argument("--engine", default=os.environ.get("CAER_FAST_ENGINE", "auto"), choices=ENGINES,
+                   help="CPU inference engine: auto measures ONNX Runtime (our export) and eager PyTorch once per "
+                        "model and machine, keeps the fastest whose outputs match the model, and caches the choice "
+                        "and the optimised graph in $CAER_FAST_CACHE_DIR/engines (default from $CAER_FAST_ENGINE)")
     g = p.add_argument_group("int8 inference (CPU, image model only)")
     g.add_argument("--int8", action="store_true",
                    help="quantise the model to int8 (PT2E + X86InductorQuantizer, oneDNN kernels via torch.compile) "
@@ -72,6 +80,9 @@ def add_int8_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_int8_arguments(p: argparse.ArgumentParser, args) -> None:
+    if args.int8:
+        args.engine = "int8"  # --int8 is --engine int8
+    args.int8 = args.engine == "int8"
     if args.int8 and args.calibrate is None:
         p.error("--int8 needs --calibrate ROOT (a CAER-S tree whose train split calibrates the int8 ranges)")
     if args.calibrate is not None and not args.int8:
@@ -99,7 +110,15 @@ def main(argv=None) -> int:
     except (CheckpointError, DetectorUnavailable, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.int8:
+    if not args.int8:
+        from .serving.engines import EngineError, use_engine
+
+        try:
+            use_engine(predictor, args.engine, out=sys.stderr)
+        except EngineError as exc:
+            print(f"error: --engine {args.engine}: {exc}", file=sys.stderr)
+            return 2
+    else:
         from .models.quantize import QuantizationUnavailable, quantize_predictor
 
         sizes = {1, min(2, args.max_batch), max(args.max_batch, 1)}
@@ -110,7 +129,9 @@ def main(argv=None) -> int:
             print(f"error: --int8: {exc}", file=sys.stderr)
             return 2
     budget = args.memory_budget_mb or default_memory_budget_mb()
-    print(f"caer_fast serving {predictor.model_type}{' int8' if args.int8 else ''} ({args.checkpoint}) on http://{args.host}:{args.port} "
+    predictor.engine_name = getattr(predictor, "engine_name", None) or ("int8" if args.int8 else "eager")
+    print(f"caer_fast serving {predictor.model_type}{' int8' if args.int8 else ''} with engine {predictor.engine_name} "
+          f"({args.checkpoint}) on http://{args.host}:{args.port} "
           f"— max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, memory budget {budget:.0f} MiB", flush=True)
     run_server(predictor, args.host, args.port, log_level=args.log_level, max_connections=args.max_connections,
                header_timeout_s=args.header_timeout, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,

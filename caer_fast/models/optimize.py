@@ -12,6 +12,9 @@ What each mode does, and why (figures: bench/RESULTS.md, "models (issue 5)"):
   ``torch.compile`` (layouts left to inductor, see ``channels_last`` below).
 - On CUDA (not testable on the CPU build machines): bf16 autocast, and CUDA graphs
   (``mode="reduce-overhead"``) for inference.
+- ``train`` on CPU, ``precision="auto"``: bf16 autocast only where the CPU computes bf16 natively
+  (AVX-512 BF16 / AMX), a measured bf16 train step is faster than fp32 and the convergence guard holds
+  (:func:`choose_train_precision`, run once on the first call); fp32 elsewhere (AVX2-only CPUs emulate bf16).
 
 The optimized form is cached on the model, so calling ``optimize`` again never compiles again;
 an inference copy whose source weights changed since (training went on) gets the new folded
@@ -32,6 +35,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from ..ops import preload
 
 MODES = ("train", "inference")
+PRECISIONS = ("auto", "fp32", "bf16")
 _CACHE_ATTR = "_caer_fast_optimized"
 log = logging.getLogger("caer_fast.optimize")
 
@@ -101,7 +105,7 @@ class OptimizedModel(nn.Module):
     """
 
     def __init__(self, module: nn.Module, mode: str, compile: bool, device: torch.device,
-                 compile_mode: Optional[str] = None):
+                 compile_mode: Optional[str] = None, precision: str = "fp32"):
         super().__init__()
         self.module = module
         self.mode = mode
@@ -110,7 +114,8 @@ class OptimizedModel(nn.Module):
         self._call = None  # chosen on the first call (compilation is lazy, so are its failures)
         self._want_compile = compile
         self.info = {"mode": mode, "device": str(device), "compiled": False, "fullgraph": False,
-                     "fallback_reason": None, "first_call_s": None}
+                     "fallback_reason": None, "first_call_s": None,
+                     "precision": None if precision == "auto" else precision}
 
     def _context(self):
         stack = contextlib.ExitStack()
@@ -118,6 +123,8 @@ class OptimizedModel(nn.Module):
             stack.enter_context(torch.inference_mode())
         if self._device_type == "cuda" and torch.cuda.is_bf16_supported():  # untested on the CPU machines
             stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+        elif self._device_type == "cpu" and self.info["precision"] == "bf16":
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
         return stack
 
     def _first_call(self, *args, **kwargs):
@@ -153,6 +160,10 @@ class OptimizedModel(nn.Module):
         return out
 
     def forward(self, face: torch.Tensor, context: torch.Tensor, return_details: bool = False):
+        if self.info["precision"] is None:  # precision="auto": measured once, on this call's inputs
+            decision = choose_train_precision(self.module, face, context)
+            self.info.update(precision=decision["precision"], precision_decision=decision)
+            log.info("optimize(train): %s (%s)", decision["precision"], decision["reason"])
         with self._context():
             if self._call is None:
                 return self._first_call(face, context, return_details=return_details)
@@ -171,7 +182,8 @@ def _prepare_inference(model: nn.Module, fmt) -> nn.Module:
 
 
 def optimize(model: nn.Module, mode: str = "inference", *, compile: Optional[bool] = None,
-             channels_last: Optional[bool] = None, fold_bn: bool = True) -> OptimizedModel:
+             channels_last: Optional[bool] = None, fold_bn: bool = True, precision: str = "auto",
+             engine: Optional[str] = None):
     """Return the fastest callable form of ``model`` (a :class:`CAERNet` / :class:`CAERSNet`) for ``mode``.
 
     Same call signature and outputs as the model, ``return_details=True`` included.
@@ -188,6 +200,11 @@ def optimize(model: nn.Module, mode: str = "inference", *, compile: Optional[boo
             training, channels_last_3d conv3d weight gradients on this CPU were 100x further from
             float64 than the contiguous path's (1e-3 vs 1e-5 relative) for no measurable speed-up.
         fold_bn: fold batch norm into the convs (``inference`` only).
+        precision: ``train`` on CPU: ``auto`` (bf16 autocast only when :func:`choose_train_precision`
+            says so: native bf16, faster, converging), ``fp32`` or ``bf16`` (forced).
+        engine: ``inference`` only: return :func:`caer_fast.serving.engines.build_engine`'s engine
+            instead (``auto`` measures ONNX Runtime and eager PyTorch and keeps the fastest correct one,
+            ``onnxruntime``, ``eager``, …); same call, default input sizes of the model.
 
     Example:
         >>> fast = optimize(CAERSNet(), "inference", compile=False)
@@ -196,17 +213,27 @@ def optimize(model: nn.Module, mode: str = "inference", *, compile: Optional[boo
     """
     if mode not in MODES:
         raise ValueError(f"optimize: mode must be one of {MODES}, got {mode!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"optimize: precision must be one of {PRECISIONS}, got {precision!r}")
+    if engine is not None:
+        if mode != "inference":
+            raise ValueError("optimize: engine= is for mode='inference'")
+        from ..serving.engines import build_engine
+
+        return build_engine(model, engine)
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
     compile = True if compile is None else bool(compile)
     if channels_last is None:
         channels_last = mode == "inference" and (not compile or _memory_format(model) == torch.channels_last_3d)
-    key = (mode, compile, bool(channels_last), bool(fold_bn))
+    device = _device(model)
+    if mode == "inference" or device.type != "cpu":
+        precision = "fp32"
+    key = (mode, compile, bool(channels_last), bool(fold_bn), precision)
     cache = model.__dict__.get(_CACHE_ATTR)
     if cache is None:
         cache = _Cache()
         model.__dict__[_CACHE_ATTR] = cache  # a plain attribute: not a submodule, not in state_dict
-    device = _device(model)
     preload(device)
     fmt = _memory_format(model) if channels_last else None
 
@@ -229,8 +256,81 @@ def optimize(model: nn.Module, mode: str = "inference", *, compile: Optional[boo
     else:
         module = model.to(memory_format=fmt) if fmt is not None else model
     compile_mode = "reduce-overhead" if (device.type == "cuda" and mode == "inference") else None
-    opt = OptimizedModel(module, mode, compile, device, compile_mode)
+    opt = OptimizedModel(module, mode, compile, device, compile_mode, precision)
     opt.info["memory_format"] = str(fmt).replace("torch.", "") if fmt is not None else "contiguous"
     opt.info["batch_norm_folded"] = mode == "inference" and fold_bn
     cache[key] = (opt, _versions(model) if mode == "inference" else None)
     return opt
+
+
+# -- bf16 training on CPUs that have it --------------------------------------------------------------
+
+MIN_BF16_SPEEDUP = 1.05  # bf16 must beat fp32 by this much per step to be worth its rounding
+GUARD_STEPS = 6
+
+
+def decide_precision(native_bf16: bool, fp32_step_s: Optional[float] = None, bf16_step_s: Optional[float] = None,
+                     loss_start: Optional[float] = None, loss_fp32: Optional[float] = None,
+                     loss_bf16: Optional[float] = None) -> dict:
+    """The rule: bf16 only when the CPU has it natively, its step is faster, and it converges like fp32
+    (after ``GUARD_STEPS`` steps on one batch its loss fell and is within 5 % + 0.02 of fp32's)."""
+    if not native_bf16:
+        return {"precision": "fp32", "reason": "this CPU has no native bf16 (avx512_bf16 / amx_bf16): emulated bf16 "
+                                               "is slower than fp32"}
+    if fp32_step_s is None or bf16_step_s is None:
+        return {"precision": "fp32", "reason": "bf16 step not measured"}
+    speedup = fp32_step_s / bf16_step_s
+    if speedup < MIN_BF16_SPEEDUP:
+        return {"precision": "fp32", "reason": f"bf16 step not faster ({speedup:.2f}x fp32)", "speedup": speedup}
+    finite = all(v is not None and v == v and abs(v) != float("inf") for v in (loss_start, loss_fp32, loss_bf16))
+    if not finite or not loss_bf16 < loss_start or loss_bf16 > loss_fp32 * 1.05 + 0.02:
+        return {"precision": "fp32", "reason": f"convergence guard: bf16 loss {loss_bf16} after {GUARD_STEPS} steps "
+                                               f"vs fp32 {loss_fp32} (start {loss_start})", "speedup": speedup}
+    return {"precision": "bf16", "reason": f"native bf16, step {speedup:.2f}x fp32, converges like fp32",
+            "speedup": speedup}
+
+
+def choose_train_precision(model: nn.Module, face: torch.Tensor, context: torch.Tensor,
+                           native_bf16: Optional[bool] = None) -> dict:
+    """Measure whether bf16 autocast should train ``model`` on this CPU (see :func:`decide_precision`).
+
+    Works on copies (the model's weights and BN statistics are untouched): times an fp32 and a bf16
+    forward+backward+SGD step on ``face`` / ``context`` with fixed random labels, then trains each copy
+    ``GUARD_STEPS`` steps on that batch and compares the losses. Nothing is measured on CPUs without
+    native bf16."""
+    from ..serving.engines import has_native_bf16
+
+    native = has_native_bf16() if native_bf16 is None else bool(native_bf16)
+    if not native or face.device.type != "cpu":
+        return decide_precision(native and face.device.type == "cpu")
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    n_classes = None
+    results = {}
+    for prec in ("fp32", "bf16"):
+        m = copy.deepcopy(model).train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if prec == "bf16" else contextlib.nullcontext()
+        losses, times = [], []
+        for step in range(GUARD_STEPS + 1):
+            t = time.perf_counter()
+            with ctx:
+                logits = m(face, context)
+            if n_classes is None:
+                n_classes = logits.shape[-1]
+                target = torch.randint(0, n_classes, (face.shape[0],), generator=g)
+            loss = F.cross_entropy(logits.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t)
+            losses.append(float(loss.detach()))
+        with torch.no_grad(), ctx:
+            final = float(F.cross_entropy(m(face, context).float(), target))
+        results[prec] = (sorted(times[1:])[len(times[1:]) // 2], losses[0], final)
+    out = decide_precision(True, results["fp32"][0], results["bf16"][0], results["fp32"][1], results["fp32"][2],
+                           results["bf16"][2])
+    out.update(fp32_step_s=results["fp32"][0], bf16_step_s=results["bf16"][0], loss_start=results["fp32"][1],
+               loss_fp32=results["fp32"][2], loss_bf16=results["bf16"][2])
+    return out

@@ -44,7 +44,6 @@ import copy
 import logging
 import time
 import warnings
-from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -367,78 +366,14 @@ def quantize_int8(model: nn.Module, calibration: Iterable, *, compile: bool = Tr
     return out
 
 
-# -- calibration data from a dataset tree (the CLIs' --calibrate ROOT) --------------------------------
-
-def _caers_split_root(root: Path) -> Path:
-    """ROOT itself when it is a CAER-S tree (``train/`` + ``train.txt``), or ROOT/CAER-S (the demo's layout)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--calibrate {root}: no such directory")
-    if (root / "train").is_dir():
-        return root
-    if (root / "CAER-S" / "train").is_dir():
-        return root / "CAER-S"
-    raise FileNotFoundError(f"--calibrate {root}: not a CAER-S tree (expected {root}/train/<Emotion>/*.png and "
-                            f"{root}/train.txt, or {root}/CAER-S/…; python -m caer_fast.data.synthetic writes one)")
-
-
-def calibration_batches(root, samples: int = 64, *, face_size=(96, 96), context_size=(128, 171), crop=112,
-                        split: str = "train", batch_size: int = 16) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Calibration batches from a CAER-S tree: ``samples`` images of ``split`` spread evenly over the
-    (class-sorted) list, preprocessed as at test time (face boxes from ``<split>.txt``, centre crop).
-
-    ``root`` is a CAER-S folder or a folder holding ``CAER-S/`` (the demo data's root).
-    """
-    import numpy as np
-
-    from ..data.datasets import CAERSImageDataset, Skipped
-
-    if samples < 1:
-        raise ValueError(f"calibration samples must be >= 1, got {samples}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no face-box file": calibration still works without boxes
-        ds = CAERSImageDataset(_caers_split_root(root), split, train=False, face_size=face_size,
-                               context_size=context_size, crop=crop)
-    n = min(int(samples), len(ds))
-    picks = np.unique(np.linspace(0, len(ds) - 1, n).round().astype(int))
-    faces, contexts = [], []
-    for i in picks:
-        s = ds[int(i)]
-        if s is None or isinstance(s, Skipped):
-            continue
-        faces.append(s["face"])
-        contexts.append(s["context"])
-    if not faces:
-        raise ValueError(f"calibration: no readable images in {ds.root / split}")
-    face, context = torch.stack(faces), torch.stack(contexts)
-    return [(face[i:i + batch_size], context[i:i + batch_size]) for i in range(0, len(face), batch_size)]
+# -- moved (issue 13 item 5): calibration data to caer_fast.data.calibration, predictor wiring to
+# caer_fast.serving.int8; the old names stay importable from here
+from ..data.calibration import calibration_batches  # noqa: E402,F401
 
 
 def quantize_predictor(predictor, root, samples: int = 64, warmup_batch_sizes: Sequence[int] = (1, 2),
                        out=None) -> Int8Model:
-    """Swap a :class:`~caer_fast.serving.inference.Predictor`'s model for its int8 form, calibrated on
-    ``samples`` images of ``root`` preprocessed with the predictor's own input sizes. Progress lines go
-    to ``out`` (a file, e.g. ``sys.stderr``)."""
-    say = (lambda msg: print(msg, file=out, flush=True)) if out is not None else log.info
-    if predictor.device.type != "cpu":
-        raise ValueError(f"--int8 runs on CPU (oneDNN x86 int8 kernels), not {predictor.device}: use --device cpu")
-    _check_model(predictor.model)  # before reading any data
-    crop = predictor.crop[2] if predictor.crop else None
-    t = time.perf_counter()
-    batches = calibration_batches(root, samples, face_size=predictor.face_size,
-                                  context_size=predictor.context_size, crop=crop)
-    n = sum(len(f) for f, _ in batches)
-    say(f"int8: read {n} calibration images from {root} in {time.perf_counter() - t:.1f}s")
-    fast = quantize_int8(predictor.model, batches)
-    i = fast.info
-    say(f"int8: calibrated on {i['calibration_samples']} samples ({i['calibration_batches']} batches) in "
-        f"{i['calibration_s']:.1f}s; {i['int8_convs']} convs and {i['int8_linears']} linears in int8, "
-        f"{', '.join(i['fp32_custom_ops']) or 'no custom ops'} in fp32")
-    sizes = sorted({int(b) for b in warmup_batch_sizes if int(b) >= 1})
-    if sizes:
-        say(f"int8: compiling for batch sizes {', '.join(map(str, sizes))} (torch.compile, oneDNN int8) …")
-        i["warmup_s"] = fast.warmup(sizes)
-        say(f"int8: compiled in {i['warmup_s']:.1f}s")
-    predictor.model = fast
-    predictor.int8_info = i
-    return fast
+    """Alias of :func:`caer_fast.serving.int8.quantize_predictor` (its home since the split)."""
+    from ..serving.int8 import quantize_predictor as impl
+
+    return impl(predictor, root, samples, warmup_batch_sizes=warmup_batch_sizes, out=out)

@@ -354,6 +354,7 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
                 "face_size": list(predictor.face_size), "context_size": list(predictor.context_size),
                 "detector": predictor.detector_name, "device": str(predictor.device),
                 "precision": "int8" if getattr(predictor, "int8_info", None) else "fp32",
+                "engine": getattr(predictor, "engine_name", "eager"),
                 "limits": {"max_upload_bytes": limit, "max_frames": predictor.max_frames,
                            "max_frame_pixels": predictor.max_frame_pixels, "max_pixels": predictor.max_pixels,
                            "memory_budget_bytes": memory.budget, "body_timeout_s": body_timeout_s},

@@ -359,6 +359,7 @@ class Predictor:
             "note": None if has_face.any() else "no face found: context-only prediction (face input is zeros)",
             "fps": prep.fps if prep.kind == "video" else None,
             "detector": self.detector_name,
+            "engine": getattr(self, "engine_name", "eager"),
             "face_boxes": boxes,  # [frame, x1, y1, x2, y2, score] for sampled frames with a face
             "attention": {"clip": best, "shape": list(att2d.shape),
                           "values": [[round(float(v), 5) for v in row] for row in att2d.tolist()]},

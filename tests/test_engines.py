@@ -1,0 +1,195 @@
+"""Inference engines (caer_fast.serving.engines): every engine against the eager model, the measured
+choice rejects a wrong engine, the on-disk cache makes a second start skip export and measurement, and
+predict / serve state the engine they run. Timings are in bench/test_engines.py, not here."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from caer_fast.models import CAERNet, CAERSNet  # noqa: E402
+from caer_fast.serving import engines  # noqa: E402
+from caer_fast.serving.engines import (EngineError, OnnxRuntimeEngine, build_engine, compare,  # noqa: E402
+                                       engine_key)
+from serving_helpers import Server, make_checkpoint, write_png  # noqa: E402
+
+SMALL_VIDEO = ((3, 8, 48, 48), (3, 8, 56, 56))
+IMAGE = ((3, 96, 96), (3, 112, 112))
+
+
+def _randomised(model):
+    """Non-default BN statistics, so a wrong fold or a train-mode BN shows."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def caers():
+    return _randomised(CAERSNet())
+
+
+@pytest.fixture(scope="module")
+def video():
+    return _randomised(CAERNet(frames=8))
+
+
+def _close(ref, got, atol=1e-4):
+    (rl, rd), (gl, gd) = ref, got
+    assert gl.shape == rl.shape
+    torch.testing.assert_close(gl, rl, atol=atol, rtol=1e-4)
+    for k in ("attention", "fusion_weights"):
+        assert gd[k].shape == rd[k].shape, k
+        torch.testing.assert_close(gd[k], rd[k], atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["caers", "video"])
+def test_onnxruntime_engine_equals_eager_on_fresh_odd_batches(which, caers, video, tmp_path):
+    model, (fs, cs) = (caers, IMAGE) if which == "caers" else (video, SMALL_VIDEO)
+    eng = build_engine(model, "onnxruntime", face_shape=fs, context_shape=cs, batch_sizes=(1, 4), cache_dir=tmp_path)
+    assert eng.name == "onnxruntime" and eng.info["check"]["ok"]
+    assert not model.training  # exporting leaves the model in eval mode
+    for b, seed in ((1, 11), (5, 12), (3, 13)):  # sizes never traced or measured: one graph for all
+        g = torch.Generator().manual_seed(seed)
+        face, context = torch.randn(b, *fs, generator=g) * 2, torch.randn(b, *cs, generator=g)
+        with torch.inference_mode():
+            _close(model(face, context, return_details=True), eng(face, context, return_details=True))
+            torch.testing.assert_close(eng(face, context), model(face, context), atol=1e-4, rtol=1e-4)
+
+
+def test_warm_start_loads_the_cached_graph_and_decision(caers, tmp_path, monkeypatch):
+    fs, cs = IMAGE
+    first = build_engine(caers, "auto", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
+    d = first.info["decision"]
+    assert first.info["decision_cached"] is False and set(d["candidates"]) == {"onnxruntime", "eager"}
+    assert all(r["check"]["ok"] for r in d["candidates"].values())
+    assert d["chosen"] == min(d["candidates"], key=lambda n: d["candidates"][n]["score"])
+    assert d["cpu_flags"] == engines.cpu_flags()
+
+    # the second start must neither export, nor optimise, nor measure
+    def boom(*a, **k):
+        raise AssertionError("a warm start must not do this")
+    monkeypatch.setattr(engines, "time_engine", boom)
+    monkeypatch.setattr("caer_fast.export.export_model_onnx", boom)
+    second = build_engine(caers, "auto", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
+    assert second.name == first.name and second.info["decision_cached"] is True
+    ort = build_engine(caers, "onnxruntime", face_shape=fs, context_shape=cs, batch_sizes=(1, 2),
+                       cache_dir=tmp_path, check=False)
+    assert ort.info["loaded_optimized"] is True and ort.info["exported"] is False
+    face, context = torch.randn(3, *fs), torch.randn(3, *cs)
+    with torch.inference_mode():  # the optimised graph read back from disk gives the model's numbers
+        _close(caers(face, context, return_details=True), ort(face, context, return_details=True))
+
+
+def test_auto_rejects_an_engine_whose_outputs_differ(caers, tmp_path, monkeypatch):
+    fs, cs = IMAGE
+    real_run = OnnxRuntimeEngine.run
+
+    def wrong_at_batch_2_and_up(self, face, context):  # like OpenVINO 2026.4's fusion weights
+        logits, att, w = real_run(self, face, context)
+        if face.shape[0] >= 2:
+            w = w.flip(-1).contiguous()
+        return logits, att, w
+    monkeypatch.setattr(OnnxRuntimeEngine, "run", wrong_at_batch_2_and_up)
+    eng = build_engine(caers, "auto", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
+    d = eng.info["decision"]
+    assert eng.name == "eager" and d["chosen"] == "eager"
+    assert d["candidates"]["onnxruntime"]["check"]["ok"] is False and "seconds" not in d["candidates"]["onnxruntime"]
+    with pytest.raises(EngineError, match="differ"):
+        build_engine(caers, "onnxruntime", face_shape=fs, context_shape=cs, cache_dir=tmp_path)
+
+
+def test_compare_sees_a_poisoned_output(caers):
+    fs, cs = IMAGE
+
+    def poisoned(face, context, return_details=False):
+        logits, d = caers(face, context, return_details=True)
+        logits = logits.clone()
+        logits[-1, 0] = float("nan")
+        return logits, d
+    r = compare(caers, poisoned, fs, cs, batch_sizes=(2,))
+    assert r["ok"] is False and r["max_abs"] == float("inf")
+    assert compare(caers, caers, fs, cs, batch_sizes=(1, 2))["ok"] is True
+
+
+def test_cache_key_follows_weights_shapes_batch_range_and_threads(caers):
+    fs, cs = IMAGE
+    k = engine_key(caers, fs, cs, (1, 16), threads=2)
+    assert k == engine_key(caers, fs, cs, (16, 1), threads=2)
+    assert k != engine_key(caers, fs, cs, (1, 32), threads=2)
+    assert k != engine_key(caers, fs, cs, (1, 16), threads=1)
+    assert k != engine_key(caers, (3, 64, 64), cs, (1, 16), threads=2)
+    other = _randomised(CAERSNet())
+    with torch.no_grad():
+        other.load_state_dict(caers.state_dict())
+        assert engine_key(other, fs, cs, (1, 16), threads=2) == k
+        other.fusion_net.fc2.bias[0] += 1e-6
+    assert engine_key(other, fs, cs, (1, 16), threads=2) != k
+
+
+def test_bad_engine_arguments_are_clear_errors(caers, tmp_path):
+    with pytest.raises(EngineError, match="unknown engine 'tensorrt'"):
+        build_engine(caers, "tensorrt")
+    with pytest.raises(EngineError, match="not an fp32 engine"):
+        build_engine(caers, "auto", candidates=("int8",), cache_dir=tmp_path)
+    with pytest.raises(EngineError, match="calibration"):
+        build_engine(caers, "int8")
+
+
+def _run(*args, cache):
+    env = dict(os.environ, OMP_NUM_THREADS="1", CAER_FAST_CACHE_DIR=str(cache))
+    env.pop("CAER_FAST_ENGINE", None)
+    return subprocess.run([sys.executable, "-m", "caer_fast.predict", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_predict_cold_then_warm_start_and_engine_in_output(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck.pth", "caers", steps=1)
+    img = write_png(tmp_path / "a.png", seed=3)
+    cache = tmp_path / "cache"
+    cold = _run(img, "--checkpoint", ck, "--json", "--detector", "none", cache=cache)
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert "engine: measuring onnxruntime, eager" in cold.stderr and "exporting the model to ONNX" in cold.stderr
+    warm = _run(img, "--checkpoint", ck, "--json", "--detector", "none", cache=cache)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "measuring" not in warm.stderr and "exporting" not in warm.stderr, warm.stderr
+    a, b = json.loads(cold.stdout), json.loads(warm.stdout)
+    assert a["engine"] == b["engine"] and a["engine"] in ("onnxruntime", "eager")
+    eager = _run(img, "--checkpoint", ck, "--json", "--detector", "none", "--engine", "eager", cache=cache)
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    c = json.loads(eager.stdout)
+    assert c["engine"] == "eager"
+    for k, v in c["probabilities"].items():
+        assert a["probabilities"][k] == pytest.approx(v, abs=1e-4)
+        assert b["probabilities"][k] == a["probabilities"][k]
+    bad = _run(img, "--checkpoint", ck, "--engine", "tensorrt", cache=cache)
+    assert bad.returncode == 2 and "invalid choice: 'tensorrt'" in bad.stderr
+
+
+def test_serve_states_its_engine(tmp_path):
+    import httpx
+
+    ck = make_checkpoint(tmp_path / "video.pth", "caer", steps=1)
+    img = write_png(tmp_path / "b.png", seed=4)
+    srv = Server(ck, "--engine", "onnxruntime", "--max-batch", 2, "--detector", "none", cwd=tmp_path,
+                 startup_timeout=300)
+    try:
+        health = httpx.get(srv.url + "/health", timeout=10).json()
+        assert health["engine"] == "onnxruntime" and health["model"] == "caer"
+        with open(img, "rb") as fh:
+            r = httpx.post(srv.url + "/predict", files={"file": (img.name, fh, "image/png")}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["engine"] == "onnxruntime" and abs(sum(body["probabilities"].values()) - 1) < 1e-3
+        assert "with engine onnxruntime" in srv.output()
+    finally:
+        srv.close()
