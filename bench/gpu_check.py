@@ -422,6 +422,7 @@ def _write_videos(folder: Path, count: int, frames: int, size=(360, 640)):
     import cv2
     import numpy as np
 
+    cv2.setNumThreads(0)  # no OpenCV thread pool in this process: DataLoader workers fork from it
     paths = []
     h, w = size
     rng = np.random.default_rng(0)
