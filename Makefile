@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench setup clean gpu-check gpu-check-dry cuda-build-check
 
 $(VENV)/.deps: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,22 @@ test: setup
 
 bench: setup
 	$(PY) -m pytest bench --benchmark-only $(ARGS)
+
+# The GPU acceptance run, on a GPU machine with its own python3 + CUDA torch (no .venv, no network):
+# builds the extension there, runs the gpu-marked tests and the GPU benchmarks, writes JSON + markdown to OUT.
+OUT ?= gpu-check-out
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(OUT) $(ARGS)
+
+# Its plumbing on this CPU (what CI runs, via tests/test_gpu_check.py).
+gpu-check-dry: setup
+	$(PY) bench/gpu_check.py $(OUT) --dry-run $(ARGS)
+
+# The CUDA extension built against a CUDA torch from PyPI in its own venv, no GPU needed (see docs/gpu.md).
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH ?= 2.13.0
+cuda-build-check:
+	$(PYTHON) bench/cuda_build_check.py --venv $(CUDA_VENV) --torch $(CUDA_TORCH) --json $(CUDA_VENV)/check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info caer_fast/_C*.so

@@ -1,5 +1,6 @@
-"""CUDA C++ of the fused ops: nvcc compiles the torch-free kernel files for sm_90 here (no GPU
-needed); the gpu tier runs the built extension against the torch reference.
+"""CUDA C++ of the fused ops: nvcc compiles the torch-free kernel files for sm_80 and sm_90 here with
+``-Xptxas -v`` (no GPU needed) and fails on a register spill (tests/nvcc_ptxas.py); the gpu tier runs
+the built extension against the torch reference.
 
 The torch binding file (bindings.cu) takes minutes on the shared 2-core machines, so compiling
 it is opt-in: CAER_FAST_TEST_NVCC_BINDINGS=1 (marked slow).
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import nvcc_ptxas
 from op_checks import check_adaptive_fusion, check_attention_pool, check_face_context
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
@@ -41,17 +43,42 @@ def test_kernel_files_are_torch_free():
         assert "#include <torch" not in text and "#include <ATen" not in text and "#include <c10" not in text, name
 
 
+def test_every_kernel_file_is_checked():
+    assert sorted(KERNEL_FILES) == nvcc_ptxas.kernel_files(), "add the new .cu file's launchers to LAUNCHERS"
+
+
 @needs_nvcc
+@pytest.mark.parametrize("arch", nvcc_ptxas.ARCHES)
 @pytest.mark.parametrize("name", KERNEL_FILES)
-def test_kernel_file_compiles_for_sm90(name, tmp_path):
-    out = tmp_path / (name + ".o")
-    _nvcc(["-c", str(CUDA_DIR / name), "-o", str(out)], tmp_path)
-    if shutil.which("nm"):  # the host launchers exist and every dtype's kernels were instantiated
+def test_kernel_file_compiles_without_spills(name, arch, tmp_path):
+    """nvcc -Xptxas -v for sm_80 / sm_90: every kernel instantiation compiles, none spills to local memory."""
+    rc, log, rows = nvcc_ptxas.compile_file(name, arch, tmp_path)
+    assert rc == 0, f"nvcc {name} sm_{arch} failed:\n{log[-6000:]}"
+    assert rows and all("registers" in r and "spill_stores" in r for r in rows), log[-3000:]
+    assert {r["arch"] for r in rows} == {f"sm_{arch}"}
+    spills = [(r["kernel"], r["spill_stores"], r["spill_loads"]) for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spills, f"{name} sm_{arch}: register spills (kernel, store B, load B): {spills}"
+    assert all(r["registers"] <= 255 for r in rows), rows
+    for ty in ("<float>", "<__half>", "<__nv_bfloat16>"):  # every dtype's kernels were instantiated
+        assert any(ty in r["kernel"] for r in rows), f"{name}: no {ty} kernel in {[r['kernel'] for r in rows]}"
+    out = tmp_path / f"{name}.sm{arch}.o"
+    if shutil.which("nm"):  # the host launchers exist
         syms = subprocess.run(["nm", "-C", str(out)], capture_output=True, text=True).stdout
         for launcher in LAUNCHERS[name]:
             assert f" T caer_fast::cuda::{launcher}(" in syms, f"{name}: launcher {launcher} not defined"
-        for ty in ("<float>", "<__half>", "<__nv_bfloat16>"):
-            assert ty in syms, f"{name}: no {ty} kernel instantiated"
+
+
+def test_ptxas_log_parser():
+    """The parser the spill check relies on, on a real ptxas -v excerpt with a spill in it."""
+    log = ("ptxas info    : Compiling entry function '_ZN9caer_fast4cuda12_GLOBAL__N_114forward_kernelIfEEvPKT_l' "
+           "for 'sm_90'\nptxas info    : Function properties for _ZN9caer_fast4cuda12_GLOBAL__N_114forward_kernelIfEEvPKT_l\n"
+           "    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 1 barriers, 128 bytes smem, 456 bytes cmem[0]\n")
+    (row,) = nvcc_ptxas.parse(log)
+    assert (row["arch"], row["registers"], row["smem"], row["stack"], row["spill_stores"], row["spill_loads"]) == \
+        ("sm_90", 40, 128, 16, 8, 4)
+    if shutil.which("c++filt"):
+        assert row["kernel"] == "forward_kernel<float>", row
 
 
 @needs_nvcc
