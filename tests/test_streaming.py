@@ -261,6 +261,7 @@ def test_follow_a_file_still_being_written(ckpts, tmp_path):
     path = tmp_path / "growing.ts"
     path.write_bytes(b"")
     done = threading.Event()
+    first_line = threading.Event()
     written = []
 
     def writer():
@@ -274,14 +275,16 @@ def test_follow_a_file_still_being_written(ckpts, tmp_path):
                         c.mux(pkt)
                     if i % 25 == 24:
                         written.append(time.monotonic())
-                        time.sleep(1.0)  # real time: 1 s of video per second
+                        time.sleep(0.5)
+                    if i == 99:  # 4 s written: go on only once predict has answered for what it has
+                        first_line.wait(300)
                 for pkt in s.encode():
                     c.mux(pkt)
         done.set()
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "caer_fast.predict", str(path), "--checkpoint", str(ckpts["caer"]),
-                             "--detector", "none", "--follow", "--follow-idle", "4"], stdout=subprocess.PIPE,
+                             "--detector", "none", "--follow", "--follow-idle", "20"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     t = threading.Thread(target=writer)
     t.start()
@@ -290,8 +293,10 @@ def test_follow_a_file_still_being_written(ckpts, tmp_path):
         if first_at is None:
             first_at = time.monotonic()
             first_before_writer_done = not done.is_set()
+            first_line.set()
         lines.append(json.loads(line))
     proc.wait(timeout=120)
+    first_line.set()
     t.join()
     assert proc.returncode == 0, proc.stderr.read()
     clips = [x for x in lines if x["type"] == "clip"]
