@@ -41,15 +41,10 @@ class _Exported(torch.nn.Module):
 @contextlib.contextmanager
 def reference_backend():
     """Force the PyTorch reference ops while tracing, then restore the caller's choice."""
-    old = os.environ.get("CAER_FAST_BACKEND")
-    os.environ["CAER_FAST_BACKEND"] = "torch"
-    try:
+    from .ops import use_backend
+
+    with use_backend("torch"):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("CAER_FAST_BACKEND", None)
-        else:
-            os.environ["CAER_FAST_BACKEND"] = old
 
 
 def example_inputs(model, face_size, crop_size, clip_frames: int, batch: int = 2):

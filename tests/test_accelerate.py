@@ -13,7 +13,9 @@ from caer_fast.ops import AdaptiveFusion, AttentionPool
 from community_model import CommunityCAERSNet, randomize_bn_
 from op_checks import ops_called
 
-REFERENCE_TSV = Path("/work/shared/reference/caersnet_state_dict.tsv")
+REFERENCE_TSV = next((p for p in (Path(__file__).resolve().parents[1].parent / "shared" / "reference",
+                                  Path("/work/shared/reference")) if (p / "caersnet_state_dict.tsv").is_file()),
+                     Path("shared/reference")) / "caersnet_state_dict.tsv"
 
 
 @pytest.mark.parametrize("use_face,use_context,concat", list(itertools.product([True, False], [True, False], [False, True])))

@@ -158,13 +158,21 @@ def _route(name: str, device_type: str) -> None:
     _triton_keys = frozenset(keys)
 
 
+_chosen: dict = {}  # (requested name or None, device type) -> backend name, for kernel_backend
+
+
 def kernel_backend(device_type: str) -> Optional[str]:
     """The backend whose kernels run an op on ``device_type`` tensors, or None for the torch reference.
-    The front doors (``caer_fast/ops/<op>.py``) call it once per call."""
-    name = backend(device_type)
+    The front doors (``caer_fast/ops/<op>.py``) call it once per call: what is available does not
+    change while the process runs, so the choice is remembered per request and device."""
+    key = (_forced if _forced is not None else os.environ.get(ENV_VAR), device_type)
+    name = _chosen.get(key)
+    if name is None:
+        name = _chosen[key] = backend(device_type)  # an unavailable forced backend raises, every call
     if name == "torch":
         return None
-    _route(name, device_type)
+    if name == "triton" or _triton_keys:
+        _route(name, device_type)
     return name
 
 
