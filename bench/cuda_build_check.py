@@ -117,7 +117,11 @@ def main(argv=None) -> int:
     src = args.venv / "caer_fast-src"
     copy_tree(src)
     env = _clean_pip_env()
-    env.update(CUDA_HOME=str(Path(nvcc).resolve().parent.parent), TORCH_CUDA_ARCH_LIST="8.0;9.0",
+    # the toolkit root that holds lib64/libcudart.so (here /usr/local/cuda: nvcc's resolved path,
+    # /usr/local/cuda-13.0, lacks it and the link failed with "cannot find -lcudart")
+    homes = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", str(Path(nvcc).resolve().parent.parent)]
+    cuda_home = next((h for h in homes if h and (Path(h) / "lib64" / "libcudart.so").exists()), homes[-1])
+    env.update(CUDA_HOME=cuda_home, TORCH_CUDA_ARCH_LIST="8.0;9.0",
                MAX_JOBS=str(args.jobs), CAER_FAST_BUILD_CUDA="1")
     t0 = time.time()
     build = subprocess.run([str(py), "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."],

@@ -163,10 +163,11 @@ def step_build(rep: Report, args, budget: Budget):
     rep.add("build", " ".join(cmd[2:5]) + (" (CAER_FAST_BUILD_EXT=0)" if args.dry_run else ""), "ok", secs, "s")
     if args.dry_run:
         return
-    probe = ("import json, torch, caer_fast._C as C; from caer_fast.ops import _cuda\n"
-             "ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('caer_fast::'))\n"
-             "cuda = [n for n in ops if torch._C._dispatch_has_kernel_for_dispatch_key(n, 'CUDA')]\n"
-             "print(json.dumps([ops, cuda, [f for f in dir(C) if f.endswith('_cuda')], _cuda.is_available()]))")
+    probe = ("import json, torch, caer_fast._C as C, caer_fast.ops as ops\n"
+             "names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('caer_fast::'))\n"
+             "cuda = [n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, 'CUDA')]\n"
+             "try:\n    be = ops.backend(torch.device('cuda'))\nexcept Exception as e:\n    be = repr(e)\n"
+             "print(json.dumps([names, cuda, [f for f in dir(C) if f.endswith('_cuda')], be]))")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tempfile.gettempdir(), capture_output=True, text=True)
     if proc.returncode != 0:
         rep.add("build", "import caer_fast._C", "error", note=proc.stderr[-500:])
@@ -174,7 +175,7 @@ def step_build(rep: Report, args, budget: Budget):
     ops, cuda_ops, cuda_fns, avail = json.loads(proc.stdout.strip().splitlines()[-1])
     ok = bool(cuda_ops or cuda_fns)
     rep.add("build", "CUDA kernels in caer_fast._C", "ok" if ok else "error", len(cuda_ops) or len(cuda_fns), "ops",
-            note=f"dispatcher CUDA kernels: {cuda_ops}; CUDA functions: {cuda_fns}; backend available: {avail}")
+            note=f"dispatcher CUDA kernels: {cuda_ops}; CUDA functions: {cuda_fns}; backend on cuda: {avail}")
 
 
 # ---- 2. tests -----------------------------------------------------------------------------------

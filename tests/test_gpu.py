@@ -21,12 +21,13 @@ def _cuda():
 
 
 def _backend_or_skip(name, monkeypatch):
-    from caer_fast.ops import _dispatch
+    import caer_fast.ops as ops
 
-    why = _dispatch.why_unavailable(name)
-    if why:
-        pytest.skip(f"{name} backend unavailable: {why}")
     monkeypatch.setenv("CAER_FAST_BACKEND", name)
+    try:
+        assert ops.backend(torch.device("cuda")) == name
+    except ops.BackendUnavailableError as exc:
+        pytest.skip(f"{name} backend unavailable: {exc}")
 
 
 def _inputs(case, seed=0):
