@@ -79,9 +79,8 @@ def make_venv(venv: Path, torch_version: str):
 def copy_tree(dst: Path):
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
                            capture_output=True).stdout.decode().split("\0")
-    if dst.exists():
-        for so in dst.glob("caer_fast/_C*.so"):  # a stale .so must not pass for a fresh build
-            so.unlink()
+    if dst.exists():  # a fresh copy: a stale source (a file since removed) would be compiled in, a stale .so pass
+        shutil.rmtree(dst)
     for rel in filter(None, files):
         src = ROOT / rel
         if src.is_file():
