@@ -59,7 +59,7 @@ class Encoder(nn.Module):
 
     def _foldable(self) -> bool:
         return (self.dims == 2 and not self.training and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
                 and all(type(c) is nn.Conv2d for c in self.convs)
                 and all(isinstance(b, nn.BatchNorm2d) and b.running_var is not None and b.affine for b in self.bn))
 
@@ -72,7 +72,9 @@ class Encoder(nn.Module):
         if self._folded is None or self._folded[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # usable outside inference_mode too
                 layers = [fold_conv_bn(c, b) for c, b in zip(self.convs, self.bn)]
-            self._folded = (key, [(w.contiguous(memory_format=torch.channels_last), b) for w, b in layers])
+            # fuse_conv_bn_weights returns Parameters that require grad: plain tensors here
+            self._folded = (key, [(w.detach().contiguous(memory_format=torch.channels_last), b.detach())
+                                  for w, b in layers])
         return self._folded[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
