@@ -150,8 +150,17 @@ def main(argv=None) -> int:
             cuda_fns = [f for f in got["functions"] if f.endswith("_cuda")]
             _step(summary, "CUDA entry points in _C (no dispatcher ops registered from C++)", bool(cuda_fns),
                   ", ".join(cuda_fns))
-        cuobjdump = shutil.which("cuobjdump") or str(Path(nvcc).parent / "cuobjdump")
-        elfs = subprocess.run([cuobjdump, "--list-elf", str(sos[0])], capture_output=True, text=True).stdout
+        # the toolkit here ships none: Triton's wheel bundles one (triton/backends/nvidia/bin)
+        tools = [shutil.which("cuobjdump"), str(Path(cuda_home) / "bin" / "cuobjdump"),
+                 str(Path(nvcc).resolve().parent / "cuobjdump")]
+        try:
+            import triton
+            tools.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+        except ImportError:
+            pass
+        cuobjdump = next((t for t in tools if t and Path(t).is_file()), None)
+        elfs = "" if cuobjdump is None else subprocess.run([cuobjdump, "--list-elf", str(sos[0])],
+                                                           capture_output=True, text=True).stdout
         have = {a for a in ARCHES if f"sm_{a}" in elfs}
         _step(summary, "machine code for sm_80 and sm_90", have == set(ARCHES),
               f"{elfs.count('.cubin')} cubins: " + ", ".join(f"sm_{a}" for a in sorted(have)))
