@@ -51,19 +51,19 @@ def _attention_pool():
     c, s = 256, 49
     layouts = {"contiguous": (c * s, s, 1), "channels_last": (c * s, 1, c)}  # features N×C×S strides
     for dt, (layout, fst) in itertools.product(FLOATS, layouts.items()):
-        yield ap._fwd_kernel, f"{_name(dt)} {layout}", (dt, dt, F32, F32, c, s, 1.0 / s, *fst, s, 1), {**bc, **bs}
+        yield ap._fwd_kernel, f"{_name(dt)} {layout}", (dt, dt, dt, F32, c, s, 1.0 / s, *fst, s, 1), {**bc, **bs}
     for dt, out in itertools.product(FLOATS, ("same", F32)):  # attention map in features.dtype / float32
         out_dt = dt if out == "same" else out
         yield ap._attention_kernel, f"{_name(dt)} -> {_name(out_dt)}", (dt, F32, out_dt, s, s, 1), bs
-    needs = [(True, True), (True, False), (False, True)]
-    combos = itertools.product(FLOATS, ("same", F32), needs, layouts.items())
-    if not FULL:  # every dtype × every switch, contiguous; float32 grads and channels_last with both grads
-        combos = [c for c in combos if (c[1] == "same" and c[3][0] == "contiguous") or c[2] == (True, True)]
-    for dt, g_dt, (gf, gl), (layout, fst) in combos:
+    combos = itertools.product(FLOATS, ("same", F32), (True, False), layouts.items())
+    if not FULL:  # every dtype × both switches, contiguous; float32 grads and channels_last with grad_attention
+        combos = [c for c in combos if (c[1] == "same" and c[3][0] == "contiguous") or c[2]]
+    for dt, g_dt, has_ga, (layout, fst) in combos:
         g_dt = dt if g_dt == "same" else g_dt  # eager: grad in features.dtype; compiled op: float32
-        yield (ap._bwd_kernel, f"{_name(dt)} grad {_name(g_dt)} GF={gf:d} GL={gl:d} {layout}",
-               (g_dt, dt, dt, F32, F32, dt, dt, c, s, 1.0 / s, *fst, s, 1),
-               dict(NEED_GF=gf, NEED_GL=gl, **bc, **bs))
+        # grad_out, features, attention, grad_attention, dot, grad_features, grad_logits, C, S, 1/S, strides
+        yield (ap._bwd_kernel, f"{_name(dt)} grad {_name(g_dt)} GA={has_ga:d} {layout}",
+               (g_dt, dt, dt, dt, F32, dt, dt, c, s, 1.0 / s, *fst),
+               dict(HAS_GA=has_ga, **bc, **bs))
 
 
 def _adaptive_fusion():
@@ -259,6 +259,9 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("error: TRITON_INTERPRET=1 is set: kernels would be interpreted, not compiled", file=sys.stderr)
         return 2
+    from caer_fast.ops._dispatch import _kernels
+
+    _kernels("attention_pool")  # makes caer_fast.kernels importable in a `setup.py develop` install too
     result = compile_all(tuple(args.arch))
     if args.json:
         with open(args.json, "w") as f:
