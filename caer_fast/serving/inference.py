@@ -131,6 +131,16 @@ class Prepared:
         return int(self.face.shape[0])
 
 
+def _existing_file(path) -> Path:
+    """``path`` as a Path, or :class:`MediaDecodeError` if it is missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaDecodeError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise MediaDecodeError(path, "empty file (0 bytes)")
+    return path
+
+
 class Predictor:
     """Loads a checkpoint once and predicts emotions for videos and images.
 
@@ -223,11 +233,7 @@ class Predictor:
 
         Raises :class:`MediaDecodeError` (unreadable) or :class:`MediaTooLongError` (over ``max_frames``).
         """
-        path = Path(path)
-        if not path.is_file():
-            raise MediaDecodeError(path, "no such file")
-        if path.stat().st_size == 0:
-            raise MediaDecodeError(path, "empty file (0 bytes)")
+        path = _existing_file(path)
         if is_image_file(path):
             from ..data.video import read_image
 
@@ -380,11 +386,7 @@ class Predictor:
         opens); see the module docstring for the pipeline. Videos stream (:meth:`stream`); ``known_boxes``
         as in :meth:`prepare_file`. Returns a :class:`~.stream.Prediction` (``.to_dict()`` is the JSON)."""
         if not follow and path != "-" and not is_url(str(path)) and not hasattr(path, "read"):
-            p = Path(path)
-            if not p.is_file():
-                raise MediaDecodeError(p, "no such file")
-            if p.stat().st_size == 0:
-                raise MediaDecodeError(p, "empty file (0 bytes)")
+            p = _existing_file(path)
             if is_image_file(p):
                 prep = self.prepare_file(p, keep_frames=with_arrays, known_boxes=known_boxes)
                 result = _prediction_from_dict(self.finish(prep, *self.forward(prep.face, prep.context),
