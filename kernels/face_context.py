@@ -20,13 +20,14 @@ import triton.language as tl
 from . import _resize_tables
 
 BLOCK = 128
+MAX_TAP_CHUNK = 8  # 32-wide tiles spill on sm_80/sm_90, 16-wide ones use ~250 registers (bench/RESULTS.md)
 
 
 @triton.jit
 def _resize_kernel(frame_ptr, out_ptr, y0_ptr, yw_ptr, x0_ptr, xw_ptr, box_ptr, valid_ptr,
                    H, W, OH, OW, KY, KX, tab_sn,
                    m0, m1, m2, r0, r1, r2,
-                   MASK_BOX: tl.constexpr, ZERO_INVALID: tl.constexpr, KXP: tl.constexpr, BLOCK: tl.constexpr):
+                   MASK_BOX: tl.constexpr, ZERO_INVALID: tl.constexpr, KXC: tl.constexpr, BLOCK: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = p < OH * OW
@@ -41,25 +42,27 @@ def _resize_kernel(frame_ptr, out_ptr, y0_ptr, yw_ptr, x0_ptr, xw_ptr, box_ptr, 
     bx2 = tl.load(box_ptr + n * 4 + 2)
     by2 = tl.load(box_ptr + n * 4 + 3)
     base = frame_ptr + n * H * W * 3
-    # the K_x taps of each output pixel as one [BLOCK, KXP] tile (fewer, wider gathers)
-    kx = tl.arange(0, KXP)
-    ok2 = ok[:, None] & (kx[None, :] < KX)
-    wx = tl.load(xw_ptr + tx[:, None] * KX + kx[None, :], mask=ok2, other=0.0)
-    ix = tl.minimum(x0[:, None] + kx[None, :], W - 1)  # past the window the weight is 0
-    in_box_x = (ix >= bx1) & (ix < bx2)
     acc0 = tl.zeros((BLOCK,), tl.float32)
     acc1 = tl.zeros((BLOCK,), tl.float32)
     acc2 = tl.zeros((BLOCK,), tl.float32)
-    for ky in range(0, KY):
-        wy = tl.load(yw_ptr + ty * KY + ky, mask=ok, other=0.0)
-        iy = tl.minimum(y0 + ky, H - 1)
-        w2 = wx
-        if MASK_BOX:  # the face box is black in the context
-            w2 = tl.where(in_box_x & ((iy >= by1) & (iy < by2))[:, None], 0.0, wx)
-        pix = base + (iy.to(tl.int64)[:, None] * W + ix) * 3
-        acc0 += wy * tl.sum(w2 * tl.load(pix, mask=ok2, other=0).to(tl.float32), axis=1)
-        acc1 += wy * tl.sum(w2 * tl.load(pix + 1, mask=ok2, other=0).to(tl.float32), axis=1)
-        acc2 += wy * tl.sum(w2 * tl.load(pix + 2, mask=ok2, other=0).to(tl.float32), axis=1)
+    # the K_x taps of each output pixel as [BLOCK, KXC] tiles (fewer, wider gathers); KXC is at most 8
+    # so wide windows (large downscales) loop over chunks instead of spilling registers
+    for kx0 in range(0, KX, KXC):
+        kx = kx0 + tl.arange(0, KXC)
+        ok2 = ok[:, None] & (kx[None, :] < KX)
+        wx = tl.load(xw_ptr + tx[:, None] * KX + kx[None, :], mask=ok2, other=0.0)
+        ix = tl.minimum(x0[:, None] + kx[None, :], W - 1)  # past the window the weight is 0
+        in_box_x = (ix >= bx1) & (ix < bx2)
+        for ky in range(0, KY):
+            wy = tl.load(yw_ptr + ty * KY + ky, mask=ok, other=0.0)
+            iy = tl.minimum(y0 + ky, H - 1)
+            w2 = wx
+            if MASK_BOX:  # the face box is black in the context
+                w2 = tl.where(in_box_x & ((iy >= by1) & (iy < by2))[:, None], 0.0, wx)
+            pix = base + (iy.to(tl.int64)[:, None] * W + ix) * 3
+            acc0 += wy * tl.sum(w2 * tl.load(pix, mask=ok2, other=0).to(tl.float32), axis=1)
+            acc1 += wy * tl.sum(w2 * tl.load(pix + 1, mask=ok2, other=0).to(tl.float32), axis=1)
+            acc2 += wy * tl.sum(w2 * tl.load(pix + 2, mask=ok2, other=0).to(tl.float32), axis=1)
     v0 = (acc0 / 255.0 - m0) / r0
     v1 = (acc1 / 255.0 - m1) / r1
     v2 = (acc2 / 255.0 - m2) / r2
@@ -76,6 +79,12 @@ def _resize_kernel(frame_ptr, out_ptr, y0_ptr, yw_ptr, x0_ptr, xw_ptr, box_ptr, 
     tl.store(o + 2 * plane, v2.to(ty_out), mask=ok)
 
 
+def tap_chunk(taps: int) -> int:
+    """Width of the x-tap tiles: the next power of two, at least 2 (one compiled variant fewer), at most
+    ``MAX_TAP_CHUNK``."""
+    return min(max(triton.next_power_of_2(taps), 2), MAX_TAP_CHUNK)
+
+
 def _launch(frames, out, y0, yw, x0, xw, t, mean, std, mask_box, zero_invalid, per_sample):
     n, h, w, _ = frames.shape
     oh, ow = out.shape[-2:]
@@ -84,7 +93,7 @@ def _launch(frames, out, y0, yw, x0, xw, t, mean, std, mask_box, zero_invalid, p
     _resize_kernel[(n, triton.cdiv(oh * ow, BLOCK))](
         frames, out, y0, yw, x0, xw, t["boxes"], t["valid"], h, w, oh, ow, yw.shape[-1], xw.shape[-1],
         1 if per_sample else 0, *mean, *std, MASK_BOX=mask_box, ZERO_INVALID=zero_invalid,
-        KXP=triton.next_power_of_2(xw.shape[-1]), BLOCK=BLOCK)
+        KXC=tap_chunk(xw.shape[-1]), BLOCK=BLOCK)
 
 
 def face_context(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype):

@@ -84,20 +84,20 @@ def _adaptive_fusion():
 def _face_context():
     from caer_fast.kernels import face_context as fc
 
-    # K taps per output pixel = 2·ceil(in/out) + 1 antialiased (2 without): KXP = next power of two.
-    # 16 covers CAER's 712×400 frames (K = 11); 32 a 1920-wide frame to 171 (K = 25); 64 / 128 (4K
-    # frames, whole-frame faces) only with --full: they spill heavily and take minutes each to compile.
-    kxps = (2, 4, 8, 16, 32, 64, 128) if FULL else (2, 4, 8, 16, 32)
+    # K taps per output pixel = 2·ceil(in/out) + 1 antialiased (2 without). The kernel loops over the x taps
+    # in tiles of KXC = min(next power of two of K, MAX_TAP_CHUNK): these are every width any input launches.
+    # K = 11 for CAER's 712×400 frames (KXC 8, two tiles); a 4K frame to a 96-wide face needs K ≈ 81 (11 tiles).
+    chunks = [c for c in (2, 4, 8, 16, 32, 64) if c <= fc.MAX_TAP_CHUNK]
     modes = {"face": dict(MASK_BOX=False, ZERO_INVALID=True), "context": dict(MASK_BOX=True, ZERO_INVALID=False)}
-    combos = itertools.product(FLOATS, modes.items(), kxps)
-    if not FULL:  # every width in float32; half outputs at a narrow and the widest window
-        combos = [c for c in combos if c[0] == F32 or c[2] in (4, 32)]
-    for dt, (mode, flags), kxp in combos:
-        k = max(kxp // 2 + 1, 2) if kxp > 2 else kxp
+    combos = itertools.product(FLOATS, modes.items(), chunks)
+    if not FULL:  # every width in float32; half outputs at the narrowest and the widest tile
+        combos = [c for c in combos if c[0] == F32 or c[2] in (chunks[0], chunks[-1])]
+    for dt, (mode, flags), kxc in combos:
+        k = 81 if kxc == chunks[-1] else max(kxc // 2 + 1, 2) if kxc > 2 else kxc  # widest: several tiles
         per_sample = 1 if mode == "face" else 0
-        yield (fc._resize_kernel, f"{mode} {_name(dt)} KXP={kxp}",
+        yield (fc._resize_kernel, f"{mode} {_name(dt)} KXC={kxc}",
                (U8, dt, I32, F32, I32, F32, I32, I32, 400, 712, 96, 96, k, k, per_sample,
-                0.485, 0.456, 0.406, 0.229, 0.224, 0.225), dict(KXP=kxp, BLOCK=fc.BLOCK, **flags))
+                0.485, 0.456, 0.406, 0.229, 0.224, 0.225), dict(KXC=kxc, BLOCK=fc.BLOCK, **flags))
 
 
 LAUNCHES = {"attention_pool": _attention_pool, "adaptive_fusion": _adaptive_fusion, "face_context": _face_context}

@@ -143,6 +143,14 @@ def test_other_sizes_and_layouts(backend):
     assert_matches(backend[1], frames[:, ::2, 1::2], boxes, face_size=(9, 11), context_size=(13, 15))  # strided
 
 
+def test_large_downscale_many_taps(backend):
+    """Downscaling ~40× needs ~80 taps per output pixel: more than one of the Triton kernel's 16-wide tap tiles."""
+    frames = noise(2, 90, 163, seed=6)
+    boxes = torch.tensor([[3, 2, 160, 88], [40, 10, 80, 50]])
+    for antialias in (True, False):
+        assert_matches(backend[1], frames, boxes, face_size=(2, 4), context_size=(3, 4), antialias=antialias)
+
+
 def test_empty_batch(backend):
     face, context = run(backend[1], noise(0, 50, 64), torch.zeros(0, 4, dtype=torch.int64), crop=CROP)
     assert face.shape == (0, 3, 96, 96) and context.shape == (0, 3, 112, 112)
