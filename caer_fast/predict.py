@@ -415,7 +415,8 @@ def main(argv=None) -> int:
         else:
             from .serving.engines import use_engine
 
-            use_engine(predictor, args.engine, out=sys.stderr)
+            # predict streams: every model call is one chunk (or one image), never a larger batch
+            use_engine(predictor, args.engine, out=sys.stderr, batch_sizes=(1, predictor.stream_chunk))
         try:
             result = predictor.predict_file(path if local else source, with_arrays=with_arrays, known_boxes=known,
                                             on_clip=on_clip, follow=args.follow and local, on_start=progress.start)

@@ -175,6 +175,19 @@ def test_predict_cold_then_warm_start_and_engine_in_output(tmp_path):
     assert bad.returncode == 2 and "invalid choice: 'tensorrt'" in bad.stderr
 
 
+def test_predict_measures_the_batches_it_streams(tmp_path):
+    """predict on a video model measures `auto` at batch 1 and its stream chunk (the largest batch it runs),
+    not at the server's batch size: measuring a batch it never runs cost time and, at full size, ~1 GB."""
+    from serving_helpers import write_video
+
+    ck = make_checkpoint(tmp_path / "ck.pth", "caer", steps=1)
+    clip = write_video(tmp_path / "v.avi", frames=40)
+    r = _run(clip, "--checkpoint", ck, "--json", "--detector", "none", cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "engine: measuring onnxruntime, eager at batch 1 and 4 " in r.stderr, r.stderr[-3000:]
+    assert json.loads(r.stdout)["engine"] in ("onnxruntime", "eager")
+
+
 def test_serve_states_its_engine(tmp_path):
     import httpx
 

@@ -460,9 +460,12 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
 
 
 def use_engine(predictor, engine: str = "auto", *, calibration=None, candidates=None, cache_dir="default",
-               out=None) -> Engine:
+               out=None, batch_sizes: Optional[Sequence[int]] = None) -> Engine:
     """Put an engine in a :class:`~caer_fast.serving.inference.Predictor`: ``predictor.model`` becomes the
-    engine (same call), ``predictor.engine_name`` / ``predictor.engine_info`` say which."""
+    engine (same call), ``predictor.engine_name`` / ``predictor.engine_info`` say which. ``batch_sizes``:
+    the range of model batches that will run (default 1 to ``predictor.batch_size``); `auto` measures
+    its ends, so a streaming-only caller passes ``(1, predictor.stream_chunk)`` and does not pay for
+    (nor hold the memory of) a larger batch it never runs."""
     crop = predictor.crop[2:] if predictor.crop else predictor.context_size
     from ..models.caer_net import CAERNet
 
@@ -472,7 +475,7 @@ def use_engine(predictor, engine: str = "auto", *, calibration=None, candidates=
         face_shape, context_shape = (3, t, *predictor.face_size), (3, t, *crop)
     else:
         face_shape, context_shape = (3, *predictor.face_size), (3, *crop)
-    sizes = (1, max(1, int(predictor.batch_size)))
+    sizes = tuple(batch_sizes) if batch_sizes else (1, max(1, int(predictor.batch_size)))
     eng = build_engine(model, engine, face_shape=face_shape, context_shape=context_shape, batch_sizes=sizes,
                        candidates=candidates, cache_dir=cache_dir, calibration=calibration, out=out)
     predictor.model = eng
