@@ -248,8 +248,10 @@ def register_autograd(op: str, saved):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*saved(inputs, output))
 
+    backward_op = getattr(torch.ops.caer_fast, f"{op}_backward").default if HAS_OPS else None
+
     def backward(ctx, *grads):
-        return getattr(torch.ops.caer_fast, f"{op}_backward").default(*grads, *ctx.saved_tensors)
+        return backward_op(*grads, *ctx.saved_tensors)
 
     if HAS_OPS:
         torch.library.register_autograd(f"caer_fast::{op}", backward, setup_context=setup_context)

@@ -57,17 +57,22 @@ def adaptive_fusion(face: torch.Tensor, context: torch.Tensor, face_score: torch
     _check_inputs(face, context, face_score, context_score)
     args = (face, context, face_score, context_score)
     dtype = face.dtype
-    for t in args[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    mixed = not (context.dtype == dtype and face_score.dtype == dtype and context_score.dtype == dtype)
+    if mixed:
+        for t in args[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
     name = _dispatch.kernel_backend(face.device.type)
     if name is None or dtype == torch.float64 and name != "cpp":  # float64: exact enough, rare
         return adaptive_fusion_reference(*args, return_weights)
-    args = tuple(t if t.dtype == dtype else t.to(dtype) for t in args)  # differentiable casts
+    if mixed:
+        args = tuple(t if t.dtype == dtype else t.to(dtype) for t in args)  # differentiable casts
     out, weights = _dispatch.call(torch.ops.caer_fast.adaptive_fusion.default, *args, setup_context=_setup_context,
                                      backward=_backward)
-    if return_weights:
-        return out, weights.to(torch.promote_types(face_score.dtype, context_score.dtype))
-    return out
+    if not return_weights:
+        return out
+    if mixed:
+        weights = weights.to(torch.promote_types(face_score.dtype, context_score.dtype))
+    return out, weights
 
 
 class AdaptiveFusion(nn.Module):

@@ -68,11 +68,14 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
     name = _dispatch.kernel_backend(features.device.type)
     if name is None or features.dtype == torch.float64 and name != "cpp":  # float64: exact enough, rare
         return attention_pool_reference(features, logits, return_attention)
-    n, c, s = features.shape[0], features.shape[1], math.prod(features.shape[2:])
-    flat = (features.reshape(n, c, s), logits.reshape(n, s).to(features.dtype))  # the cast is differentiable
-    out, attention = _dispatch.call(torch.ops.caer_fast.attention_pool.default, *flat, setup_context=_setup_context,
-                                     backward=_backward)
-    return (out, attention.view(logits.shape)) if return_attention else out
+    # N×C×S and N×S for the kernels; each step only where needed (eager calls pay for every Python op)
+    flat_features = features if features.dim() == 3 else features.flatten(2)
+    flat_logits = logits.flatten(1)
+    if flat_logits.dtype != features.dtype:
+        flat_logits = flat_logits.to(features.dtype)  # differentiable
+    out, attention = _dispatch.call(torch.ops.caer_fast.attention_pool.default, flat_features, flat_logits,
+                                     setup_context=_setup_context, backward=_backward)
+    return (out, attention.view_as(logits)) if return_attention else out
 
 
 class AttentionPool(nn.Module):
