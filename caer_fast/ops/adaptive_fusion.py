@@ -17,13 +17,16 @@ def _check_inputs(face, context, face_score, context_score) -> None:
     if face.dim() != 2 or context.dim() != 2 or context.shape[0] != n:
         raise ValueError(f"adaptive_fusion: face and context must be N×C, got {tuple(face.shape)} "
                          f"and {tuple(context.shape)}")
+    # written out, without generators or sets: every eager call pays for these lines
     for name, s in (("face_score", face_score), ("context_score", context_score)):
-        if tuple(s.shape) != (n, 1):
+        if s.shape != (n, 1):
             raise ValueError(f"adaptive_fusion: {name} must be {n}×1, got {tuple(s.shape)}")
     tensors = (face, context, face_score, context_score)
-    if not all(t.is_floating_point() for t in tensors):
+    if not (face.is_floating_point() and context.is_floating_point() and face_score.is_floating_point()
+            and context_score.is_floating_point()):
         raise ValueError(f"adaptive_fusion: inputs must be floating point, got {[str(t.dtype) for t in tensors]}")
-    if len({t.device for t in tensors}) > 1:
+    device = face.device
+    if not (context.device == device and face_score.device == device and context_score.device == device):
         raise ValueError(f"adaptive_fusion: inputs on several devices: {[str(t.device) for t in tensors]}")
 
 
