@@ -144,7 +144,7 @@ def test_other_sizes_and_layouts(backend):
 
 
 def test_large_downscale_many_taps(backend):
-    """Downscaling ~40× needs ~80 taps per output pixel: more than one of the Triton kernel's 16-wide tap tiles."""
+    """Downscaling ~40× needs ~80 taps per output pixel: many of the Triton kernel's 8-wide tap tiles."""
     frames = noise(2, 90, 163, seed=6)
     boxes = torch.tensor([[3, 2, 160, 88], [40, 10, 80, 50]])
     for antialias in (True, False):
