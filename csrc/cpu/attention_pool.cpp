@@ -78,7 +78,11 @@ void forward_kernel(const T* F, const T* X, T* out, T* att, int64_t N, int64_t C
       const T inv_l = T(1) / l;
       rescale(o, inv_l / T(S), C);
       T* a = att + n * S;
-      for (int64_t s = 0; s < S; ++s) a[s] = std::exp(x[s] - m) * inv_l;
+      if (S <= kTile) {  // one tile: w already holds exp(x - m) for the final m
+        for (int64_t s = 0; s < S; ++s) a[s] = w[s] * inv_l;
+      } else {
+        for (int64_t s = 0; s < S; ++s) a[s] = std::exp(x[s] - m) * inv_l;
+      }
     }
   });
 }
