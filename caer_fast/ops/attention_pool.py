@@ -36,6 +36,11 @@ def _check_inputs(features: torch.Tensor, logits: torch.Tensor) -> None:
         raise ValueError(f"attention_pool: features need at least one position, got {tuple(features.shape)}")
 
 
+def _to_kernel(features: torch.Tensor, logits: torch.Tensor):
+    """N×C×(S…), N×1×(S…) → the kernels' N×C×S, N×S."""
+    return (features if features.dim() == 3 else features.flatten(2)), logits.flatten(1)
+
+
 def attention_pool_reference(features: torch.Tensor, logits: torch.Tensor, return_attention: bool = False):
     """Plain PyTorch reference (materialises the N×C×S attended tensor); the softmax in float32 or wider."""
     n, c = features.shape[:2]
@@ -68,13 +73,11 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
     name = _dispatch.kernel_backend(features.device.type)
     if name is None or features.dtype == torch.float64 and name != "cpp":  # float64: exact enough, rare
         return attention_pool_reference(features, logits, return_attention)
-    # N×C×S and N×S for the kernels; each step only where needed (eager calls pay for every Python op)
-    flat_features = features if features.dim() == 3 else features.flatten(2)
-    flat_logits = logits.flatten(1)
-    if flat_logits.dtype != features.dtype:
-        flat_logits = flat_logits.to(features.dtype)  # differentiable
-    out, attention = _dispatch.call(torch.ops.caer_fast.attention_pool.default, flat_features, flat_logits,
-                                     setup_context=_setup_context, backward=_backward)
+    if logits.dtype != features.dtype:
+        logits = logits.to(features.dtype)  # differentiable
+    # reshaped inside the call: no view nodes in eager autograd graphs
+    out, attention = _dispatch.call(torch.ops.caer_fast.attention_pool.default, features, logits,
+                                     setup_context=_setup_context, backward=_backward, to_kernel=_to_kernel)
     return (out, attention.view_as(logits)) if return_attention else out
 
 
