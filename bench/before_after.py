@@ -8,7 +8,8 @@ Each checkout needs its extension built (``pip install -e .`` or ``python setup.
 Only names both revisions share are timed: ``caer_fast.ops.attention_pool`` / ``adaptive_fusion`` /
 ``face_context`` on their automatic backend (``cpp`` on CPU), the eager torch references, ``CAERSNet``
 and ``CAERNet`` forward and train steps, and ``accelerate`` on the community model (tests/community_model.py).
-Every case's output is checked against its reference before it is timed. The table gives each case's
+Every case's output is checked against its reference before it is timed. The workers run with glibc's
+malloc thresholds fixed (``--glibc-malloc-defaults`` to leave them moving). The table gives each case's
 median per revision, after/before, and each op's speed-up over its reference in both revisions.
 """
 from __future__ import annotations
@@ -164,8 +165,16 @@ def _machine(threads: int) -> dict:
             "matmul_gflops": matmul_gflops()}
 
 
-def _run_worker(checkout: Path, cases, repeat, threads) -> dict:
+# glibc moves its mmap threshold with the history of frees, so whether a 1.6 MB gradient buffer is
+# fresh (page-faulting) memory differs from process to process, and one backward call's time with it
+# (bench/RESULTS.md, "op layer"). Fixed thresholds give both checkouts the same allocator.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def _run_worker(checkout: Path, cases, repeat, threads, steady_malloc: bool = True) -> dict:
     env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS=str(threads))
+    if steady_malloc:
+        env.update(STEADY_MALLOC)
     env.pop("CAER_FAST_BACKEND", None)
     code = (f"import json, runpy, sys; m = runpy.run_path({str(Path(__file__).resolve())!r}); "
             f"print('@@' + json.dumps(m['worker']({cases!r}, {repeat})))")
@@ -187,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the workers (default 1)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
     p.add_argument("--json", type=Path, help="also write every round's raw numbers here")
+    p.add_argument("--glibc-malloc-defaults", action="store_true",
+                   help="leave glibc's moving mmap/trim thresholds in the workers (default: fixed at 1 GiB)")
     a = p.parse_args(argv)
     cases = [c.strip() for c in a.cases.split(",") if c.strip()]
     machine = _machine(a.threads)
@@ -196,13 +207,14 @@ def main(argv=None) -> int:
     for r in range(a.rounds):
         for label, checkout in (("before", a.before), ("after", a.after)) if r % 2 == 0 else \
                 (("after", a.after), ("before", a.before)):
-            runs[label].append(_run_worker(checkout, cases, a.repeat, a.threads))
+            runs[label].append(_run_worker(checkout, cases, a.repeat, a.threads, not a.glibc_malloc_defaults))
             print(f"round {r + 1}/{a.rounds} {label} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     med = {k: {c: statistics.median(run[c] for run in runs[k]) for c in runs[k][0] if not c.startswith("_")}
            for k in runs}
     print(f"\nbefore: {a.before} (backend {runs['before'][0]['_backend']}); after: {a.after} "
           f"(backend {runs['after'][0]['_backend']}); {a.threads} thread(s), {a.rounds} rounds, load "
-          f"{os.getloadavg()[0]:.1f}; CPU {machine['cpu']} ({' '.join(machine['flags'])}), fp32 matmul "
+          f"{os.getloadavg()[0]:.1f}; malloc thresholds "
+          f"{'glibc defaults' if a.glibc_malloc_defaults else 'fixed'}; CPU {machine['cpu']} ({' '.join(machine['flags'])}), fp32 matmul "
           f"{machine['matmul_gflops']:.0f} GFLOP/s at the start\n")
     print("| case | before ms | after ms | after speed vs before | vs reference, before → after |")
     print("|---|---|---|---|---|")
