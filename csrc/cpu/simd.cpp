@@ -30,28 +30,40 @@ namespace caer_fast_simd {
     for (int64_t i = 0; i < n; ++i) y[i] *= beta;                     \
   }
 
-#if defined(__GNUC__) && !defined(__clang__)
-// gemv with GCC vector types: `omp simd reduction` ends each row with a lane-by-lane scalar sum through
-// the stack, which costs as much as the row itself when rows are short (attention_pool: 49 positions).
-// Here every row keeps one 32-byte accumulator, reduced by three in-register shuffle+add steps.
+// gemv with GCC/clang vector types: `omp simd reduction` ended each row with a lane-by-lane scalar sum
+// through the stack, which costs as much as the row itself when rows are short (attention_pool: 49
+// positions). Here every row keeps one 32-byte accumulator, reduced in registers by shuffle+add steps.
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors only pass between inlined helpers
 typedef float caer_v8f __attribute__((vector_size(32)));
-typedef int caer_v8i __attribute__((vector_size(32)));
 typedef double caer_v4d __attribute__((vector_size(32)));
-typedef long long caer_v4l __attribute__((vector_size(32)));
 
 static inline caer_v8f load_v(const float* p) { caer_v8f v; __builtin_memcpy(&v, p, sizeof v); return v; }
 static inline caer_v4d load_v(const double* p) { caer_v4d v; __builtin_memcpy(&v, p, sizeof v); return v; }
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)  // GCC >= 12, clang
+#define CAER_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+#ifdef CAER_HAS_SHUFFLEVECTOR
 static inline float hsum(caer_v8f v) {
-  v += __builtin_shuffle(v, caer_v8i{4, 5, 6, 7, 0, 1, 2, 3});
-  v += __builtin_shuffle(v, caer_v8i{2, 3, 0, 1, 6, 7, 4, 5});
-  v += __builtin_shuffle(v, caer_v8i{1, 0, 3, 2, 5, 4, 7, 6});
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
   return v[0];
 }
 static inline double hsum(caer_v4d v) {
-  v += __builtin_shuffle(v, caer_v4l{2, 3, 0, 1});
-  v += __builtin_shuffle(v, caer_v4l{1, 0, 3, 2});
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2);
   return v[0];
 }
+#else
+template <typename V>
+static inline auto hsum(V v) -> decltype(v[0] + 0) {
+  decltype(v[0] + 0) s = 0;
+  for (size_t i = 0; i < sizeof(V) / sizeof(s); ++i) s += v[i];
+  return s;
+}
+#endif
 
 #define CAER_DEFINE_GEMV_ROWS(T, V)                                                               \
   CAER_CLONES void gemv(const T* A, int64_t rows, int64_t cols, int64_t ld, const T* x, T beta, T* y) {\
@@ -88,55 +100,12 @@ static inline double hsum(caer_v4d v) {
       y[r] = beta == T(0) ? s0 : beta * y[r] + s0;                                                \
     }                                                                                             \
   }
-#else
-// Four rows per step share each load of x and keep four independent vector accumulators.
-#define CAER_DEFINE_GEMV_ROWS(T, V)                                                                       \
-  CAER_CLONES void gemv(const T* A, int64_t rows, int64_t cols, int64_t ld, const T* x, T beta, T* y) {\
-    int64_t r = 0;                                                                                \
-    for (; r + 4 <= rows; r += 4) {                                                               \
-      const T *a0 = A + r * ld, *a1 = a0 + ld, *a2 = a1 + ld, *a3 = a2 + ld;                      \
-      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                           \
-      _Pragma("omp simd reduction(+ : s0, s1, s2, s3)")                                           \
-      for (int64_t c = 0; c < cols; ++c) {                                                        \
-        s0 += a0[c] * x[c];                                                                       \
-        s1 += a1[c] * x[c];                                                                       \
-        s2 += a2[c] * x[c];                                                                       \
-        s3 += a3[c] * x[c];                                                                       \
-      }                                                                                           \
-      if (beta == T(0)) {                                                                         \
-        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;                                   \
-      } else {                                                                                    \
-        y[r] = beta * y[r] + s0, y[r + 1] = beta * y[r + 1] + s1;                                 \
-        y[r + 2] = beta * y[r + 2] + s2, y[r + 3] = beta * y[r + 3] + s3;                         \
-      }                                                                                           \
-    }                                                                                             \
-    for (; r < rows; ++r) {                                                                       \
-      const T* a0 = A + r * ld;                                                                   \
-      T s0 = 0;                                                                                   \
-      _Pragma("omp simd reduction(+ : s0)")                                                       \
-      for (int64_t c = 0; c < cols; ++c) s0 += a0[c] * x[c];                                      \
-      y[r] = beta == T(0) ? s0 : beta * y[r] + s0;                                                \
-    }                                                                                             \
-  }
-#endif
 
 #define CAER_DEFINE_GEMV_T(T)                                                                     \
   CAER_CLONES void gemv_t_outer(const T* A, const T* g, int64_t rows, int64_t cols, T* y, const T* a, \
                                 T alpha, T* out) {                                                \
-    int64_t r = 0;                                                                                \
-    for (; r + 4 <= rows; r += 4) { /* four rows per pass over y: a quarter of its loads and stores */\
-      const T g0 = g[r], g1 = g[r + 1], g2 = g[r + 2], g3 = g[r + 3];                             \
-      const T h0 = g0 * alpha, h1 = g1 * alpha, h2 = g2 * alpha, h3 = g3 * alpha;                 \
-      const T *a0 = A + r * cols, *a1 = a0 + cols, *a2 = a1 + cols, *a3 = a2 + cols;              \
-      T *o0 = out + r * cols, *o1 = o0 + cols, *o2 = o1 + cols, *o3 = o2 + cols;                  \
-      _Pragma("omp simd")                                                                         \
-      for (int64_t c = 0; c < cols; ++c) {                                                        \
-        y[c] += (g0 * a0[c] + g1 * a1[c]) + (g2 * a2[c] + g3 * a3[c]);                            \
-        const T ac = a[c];                                                                        \
-        o0[c] = h0 * ac, o1[c] = h1 * ac, o2[c] = h2 * ac, o3[c] = h3 * ac;                       \
-      }                                                                                           \
-    }                                                                                             \
-    for (; r < rows; ++r) {                                                                       \
+    /* one row at a time: four output rows at once was slower at 98 positions (bench/RESULTS.md) */ \
+    for (int64_t r = 0; r < rows; ++r) {                                                          \
       const T gr = g[r], ga = g[r] * alpha;                                                       \
       const T* ar = A + r * cols;                                                                 \
       T* o = out + r * cols;                                                                      \
