@@ -5,8 +5,10 @@
 // kernels (kernels/<op>.py) take the CUDA key's place while the backend is "triton".
 //
 // Contracts the kernels share (caer_fast/ops/<op>.py checks the user's inputs before any of them):
-// - attention_pool: features N×C×S, logits N×S, one floating dtype. Returns (out N×C, attention
-//   N×S) in that dtype. The backward gets what autograd saved: (features, attention, out).
+// - attention_pool: features N×C×(S…), logits N×S or N×1×(S…) (S values per sample), one floating
+//   dtype. Returns (out N×C, attention in the logits' shape) in that dtype; the kernels read both
+//   flat, so the front door reshapes nothing. The backward gets what autograd saved: (features,
+//   attention, out), and returns gradients in the shapes of features and attention.
 // - adaptive_fusion: face N×Cf, context N×Cc, scores N×1, one floating dtype. Returns
 //   (out N×(Cf+Cc), weights N×2). The backward gets (face, context, weights).
 // - face_context: frames uint8 N×H×W×3, boxes integer N×4 xyxy (not clipped), crop = (top, left,

@@ -14,6 +14,7 @@ backend is "triton" (see ``_compile``).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -91,37 +92,39 @@ INLINE = ("attention_pool", "attention_pool_backward")  # traced into compiled g
 
 
 def attention_pool(features: Tensor, logits: Tensor) -> Tuple[Tensor, Tensor]:
-    """features N×C×S, logits N×S (one dtype) -> (out N×C, attention N×S) in that dtype."""
-    n, c, s = features.shape
+    """features N×C×(S…), logits N×S or N×1×(S…) (one dtype) -> (out N×C, attention in the logits' shape)."""
+    n, c, s = features.shape[0], features.shape[1], math.prod(features.shape[2:])
+    f, x = features.reshape(n, c, s), logits.reshape(n, s)
     out = torch.empty(n, c, dtype=features.dtype, device=features.device)
     lse = torch.empty(n, dtype=torch.float32, device=features.device)
-    attention = torch.empty(n, s, dtype=features.dtype, device=features.device)
+    attention = torch.empty(logits.shape, dtype=features.dtype, device=features.device)  # written as N×S
     if n and c:
         wrap_triton(_fwd_kernel)[(n, triton.cdiv(c, BLOCK_C))](
-            features, logits, out, lse, c, s, 1.0 / s, features.stride(0), features.stride(1), features.stride(2),
-            logits.stride(0), logits.stride(1), BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S)
+            f, x, out, lse, c, s, 1.0 / s, f.stride(0), f.stride(1), f.stride(2),
+            x.stride(0), x.stride(1), BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S)
     if n:
         if not c:  # no channel program ran to write the log-sum-exp
-            lse = torch.logsumexp(logits.float(), dim=1)
+            lse = torch.logsumexp(x.float(), dim=1)
         wrap_triton(_attention_kernel)[(n, triton.cdiv(s, BLOCK_S))](
-            logits, lse, attention, s, logits.stride(0), logits.stride(1), BLOCK_S=BLOCK_S)
+            x, lse, attention, s, x.stride(0), x.stride(1), BLOCK_S=BLOCK_S)
     return out, attention
 
 
 def attention_pool_backward(grad_out: Tensor, grad_attention: Optional[Tensor], features: Tensor, attention: Tensor,
                             out: Tensor) -> Tuple[Tensor, Tensor]:
-    n, c, s = features.shape
-    grad_out, attention = grad_out.contiguous(), attention.contiguous()
+    n, c, s = features.shape[0], features.shape[1], math.prod(features.shape[2:])
+    f = features.reshape(n, c, s)
+    grad_out, flat_attention = grad_out.contiguous(), attention.contiguous().view(n, s)
     dot = (grad_out.float() * out.float()).sum(1)  # Σ_c g_c out_c, N values
     has_ga = grad_attention is not None
     if has_ga:
-        grad_attention = grad_attention.contiguous()
-        dot = dot + (attention.float() * grad_attention.float()).sum(1)
-    grad_features = torch.empty(n, c, s, dtype=features.dtype, device=features.device)
-    grad_logits = torch.empty(n, s, dtype=features.dtype, device=features.device)
+        grad_attention = grad_attention.contiguous().view(n, s)
+        dot = dot + (flat_attention.float() * grad_attention.float()).sum(1)
+    grad_features = torch.empty(features.shape, dtype=features.dtype, device=features.device)  # written as N×C×S
+    grad_logits = torch.empty(attention.shape, dtype=features.dtype, device=features.device)  # written as N×S
     if n:
         wrap_triton(_bwd_kernel)[(n, triton.cdiv(s, BLOCK_S))](
-            grad_out, features, attention, grad_attention if has_ga else attention, dot, grad_features, grad_logits,
-            c, s, 1.0 / s, features.stride(0), features.stride(1), features.stride(2), HAS_GA=has_ga,
+            grad_out, f, flat_attention, grad_attention if has_ga else flat_attention, dot, grad_features,
+            grad_logits, c, s, 1.0 / s, f.stride(0), f.stride(1), f.stride(2), HAS_GA=has_ga,
             BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S)
     return grad_features, grad_logits

@@ -225,15 +225,10 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 class _Eager(torch.autograd.Function):
     """Eager calls of every op with an autograd formula: the formula the op registered (its
     ``setup_context`` and ``backward``), without the Python dispatch of the registered autograd
-    kernel, which costs about as much as a small kernel (bench/RESULTS.md, "op layer"). Inputs are
-    reshaped to the kernel's shapes in here, and their gradients back, so no view nodes join the graph."""
+    kernel, which costs about as much as a small kernel (bench/RESULTS.md, "op layer")."""
 
     @staticmethod
-    def forward(ctx, op, setup_context, backward, to_kernel, *args):
-        ctx.arg_shapes = None
-        if to_kernel is not None:
-            ctx.arg_shapes = [a.shape if isinstance(a, torch.Tensor) else None for a in args]
-            args = to_kernel(*args)
+    def forward(ctx, op, setup_context, backward, *args):
         with torch._C._AutoDispatchBelowAutograd():
             output = op(*args)
         setup_context(ctx, args, output)
@@ -242,11 +237,7 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = ctx.formula(ctx, *grads)
-        if ctx.arg_shapes is not None:
-            grads = [g if g is None or shape is None or g.shape == shape else g.reshape(shape)
-                     for g, shape in zip(grads, ctx.arg_shapes)]
-        return (None, None, None, None, *grads)
+        return (None, None, None, *ctx.formula(ctx, *grads))
 
 
 def register_autograd(op: str, saved):
@@ -267,17 +258,16 @@ def register_autograd(op: str, saved):
     return setup_context, backward
 
 
-def call(op, *args, setup_context=None, backward=None, to_kernel=None):
-    """``op(*args)``, where ``setup_context`` / ``backward`` are the formula registered for ``op`` (if any)
-    and ``to_kernel`` (if given) maps the arguments to the kernel's shapes: ``op(*to_kernel(*args))``.
+def call(op, *args, setup_context=None, backward=None):
+    """``op(*args)``, where ``setup_context`` / ``backward`` are the formula registered for ``op`` (if any).
 
     Under ``torch.compile`` the op itself is traced (its fake implementation and registered formula);
     eager calls skip the registered autograd kernel's Python dispatch (:class:`_Eager`)."""
     if torch.compiler.is_compiling():
-        return op(*(args if to_kernel is None else to_kernel(*args)))
-    if backward is not None and torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return _Eager.apply(op, setup_context, backward, to_kernel, *args)
-    if to_kernel is not None:
-        args = to_kernel(*args)
+        return op(*args)
+    if backward is not None and torch.is_grad_enabled():
+        for a in args:  # a loop, not any(<generator>): this runs on every eager call
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                return _Eager.apply(op, setup_context, backward, *args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

@@ -3,9 +3,9 @@
 out[n, c] = mean_s softmax(logits[n, 0, :])[s] * features[n, c, s] — exactly the community
 model's ``context * softmax(attention)`` followed by ``avg_pool2d`` over the whole map.
 
-The op ``caer_fast::attention_pool(features N×C×S, logits N×S) -> (out N×C, attention N×S)`` and its
-backward are defined in csrc/ops.cpp; this file checks the inputs, registers the fake implementation
-and the autograd formula, and holds the torch reference.
+The op ``caer_fast::attention_pool(features N×C×(S…), logits N×1×(S…)) -> (out N×C, attention in the
+logits' shape)`` and its backward are defined in csrc/ops.cpp; this file checks the inputs, registers
+the fake implementation and the autograd formula, and holds the torch reference.
 
 Non-finite logits follow ``torch.softmax`` on every backend: a ``-inf`` logit gives its position
 weight 0; a ``+inf`` or NaN logit, or all ``-inf``, make that sample's attention and output NaN.
@@ -34,11 +34,6 @@ def _check_inputs(features: torch.Tensor, logits: torch.Tensor) -> None:
         raise ValueError(f"attention_pool: features on {features.device}, logits on {logits.device}")
     if math.prod(features.shape[2:]) == 0:
         raise ValueError(f"attention_pool: features need at least one position, got {tuple(features.shape)}")
-
-
-def _to_kernel(features: torch.Tensor, logits: torch.Tensor):
-    """N×C×(S…), N×1×(S…) → the kernels' N×C×S, N×S."""
-    return (features if features.dim() == 3 else features.flatten(2)), logits.flatten(1)
 
 
 def attention_pool_reference(features: torch.Tensor, logits: torch.Tensor, return_attention: bool = False):
@@ -75,10 +70,10 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
         return attention_pool_reference(features, logits, return_attention)
     if logits.dtype != features.dtype:
         logits = logits.to(features.dtype)  # differentiable
-    # reshaped inside the call: no view nodes in eager autograd graphs
+    # the kernels take N×C×(S…) as it comes and return the attention map in the logits' shape
     out, attention = _dispatch.call(torch.ops.caer_fast.attention_pool.default, features, logits,
-                                     setup_context=_setup_context, backward=_backward, to_kernel=_to_kernel)
-    return (out, attention.view_as(logits)) if return_attention else out
+                                     setup_context=_setup_context, backward=_backward)
+    return (out, attention) if return_attention else out
 
 
 class AttentionPool(nn.Module):
@@ -98,8 +93,7 @@ _setup_context, _backward = _dispatch.register_autograd(
 if _dispatch.HAS_OPS:
     @torch.library.register_fake("caer_fast::attention_pool")
     def _(features, logits):
-        n, c, s = features.shape
-        return features.new_empty((n, c)), features.new_empty((n, s))
+        return features.new_empty(features.shape[:2]), features.new_empty(logits.shape)
 
     @torch.library.register_fake("caer_fast::attention_pool_backward")
     def _(grad_out, grad_attention, features, attention, out):

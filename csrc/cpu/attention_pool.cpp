@@ -31,15 +31,22 @@ bool is_reduced(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
-// The op's contract (caer_fast/ops/attention_pool.py has checked the user's inputs already).
+int64_t positions(const at::Tensor& features) {
+  int64_t s = 1;
+  for (int64_t d = 2; d < features.dim(); ++d) s *= features.size(d);
+  return s;
+}
+
+// The op's contract (caer_fast/ops/attention_pool.py has checked the user's inputs already): features
+// N×C×(S…), logits N×… with S values per sample (N×S or N×1×(S…)); the kernels see both flat.
 void check(const at::Tensor& features, const at::Tensor& logits) {
-  TORCH_CHECK(features.dim() == 3 && logits.dim() == 2 && logits.size(0) == features.size(0) &&
-                  logits.size(1) == features.size(2),
-              "caer_fast::attention_pool: features must be N×C×S and logits N×S, got ", features.sizes(), " and ",
-              logits.sizes());
+  TORCH_CHECK(features.dim() >= 3 && logits.dim() >= 1 && logits.size(0) == features.size(0) &&
+                  logits.numel() == features.size(0) * positions(features),
+              "caer_fast::attention_pool: features must be N×C×(S…) and logits N×S or N×1×(S…), got ",
+              features.sizes(), " and ", logits.sizes());
   TORCH_CHECK(logits.scalar_type() == features.scalar_type() && at::isFloatingType(features.scalar_type()),
               "caer_fast::attention_pool: features and logits must share one floating dtype");
-  TORCH_CHECK(features.size(2) > 0, "caer_fast::attention_pool: features need at least one position");
+  TORCH_CHECK(positions(features) > 0, "caer_fast::attention_pool: features need at least one position");
 }
 
 template <typename T>
@@ -120,9 +127,9 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_cpu(const at::Tensor& features
     auto [out, attention] = attention_pool_cpu(features.to(at::kFloat), logits.to(at::kFloat));
     return {out.to(features.scalar_type()), attention.to(features.scalar_type())};
   }
-  const int64_t N = features.size(0), C = features.size(1), S = features.size(2);
+  const int64_t N = features.size(0), C = features.size(1), S = positions(features);
   at::Tensor out = at::empty({N, C}, features.options());
-  at::Tensor attention = at::empty({N, S}, features.options());
+  at::Tensor attention = at::empty(logits.sizes(), features.options());
   if (N == 0) return {out, attention};
   const at::Tensor f = features.contiguous(), x = logits.contiguous();
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "attention_pool", [&] {
@@ -137,12 +144,12 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward_cpu(const at::Tensor&
                                                                const at::Tensor& features, const at::Tensor& attention,
                                                                const at::Tensor& out) {
   check(features, attention);
-  const int64_t N = features.size(0), C = features.size(1), S = features.size(2);
+  const int64_t N = features.size(0), C = features.size(1);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({N, C}) && out.sizes() == at::IntArrayRef({N, C}),
               "caer_fast::attention_pool_backward: grad_out and out must be ", N, "×", C);
   const bool has_ga = grad_attention.has_value() && grad_attention->defined();
   TORCH_CHECK(!has_ga || grad_attention->sizes() == attention.sizes(),
-              "caer_fast::attention_pool_backward: grad_attention must be ", N, "×", S);
+              "caer_fast::attention_pool_backward: grad_attention must be ", attention.sizes());
   const auto dt = features.scalar_type();
   if (is_reduced(features)) {
     std::optional<at::Tensor> ga;
@@ -151,8 +158,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward_cpu(const at::Tensor&
                                                 attention.to(at::kFloat), out.to(at::kFloat));
     return {gf.to(dt), gx.to(dt)};
   }
-  at::Tensor grad_features = at::empty({N, C, S}, features.options());
-  at::Tensor grad_logits = at::empty({N, S}, features.options());
+  at::Tensor grad_features = at::empty(features.sizes(), features.options());
+  at::Tensor grad_logits = at::empty(attention.sizes(), features.options());
   if (N == 0) return {grad_features, grad_logits};
   const at::Tensor g = grad_out.to(dt).contiguous(), f = features.contiguous(), a = attention.contiguous(),
                    o = out.to(dt).contiguous();
@@ -160,7 +167,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward_cpu(const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES(dt, "attention_pool_backward", [&] {
     backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), has_ga ? ga.data_ptr<scalar_t>() : nullptr,
                               f.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
-                              grad_features.data_ptr<scalar_t>(), grad_logits.data_ptr<scalar_t>(), N, C, S);
+                              grad_features.data_ptr<scalar_t>(), grad_logits.data_ptr<scalar_t>(), N, C,
+                              positions(features));
   });
   return {grad_features, grad_logits};
 }

@@ -35,22 +35,32 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
+int64_t positions(const at::Tensor& features) {
+  int64_t s = 1;
+  for (int64_t d = 2; d < features.dim(); ++d) s *= features.size(d);
+  return s;
+}
+
+// features N×C×(S…) and logits N×S or N×1×(S…) (the contract of csrc/ops.cpp) are passed to the kernels
+// as N×C×S and N×S views (copies where no view exists); attention and grad_logits take the logits' shape.
 std::tuple<at::Tensor, at::Tensor> attention_pool_cuda(const at::Tensor& features, const at::Tensor& logits) {
   check_cuda(features, "features");
   check_cuda(logits, "logits");
-  TORCH_CHECK(features.dim() == 3 && logits.dim() == 2 && logits.size(0) == features.size(0) &&
-                  logits.size(1) == features.size(2) && features.size(2) > 0,
-              "caer_fast::attention_pool: features must be N×C×S (S > 0) and logits N×S");
+  const int64_t n = features.dim() >= 3 ? features.size(0) : 0, s = positions(features);
+  TORCH_CHECK(features.dim() >= 3 && logits.dim() >= 1 && logits.size(0) == n && logits.numel() == n * s && s > 0,
+              "caer_fast::attention_pool: features must be N×C×(S…) (S > 0) and logits N×S or N×1×(S…)");
   TORCH_CHECK(features.scalar_type() == logits.scalar_type(), "caer_fast::attention_pool: dtypes differ");
   const c10::cuda::CUDAGuard guard(features.device());
-  const int64_t n = features.size(0), c = features.size(1), s = features.size(2);
+  const int64_t c = features.size(1);
+  const auto f = features.reshape({n, c, s});
+  const auto x = logits.reshape({n, s});
   auto out = at::empty({n, c}, features.options());
   auto lse = at::empty({n}, features.options().dtype(at::kFloat));
-  auto attention = at::empty({n, s}, features.options());
-  check_launch(cuda::attention_pool_forward(dtype_of(features), features.data_ptr(), logits.data_ptr(),
+  auto attention = at::empty(logits.sizes(), features.options());  // written contiguous N×S
+  check_launch(cuda::attention_pool_forward(dtype_of(features), f.data_ptr(), x.data_ptr(),
                                             out.data_ptr(), lse.data_ptr<float>(), attention.data_ptr(), n, c, s,
-                                            features.stride(0), features.stride(1), features.stride(2),
-                                            logits.stride(0), logits.stride(1), c10::cuda::getCurrentCUDAStream()),
+                                            f.stride(0), f.stride(1), f.stride(2),
+                                            x.stride(0), x.stride(1), c10::cuda::getCurrentCUDAStream()),
                "caer_fast::attention_pool (CUDA)");
   return {out, attention};
 }
@@ -61,23 +71,24 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward_cuda(const at::Tensor
                                                                 const at::Tensor& attention_in, const at::Tensor& out) {
   check_cuda(grad_out, "grad_out");
   const c10::cuda::CUDAGuard guard(features.device());
-  const int64_t n = features.size(0), c = features.size(1), s = features.size(2);
+  const int64_t n = features.size(0), c = features.size(1), s = positions(features);
   const auto dt = features.scalar_type();
+  const auto f = features.reshape({n, c, s});
   const auto grad = grad_out.to(dt).contiguous();
-  const auto attention = attention_in.to(dt).contiguous();
+  const auto attention = attention_in.to(dt).contiguous().view({n, s});
   auto dot = (grad.to(at::kFloat) * out.to(at::kFloat)).sum(1);  // Σ_c g_c out_c (+ Σ_s a_s ga_s), N values
   at::Tensor grad_attention;
   if (grad_attention_in.has_value() && grad_attention_in->defined()) {
-    grad_attention = grad_attention_in->to(dt).contiguous();
+    grad_attention = grad_attention_in->to(dt).contiguous().view({n, s});
     dot += (attention.to(at::kFloat) * grad_attention.to(at::kFloat)).sum(1);
   }
-  auto grad_features = at::empty({n, c, s}, features.options());
-  auto grad_logits = at::empty({n, s}, features.options());
-  check_launch(cuda::attention_pool_backward(dtype_of(features), grad.data_ptr(), features.data_ptr(),
+  auto grad_features = at::empty(features.sizes(), features.options());  // written contiguous N×C×S
+  auto grad_logits = at::empty(attention_in.sizes(), features.options());
+  check_launch(cuda::attention_pool_backward(dtype_of(features), grad.data_ptr(), f.data_ptr(),
                                              attention.data_ptr(),
                                              grad_attention.defined() ? grad_attention.data_ptr() : nullptr,
                                              dot.data_ptr<float>(), grad_features.data_ptr(), grad_logits.data_ptr(),
-                                             n, c, s, features.stride(0), features.stride(1), features.stride(2),
+                                             n, c, s, f.stride(0), f.stride(1), f.stride(2),
                                              c10::cuda::getCurrentCUDAStream()),
                "caer_fast::attention_pool_backward (CUDA)");
   return {grad_features, grad_logits};

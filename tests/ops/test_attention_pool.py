@@ -144,12 +144,25 @@ def test_opcheck(backend):
     if name == "torch":
         pytest.skip("the torch backend does not call the op")
     gen = torch.Generator().manual_seed(2)
-    f, x = torch.randn(2, 5, 9, generator=gen).to(device), torch.randn(2, 9, generator=gen).to(device)
-    torch.library.opcheck(torch.ops.caer_fast.attention_pool.default, (f.requires_grad_(), x.requires_grad_()))
-    out, att = torch.ops.caer_fast.attention_pool.default(f.detach(), x.detach())
-    for ga in (None, torch.randn(2, 9, device=device)):
-        torch.library.opcheck(torch.ops.caer_fast.attention_pool_backward.default,
-                              (torch.randn(2, 5, device=device), ga, f.detach(), att, out))
+    # the kernels take N×C×(S…) with N×S or N×1×(S…) logits, strided or not, and answer in those shapes
+    for f_shape, x_shape in (((2, 5, 9), (2, 9)), ((2, 5, 3, 3), (2, 1, 3, 3)), ((2, 5, 2, 3, 2), (2, 1, 2, 3, 2)),
+                             ((2, 5, 3, 4), (2, 12))):
+        f, x = torch.randn(f_shape, generator=gen).to(device), torch.randn(x_shape, generator=gen).to(device)
+        if len(f_shape) == 4 and len(x_shape) == 2:
+            f = f.transpose(2, 3).contiguous().transpose(2, 3)  # not contiguous
+        torch.library.opcheck(torch.ops.caer_fast.attention_pool.default, (f.requires_grad_(), x.requires_grad_()))
+        out, att = torch.ops.caer_fast.attention_pool.default(f.detach(), x.detach())
+        assert att.shape == x.shape
+        want_out, want_att = attention_pool_reference(f.detach().double(), x.detach().double().reshape(2, 1, -1),
+                                                      return_attention=True)
+        torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(att.double(), want_att.reshape(x.shape), rtol=1e-5, atol=1e-6)
+        for ga in (None, torch.randn(x_shape, device=device)):
+            torch.library.opcheck(torch.ops.caer_fast.attention_pool_backward.default,
+                                  (torch.randn(2, 5, device=device), ga, f.detach(), att, out))
+            grad_f, grad_x = torch.ops.caer_fast.attention_pool_backward.default(
+                torch.randn(2, 5, device=device), ga, f.detach(), att, out)
+            assert grad_f.shape == f.shape and grad_x.shape == x.shape
 
 
 def test_compile_fullgraph(backend):
