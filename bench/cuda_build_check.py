@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
     p.add_argument("--jobs", default=os.environ.get("MAX_JOBS", "2"), help="parallel compile jobs (MAX_JOBS)")
     args = p.parse_args(argv)
+    args.venv = args.venv.absolute()  # the build runs in a copy of the tree: a relative path would miss
 
     py = args.venv / "bin" / "python"
     nvcc = shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin"))
