@@ -15,20 +15,10 @@ import time
 import torch
 from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-from caer_fast.export import export_model_onnx
+from caer_fast.export import _Exported, export_model_onnx
 from caer_fast.models.caer_net import CAERNet, CAERSNet
 from caer_fast.models.optimize import _memory_format, _prepare_inference
 from caer_fast.serving.engines import OnnxRuntimeEngine, default_shapes
-
-
-class _Outputs(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, face, context):
-        logits, details = self.model(face, context, return_details=True)
-        return logits, details["attention"], details["fusion_weights"]
 
 
 def _median_ms(fn, face, context, n):
@@ -47,7 +37,7 @@ def main(which: str) -> None:
     model = (CAERSNet() if which == "caers" else CAERNet()).eval()
     face_shape, context_shape = default_shapes(model)
     sizes = (1, 32) if which == "caers" else (1, 4)
-    wrapped = _Outputs(_prepare_inference(model, _memory_format(model))).eval()
+    wrapped = _Exported(_prepare_inference(model, _memory_format(model))).eval()  # details as plain outputs
     batch = torch.export.Dim("batch", min=1, max=256)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
