@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward_cpu(const at::Tensor&
                                                                const at::Tensor& features, const at::Tensor& attention,
                                                                const at::Tensor& out) {
   check(features, attention);
-  const int64_t N = features.size(0), C = features.size(1);
+  const int64_t N = features.size(0), C = features.size(1), S = positions(features);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({N, C}) && out.sizes() == at::IntArrayRef({N, C}),
               "caer_fast::attention_pool_backward: grad_out and out must be ", N, "×", C);
   const bool has_ga = grad_attention.has_value() && grad_attention->defined();
@@ -167,8 +167,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward_cpu(const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES(dt, "attention_pool_backward", [&] {
     backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), has_ga ? ga.data_ptr<scalar_t>() : nullptr,
                               f.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
-                              grad_features.data_ptr<scalar_t>(), grad_logits.data_ptr<scalar_t>(), N, C,
-                              positions(features));
+                              grad_features.data_ptr<scalar_t>(), grad_logits.data_ptr<scalar_t>(), N, C, S);
   });
   return {grad_features, grad_logits};
 }
