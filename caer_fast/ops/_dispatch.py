@@ -158,14 +158,23 @@ def _route(name: str, device_type: str) -> None:
     _triton_keys = frozenset(keys)
 
 
-_chosen: dict = {}  # (requested name or None, device type) -> backend name, for kernel_backend
+_chosen: dict = {}  # (forced name or the variable's raw value, device type) -> backend name, for kernel_backend
+
+# os.environ.get raises and catches a KeyError inside when the variable is unset, about 5 µs of every
+# op call; CPython's environ mapping answers directly (its raw value is only a cache key here)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
+
+
+def _raw_env_value():
+    data = getattr(os.environ, "_data", None)
+    return data.get(_ENV_KEY) if data is not None else os.environ.get(ENV_VAR)
 
 
 def kernel_backend(device_type: str) -> Optional[str]:
     """The backend whose kernels run an op on ``device_type`` tensors, or None for the torch reference.
     The front doors (``caer_fast/ops/<op>.py``) call it once per call: what is available does not
     change while the process runs, so the choice is remembered per request and device."""
-    key = (_forced if _forced is not None else os.environ.get(ENV_VAR), device_type)
+    key = (_forced if _forced is not None else _raw_env_value(), device_type)
     name = _chosen.get(key)
     if name is None:
         name = _chosen[key] = backend(device_type)  # an unavailable forced backend raises, every call
@@ -222,52 +231,48 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 
 
 # ---- calling an op ------------------------------------------------------------------------------
-class _Eager(torch.autograd.Function):
-    """Eager calls of every op with an autograd formula: the formula the op registered (its
-    ``setup_context`` and ``backward``), without the Python dispatch of the registered autograd
-    kernel, which costs about as much as a small kernel (bench/RESULTS.md, "op layer")."""
-
-    @staticmethod
-    def forward(ctx, op, setup_context, backward, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = op(*args)
-        setup_context(ctx, args, output)
-        ctx.formula = backward
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, None, None, *ctx.formula(ctx, *grads))
-
-
 def register_autograd(op: str, saved):
     """Register the autograd formula of ``caer_fast::<op>``: save ``saved(inputs, output)`` (the state
     every backend's ``<op>_backward`` takes), and in backward call
-    ``caer_fast::<op>_backward(*output_grads, *saved)``. Returns ``(setup_context, backward)`` for :func:`call`."""
+    ``caer_fast::<op>_backward(*output_grads, *saved)``.
+
+    Returns the same formula as an ``autograd.Function`` for :func:`call`'s eager calls: it skips the
+    Python dispatch of the registered autograd kernel, which costs about as much as a small kernel
+    (bench/RESULTS.md, "op layer"). One class per op, so ``apply`` takes the op's tensors only.
+    """
+    if not HAS_OPS:
+        return None
+    forward_op = getattr(torch.ops.caer_fast, op).default
+    backward_op = getattr(torch.ops.caer_fast, f"{op}_backward").default
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*saved(inputs, output))
 
-    backward_op = getattr(torch.ops.caer_fast, f"{op}_backward").default if HAS_OPS else None
-
     def backward(ctx, *grads):
         return backward_op(*grads, *ctx.saved_tensors)
 
-    if HAS_OPS:
-        torch.library.register_autograd(f"caer_fast::{op}", backward, setup_context=setup_context)
-    return setup_context, backward
+    torch.library.register_autograd(f"caer_fast::{op}", backward, setup_context=setup_context)
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = forward_op(*args)
+        ctx.save_for_backward(*saved(args, output))
+        return output
+
+    return type(f"{op}_eager", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward), "__module__": __name__})
 
 
-def call(op, *args, setup_context=None, backward=None):
-    """``op(*args)``, where ``setup_context`` / ``backward`` are the formula registered for ``op`` (if any).
+def call(op, *args, eager=None):
+    """``op(*args)``; ``eager`` is the op's formula from :func:`register_autograd` (if it has one).
 
     Under ``torch.compile`` the op itself is traced (its fake implementation and registered formula);
-    eager calls skip the registered autograd kernel's Python dispatch (:class:`_Eager`)."""
+    eager calls that need gradients run ``eager``, the others the op below autograd."""
     if torch.compiler.is_compiling():
         return op(*args)
-    if backward is not None and torch.is_grad_enabled():
+    if eager is not None and torch.is_grad_enabled():
         for a in args:  # a loop, not any(<generator>): this runs on every eager call
             if isinstance(a, torch.Tensor) and a.requires_grad:
-                return _Eager.apply(op, setup_context, backward, *args)
+                return eager.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

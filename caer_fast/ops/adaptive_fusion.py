@@ -69,8 +69,7 @@ def adaptive_fusion(face: torch.Tensor, context: torch.Tensor, face_score: torch
         return adaptive_fusion_reference(*args, return_weights)
     if mixed:
         args = tuple(t if t.dtype == dtype else t.to(dtype) for t in args)  # differentiable casts
-    out, weights = _dispatch.call(torch.ops.caer_fast.adaptive_fusion.default, *args, setup_context=_setup_context,
-                                     backward=_backward)
+    out, weights = _dispatch.call(torch.ops.caer_fast.adaptive_fusion.default, *args, eager=_eager)
     if not return_weights:
         return out
     if mixed:
@@ -89,7 +88,7 @@ class AdaptiveFusion(nn.Module):
 # ---- the op's fake implementation and autograd formula ----------------------------------------
 # d face = w_f g_f;  d w_f = g_f·face + gw_f (likewise context);  softmax over two:
 # d face_score = −d context_score = w_f w_c (d w_f − d w_c). Every backend saves (face, context, weights).
-_setup_context, _backward = _dispatch.register_autograd(
+_eager = _dispatch.register_autograd(
     "adaptive_fusion", saved=lambda inputs, output: (inputs[0], inputs[1], output[1]))
 
 if _dispatch.HAS_OPS:

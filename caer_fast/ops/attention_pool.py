@@ -71,8 +71,7 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
     if logits.dtype != features.dtype:
         logits = logits.to(features.dtype)  # differentiable
     # the kernels take N×C×(S…) as it comes and return the attention map in the logits' shape
-    out, attention = _dispatch.call(torch.ops.caer_fast.attention_pool.default, features, logits,
-                                     setup_context=_setup_context, backward=_backward)
+    out, attention = _dispatch.call(torch.ops.caer_fast.attention_pool.default, features, logits, eager=_eager)
     return (out, attention) if return_attention else out
 
 
@@ -87,7 +86,7 @@ class AttentionPool(nn.Module):
 # a = softmax(x), out_c = mean_s a_s f_cs:
 #   d f_cs = g_c a_s / S;   d x_s = a_s (Σ_c g_c f_cs / S − Σ_c g_c out_c + ga_s − Σ_t a_t ga_t)
 # (ga: the gradient reaching the returned attention map). Every backend saves (features, attention, out).
-_setup_context, _backward = _dispatch.register_autograd(
+_eager = _dispatch.register_autograd(
     "attention_pool", saved=lambda inputs, output: (inputs[0], output[1], output[0]))
 
 if _dispatch.HAS_OPS:

@@ -45,6 +45,24 @@ def test_env_selects_backend(monkeypatch):
 
 
 @needs_ext
+def test_op_calls_follow_env_changes_at_run_time(monkeypatch):
+    """The front doors remember their choice per value of the variable, not once per process."""
+    f, x = torch.randn(2, 3, 4, 4), torch.randn(2, 1, 4, 4)
+    monkeypatch.delenv("CAER_FAST_BACKEND", raising=False)
+    assert "caer_fast.attention_pool.default" in ops_called(lambda: ops.attention_pool(f, x))
+    monkeypatch.setenv("CAER_FAST_BACKEND", "torch")
+    assert "caer_fast.attention_pool.default" not in ops_called(lambda: ops.attention_pool(f, x))
+    monkeypatch.setenv("CAER_FAST_BACKEND", " CPP ")
+    assert "caer_fast.attention_pool.default" in ops_called(lambda: ops.attention_pool(f, x))
+    monkeypatch.setenv("CAER_FAST_BACKEND", "fast")
+    with pytest.raises(BackendUnavailableError, match="'fast' is not one of"):
+        ops.adaptive_fusion(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 1), torch.randn(2, 1))
+    monkeypatch.delenv("CAER_FAST_BACKEND")
+    assert "caer_fast.adaptive_fusion.default" in ops_called(
+        lambda: ops.adaptive_fusion(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 1), torch.randn(2, 1)))
+
+
+@needs_ext
 def test_use_backend_wins_over_env_and_restores(monkeypatch):
     monkeypatch.setenv("CAER_FAST_BACKEND", "cpp")
     f, x = torch.randn(2, 3, 4, 4), torch.randn(2, 1, 4, 4)
