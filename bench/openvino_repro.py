@@ -1,13 +1,15 @@
 """OpenVINO 2026.4 computes ``BatchNorm1d(x.flatten(2).mean(-1))`` wrongly at batch >= 2 (reduced reproducer).
 
-    python bench/openvino_repro.py          # needs openvino (optional); exits 1 when the bug shows
+    python bench/openvino_repro.py          # needs openvino; exits 1 when the bug shows
 
-This is what breaks CAER-Net(-S) under OpenVINO (bench/test_engines.py: fusion weights off by about 3e-2,
-logits by about 6e-2, at batch >= 2 only, also with f32 inference precision forced): the face vector is the
-mean over positions of the encoder's map (``flatten(2).mean(-1)``) and goes into the fusion net's
-BatchNorm1d. The exported graph is Shape/Reshape (dynamic batch) -> ReduceMean(axis -1) ->
-BatchNormalization; batch 1 is right, batch 2 and 3 are wrong. ``mean(dim=(2, 3))`` (no Reshape) is right,
-and so is BatchNorm1d on an N×C input; ONNX Runtime is right on the same file.
+This is what broke CAER-Net(-S) under OpenVINO (fusion weights off by about 3e-2, logits by about 6e-2, at
+batch >= 2 only, also with f32 inference precision forced): the face vector was the mean over positions of
+the encoder's map (``flatten(2).mean(-1)``), and the attention pooling flattened its input the same way,
+both going into the fusion net's BatchNorm1d. The exported graph is Shape/Reshape (dynamic batch) ->
+ReduceMean(axis -1) -> BatchNormalization; batch 1 is right, batch 2 and 3 are wrong. ``mean(dim=(2, 3))``
+(no Reshape) is right, and so is BatchNorm1d on an N×C input; ONNX Runtime is right on the same file.
+Our export now pools over the position axes (caer_fast/models/caer_net.py, the attention_pool reference
+under ONNX export), so the ``openvino`` engine is correct; this script keeps the reduced bug visible.
 """
 import sys
 import tempfile

@@ -38,11 +38,28 @@ def _check_inputs(features: torch.Tensor, logits: torch.Tensor) -> None:
 
 def attention_pool_reference(features: torch.Tensor, logits: torch.Tensor, return_attention: bool = False):
     """Plain PyTorch reference (materialises the N×C×S attended tensor); the softmax in float32 or wider."""
+    if torch.onnx.is_in_onnx_export():
+        return _attention_pool_over_axes(features, logits, return_attention)
     n, c = features.shape[:2]
     s = math.prod(features.shape[2:])
     compute = torch.promote_types(logits.dtype, torch.float32)
     attention = torch.softmax(logits.reshape(n, 1, s).to(compute), dim=-1).to(features.dtype)
     pooled = (features.reshape(n, c, s) * attention).mean(dim=-1)
+    if return_attention:
+        return pooled, attention.reshape(logits.shape)
+    return pooled
+
+
+def _attention_pool_over_axes(features: torch.Tensor, logits: torch.Tensor, return_attention: bool):
+    """The reference with reductions over the position axes instead of a flattening Reshape, for ONNX
+    graphs: OpenVINO 2026.4 computes a dynamic-batch Reshape → ReduceMean → BatchNormalization wrongly
+    at batch ≥ 2 (bench/openvino_repro.py). Eager, its backward is slower than the reference's."""
+    dims = tuple(range(2, features.dim()))
+    x = logits.reshape(logits.shape[0], 1, *features.shape[2:]) if logits.dim() == 2 else logits
+    x = x.to(torch.promote_types(logits.dtype, torch.float32))
+    e = (x - x.amax(dim=dims, keepdim=True)).exp()
+    attention = (e / e.sum(dim=dims, keepdim=True)).to(features.dtype)
+    pooled = (features * attention).mean(dim=dims)
     if return_attention:
         return pooled, attention.reshape(logits.shape)
     return pooled
