@@ -55,6 +55,8 @@ setup(
         "dali": ["nvidia-dali-cuda130==2.4.0"],
         # int8 CPU inference: caer_fast.quantize_int8, predict/serve --int8 (also in requirements.txt)
         "int8": ["torchao==0.18.0"],
+        # the openvino serving engine (also in requirements.txt; `auto` measures it where installed)
+        "openvino": ["openvino==2026.4.1"],
     },
     zip_safe=False,
 )

@@ -61,9 +61,10 @@ def add_int8_arguments(p: argparse.ArgumentParser) -> None:
     from .serving.engines import ENGINES
 
     p.add_argument("--engine", default=os.environ.get("CAER_FAST_ENGINE", "auto"), choices=ENGINES,
-                   help="CPU inference engine: auto measures ONNX Runtime (our export) and eager PyTorch once per "
+                   help="CPU inference engine: auto measures ONNX Runtime and OpenVINO (if installed) on our ONNX "
+                        "export and eager PyTorch once per "
                         "model and machine, keeps the fastest whose outputs match the model, and caches the choice "
-                        "and the optimised graph in $CAER_FAST_CACHE_DIR/engines (default from $CAER_FAST_ENGINE)")
+                        "and the optimised graphs in $CAER_FAST_CACHE_DIR/engines (default from $CAER_FAST_ENGINE)")
     g = p.add_argument_group("int8 inference (CPU, image model only)")
     g.add_argument("--int8", action="store_true",
                    help="quantise the model to int8 (PT2E + X86InductorQuantizer, oneDNN kernels via torch.compile) "

@@ -9,22 +9,27 @@ or ``(logits, {"attention": …, "fusion_weights": …})`` with ``return_details
   range in every new process);
 - ``onnxruntime``: our ONNX export (:func:`caer_fast.export.export_model_onnx`, the fused ops as plain
   softmax / mul / reduce so ONNX Runtime fuses them) in an ONNX Runtime CPU session;
+- ``openvino``: the same ONNX file compiled by OpenVINO for this CPU, in fp32 (optional package:
+  ``pip install openvino``; the fastest correct engine for the video model on AVX2 CPUs, bench/RESULTS.md);
 - ``int8``: :func:`caer_fast.quantize_int8` (image model; needs calibration data);
-- ``auto``: measures the fp32 candidates on this machine, rejects any whose outputs differ from the eager
-  reference, keeps the fastest.
+- ``auto``: measures the fp32 candidates on this machine (:func:`auto_candidates`: ONNX Runtime, OpenVINO
+  where installed, eager), rejects any whose outputs differ from the eager reference, keeps the fastest.
 
-No compile wait: the ONNX file, ONNX Runtime's own optimised graph and the ``auto`` decision live in an
+No compile wait: the ONNX file, ONNX Runtime's optimised graph, OpenVINO's compiled model and the ``auto``
+decision live in an
 on-disk cache (``$CAER_FAST_CACHE_DIR/engines/<key>``, see :func:`engine_key`) keyed by the model's
 weights, the batch-size range, the thread count, the CPU's flags and the library versions, so a second
 start on the same machine loads files instead of exporting, optimising and measuring again. ONNX Runtime
-takes every batch size in one graph: nothing is rebuilt per size.
+and OpenVINO take every batch size in one graph: nothing is rebuilt per size.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -34,10 +39,12 @@ import torch.nn as nn
 
 log = logging.getLogger("caer_fast.engines")
 
-ENGINES = ("auto", "eager", "compiled", "onnxruntime", "int8")
-# what `auto` measures by default: the compiled engine pays a compile in every new process (no on-disk
-# artefact yet), which breaks the "first answer within a second" promise, so it is measured only when asked
-AUTO_CANDIDATES = ("onnxruntime", "eager")
+ENGINES = ("auto", "eager", "compiled", "onnxruntime", "openvino", "int8")
+FP32_ENGINES = ("eager", "compiled", "onnxruntime", "openvino")
+# what `auto` measures by default (openvino where it is installed): the compiled engine pays a compile in
+# every new process (no on-disk artefact yet), which breaks the "first answer within a second" promise, so
+# it is measured only when asked
+AUTO_CANDIDATES = ("onnxruntime", "openvino", "eager")
 CACHE_VERSION = 1
 # fp32 engines must agree with the eager reference this closely (max |Δ| over logits, attention, weights)
 FP32_ATOL, FP32_RTOL = 1e-3, 1e-3
@@ -227,6 +234,51 @@ class OnnxRuntimeEngine(Engine):
         return tuple(torch.from_numpy(o) for o in out)
 
 
+class OpenVinoEngine(Engine):
+    """Our ONNX export compiled by OpenVINO for this CPU.
+
+    fp32 is forced (on CPUs with bf16 OpenVINO would otherwise compute in bf16). ``cache_dir`` is
+    OpenVINO's own cache of compiled models: a second start imports the compiled blob instead of compiling."""
+
+    name = "openvino"
+
+    def __init__(self, onnx_path: Path, threads: Optional[int] = None, cache_dir: Optional[Path] = None):
+        super().__init__()
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise EngineError(f"the openvino engine needs openvino (optional: pip install openvino==2026.4.1): {exc}") \
+                from exc
+        t = time.perf_counter()
+        threads = int(threads or torch.get_num_threads())
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache_dir)
+        try:
+            self.compiled = ov.Core().compile_model(str(onnx_path), "CPU", config)
+        except Exception as exc:
+            raise EngineError(f"openvino could not compile {onnx_path}: {exc}") from exc
+        self.request = self.compiled.create_infer_request()
+        self.outputs = list(self.compiled.outputs)
+        self._lock = threading.Lock()  # one infer request: one call at a time
+        try:
+            from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE"))
+        except Exception:  # a property this OpenVINO does not have
+            from_cache = None
+        self.info.update(onnx=str(onnx_path), cache_dir=str(cache_dir) if cache_dir else None, threads=threads,
+                         loaded_from_cache=from_cache, session_s=round(time.perf_counter() - t, 3),
+                         version=ov.get_version())
+
+    def run(self, face, context):
+        feed = {"face": face.detach().to("cpu", torch.float32).contiguous().numpy(),
+                "context": context.detach().to("cpu", torch.float32).contiguous().numpy()}
+        with self._lock:
+            result = self.request.infer(feed)
+            # copies: the request reuses its output buffers on the next call
+            return tuple(torch.from_numpy(result[o].copy()) for o in self.outputs)
+
+
 # -- correctness and speed ------------------------------------------------------------------------------
 
 def _inputs(face_shape, context_shape, batch: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -286,6 +338,11 @@ def time_engine(engine: Callable, face_shape, context_shape, batch: int, repeats
 
 # -- building ---------------------------------------------------------------------------------------------
 
+def auto_candidates() -> Tuple[str, ...]:
+    """What ``auto`` measures by default here: ``AUTO_CANDIDATES``, less openvino where it is not installed."""
+    return tuple(n for n in AUTO_CANDIDATES if n != "openvino" or importlib.util.find_spec("openvino") is not None)
+
+
 def default_shapes(model: nn.Module) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """The paper's input sizes (no batch dimension): image 3×96×96 / 3×112×112, video 3×T×… of the model."""
     from ..models.caer_net import CAERNet
@@ -310,6 +367,7 @@ class _Builder:
         self.key = engine_key(model, self.face_shape, self.context_shape, self.batch_sizes, self.threads)
         self.dir = Path(cache_dir) / self.key if cache_dir is not None else None
         self.say = say
+        self._tmpdir: Optional[Path] = None
 
     def build(self, name: str) -> Engine:
         if name == "eager":
@@ -318,29 +376,42 @@ class _Builder:
             return TorchEngine(self.model, compiled=True)
         if name == "onnxruntime":
             return self.onnxruntime()
+        if name == "openvino":
+            return self.openvino()
         raise EngineError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})")
 
-    def onnxruntime(self) -> OnnxRuntimeEngine:
+    def onnx_file(self) -> Tuple[Path, Dict]:
+        """Our ONNX export, from the cache or written now (into a temporary folder without a cache)."""
         from ..export import export_model_onnx
 
-        tmpdir = None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            onnx_path, optimized = self.dir / "model.onnx", self.dir / "model.ort-optimized.onnx"
+            onnx_path = self.dir / "model.onnx"
         else:
-            import tempfile
+            if self._tmpdir is None:
+                import tempfile
 
-            tmpdir = tempfile.mkdtemp(prefix="caer_fast_engine_")
-            onnx_path, optimized = Path(tmpdir) / "model.onnx", None
+                self._tmpdir = Path(tempfile.mkdtemp(prefix="caer_fast_engine_"))
+            onnx_path = self._tmpdir / "model.onnx"
         t = time.perf_counter()
         exported = False
         if not onnx_path.is_file():
             self.say(f"engine: exporting the model to ONNX ({onnx_path}) …")
             export_model_onnx(self.model, self.face_shape, self.context_shape, onnx_path)
             exported = True
-        export_s = time.perf_counter() - t
+        return onnx_path, {"exported": exported, "export_s": round(time.perf_counter() - t, 3)}
+
+    def onnxruntime(self) -> OnnxRuntimeEngine:
+        onnx_path, info = self.onnx_file()
+        optimized = self.dir / "model.ort-optimized.onnx" if self.dir is not None else None
         eng = OnnxRuntimeEngine(onnx_path, self.threads, optimized)
-        eng.info.update(exported=exported, export_s=round(export_s, 3))
+        eng.info.update(info)
+        return eng
+
+    def openvino(self) -> OpenVinoEngine:
+        onnx_path, info = self.onnx_file()
+        eng = OpenVinoEngine(onnx_path, self.threads, self.dir / "openvino" if self.dir is not None else None)
+        eng.info.update(info)
         return eng
 
 
@@ -351,7 +422,7 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
     """An :class:`Engine` for ``model`` (a :class:`CAERNet` / :class:`CAERSNet` in eval mode).
 
     Args:
-        engine: one of ``ENGINES``. ``auto`` measures ``candidates`` (default ``AUTO_CANDIDATES``) at the
+        engine: one of ``ENGINES``. ``auto`` measures ``candidates`` (default :func:`auto_candidates`) at the
             smallest and largest of ``batch_sizes``, drops any whose outputs differ from the eager model
             (:func:`compare`), keeps the fastest (per-sample time summed over the two sizes) and caches
             the decision; a later call with the same key reads it back without measuring.
@@ -401,10 +472,10 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
         eng.info.update(key=b.key, build_s=round(time.perf_counter() - t0, 3))
         return eng
 
-    names = list(candidates or AUTO_CANDIDATES)
+    names = list(candidates or auto_candidates())
     for n in names:
-        if n not in ENGINES or n in ("auto", "int8"):
-            raise EngineError(f"auto: {n!r} is not an fp32 engine to measure ({', '.join(ENGINES[1:4])})")
+        if n not in FP32_ENGINES:
+            raise EngineError(f"auto: {n!r} is not an fp32 engine to measure ({', '.join(FP32_ENGINES)})")
     decision_file = b.dir / f"decision-{'-'.join(names)}.json" if b.dir is not None else None
     decision = None
     if decision_file is not None and decision_file.is_file():
