@@ -496,7 +496,8 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
     say(f"engine: measuring {', '.join(names)} at batch {b.batch_sizes[0]} and {b.batch_sizes[-1]} "
         f"({b.threads} threads; once per model and machine) …")
     sizes = sorted({b.batch_sizes[0], b.batch_sizes[-1]})
-    results, built = {}, {}
+    results = {}
+    best, best_engine = None, None  # only the fastest so far stays in memory
     for n in names:
         try:
             eng = reference if n == "eager" else b.build(n)
@@ -509,10 +510,11 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
         if cmp["ok"]:
             r["seconds"] = {str(s): time_engine(eng, face_shape, context_shape, s) for s in sizes}
             r["score"] = sum(v / int(s) for s, v in r["seconds"].items())  # per-sample seconds, summed
-            built[n] = eng
+            if best is None or r["score"] < results[best]["score"]:
+                best, best_engine = n, eng
+        del eng
         results[n] = r
-    ok = {n: r["score"] for n, r in results.items() if "score" in r}
-    chosen = min(ok, key=ok.get) if ok else "eager"
+    chosen = best or "eager"
     decision = {"chosen": chosen, "candidates": results, "batch_sizes": sizes, "threads": b.threads,
                 "cpu_flags": cpu_flags(), "versions": _versions(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if decision_file is not None:
@@ -525,7 +527,7 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
         f"{r['error'] if 'error' in r else ''}"
         f"{', '.join(f'b{s} {v * 1e3:.0f} ms' for s, v in r.get('seconds', {}).items())}"
         for n, r in results.items()) + f" → {chosen}")
-    eng = built.get(chosen, reference)
+    eng = best_engine if best_engine is not None else reference
     eng.info.update(decision=decision, decision_cached=False, key=b.key, build_s=round(time.perf_counter() - t0, 3))
     return eng
 
