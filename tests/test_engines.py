@@ -71,6 +71,37 @@ def test_onnx_engines_equal_eager_on_fresh_odd_batches(engine, which, caers, vid
             torch.testing.assert_close(eng(face, context), model(face, context), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_onnx_engines_on_awkward_inputs(engine, caers, tmp_path):
+    """An empty batch answers with empty outputs (as eager does), float64 and strided inputs are taken,
+    and an input size the engine was not exported for is a ValueError naming the engine and both sizes."""
+    if engine == "openvino":
+        pytest.importorskip("openvino")
+    fs, cs = IMAGE
+    eng = build_engine(caers, engine, face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
+    with torch.inference_mode():
+        for face, context in ((torch.randn(0, *fs), torch.randn(0, *cs)),
+                              (torch.randn(2, *fs, dtype=torch.float64), torch.randn(2, 3, 112, 112).transpose(2, 3))):
+            got = eng(face, context, return_details=True)
+            _close(caers(face.float(), context.float(), return_details=True), got)
+        with pytest.raises(ValueError, match=rf"the {engine} engine was built for face N×3×96×96 .*\(2, 3, 64, 64\)"):
+            eng(torch.randn(2, 3, 64, 64), torch.randn(2, *cs))
+        with pytest.raises(ValueError, match="built for"):
+            eng(torch.randn(2, *fs), torch.randn(3, *cs))
+
+
+def test_openvino_rebuilds_over_a_damaged_cache(caers, tmp_path):
+    pytest.importorskip("openvino")
+    fs, cs = IMAGE
+    build_engine(caers, "openvino", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
+    blobs = list(tmp_path.rglob("openvino/*.blob"))
+    assert blobs, "OpenVINO wrote no compiled model into the engine cache"
+    for b in blobs:
+        b.write_bytes(b"not a compiled model" * 4)
+    again = build_engine(caers, "openvino", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
+    assert again.info["loaded_from_cache"] is False and again.info["check"]["ok"]
+
+
 def test_warm_start_loads_the_cached_graph_and_decision(caers, tmp_path, monkeypatch):
     fs, cs = IMAGE
     first = build_engine(caers, "auto", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)

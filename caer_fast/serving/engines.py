@@ -134,6 +134,8 @@ class Engine(nn.Module):
     """Base: ``name``, ``info`` (what was built, how long it took, cache hits), the model's call signature."""
 
     name = "engine"
+    #: (face, context) sizes without the batch dimension, for engines built for one size (the ONNX ones)
+    input_shapes: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None
 
     def __init__(self, name: Optional[str] = None):
         super().__init__()
@@ -145,6 +147,14 @@ class Engine(nn.Module):
         raise NotImplementedError
 
     def forward(self, face: torch.Tensor, context: torch.Tensor, return_details: bool = False):
+        if self.input_shapes is not None:
+            want_face, want_context = self.input_shapes
+            if (tuple(face.shape[1:]) != want_face or tuple(context.shape[1:]) != want_context
+                    or face.shape[0] != context.shape[0]):
+                raise ValueError(
+                    f"the {self.name} engine was built for face N×{'×'.join(map(str, want_face))} and context "
+                    f"N×{'×'.join(map(str, want_context))}; got {tuple(face.shape)} and {tuple(context.shape)} "
+                    "(build an engine for these sizes)")
         logits, attention, weights = self.run(face, context)
         if return_details:
             return logits, {"attention": attention, "fusion_weights": weights}
@@ -271,6 +281,11 @@ class OpenVinoEngine(Engine):
                          version=ov.get_version())
 
     def run(self, face, context):
+        n = face.shape[0]
+        if n == 0:  # OpenVINO's CPU plugin refuses empty inputs; ONNX Runtime and eager answer with empty outputs
+            logits, attention, weights = self.run(face.new_zeros((1, *face.shape[1:])),
+                                                  context.new_zeros((1, *context.shape[1:])))
+            return logits[:0], attention[:0], weights[:0]
         feed = {"face": face.detach().to("cpu", torch.float32).contiguous().numpy(),
                 "context": context.detach().to("cpu", torch.float32).contiguous().numpy()}
         with self._lock:
@@ -374,10 +389,10 @@ class _Builder:
             return TorchEngine(self.model)
         if name == "compiled":
             return TorchEngine(self.model, compiled=True)
-        if name == "onnxruntime":
-            return self.onnxruntime()
-        if name == "openvino":
-            return self.openvino()
+        if name in ("onnxruntime", "openvino"):
+            eng = self.onnxruntime() if name == "onnxruntime" else self.openvino()
+            eng.input_shapes = (self.face_shape, self.context_shape)
+            return eng
         raise EngineError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})")
 
     def onnx_file(self) -> Tuple[Path, Dict]:
