@@ -100,6 +100,8 @@ def test_openvino_rebuilds_over_a_damaged_cache(caers, tmp_path):
         b.write_bytes(b"not a compiled model" * 4)
     again = build_engine(caers, "openvino", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
     assert again.info["loaded_from_cache"] is False and again.info["check"]["ok"]
+    third = build_engine(caers, "openvino", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
+    assert third.info["loaded_from_cache"] is True, "the recompiled model should replace the damaged blob"
 
 
 def test_warm_start_loads_the_cached_graph_and_decision(caers, tmp_path, monkeypatch):
