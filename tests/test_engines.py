@@ -167,9 +167,16 @@ def test_compare_sees_a_poisoned_output(caers):
     assert compare(caers, caers, fs, cs, batch_sizes=(1, 2))["ok"] is True
 
 
-def test_cache_key_follows_weights_shapes_batch_range_and_threads(caers):
+def test_cache_key_follows_weights_shapes_batch_range_threads_and_versions(caers, monkeypatch):
     fs, cs = IMAGE
     k = engine_key(caers, fs, cs, (1, 16), threads=2)
+    installed = engines._versions()
+    assert installed["onnxruntime"] == __import__("onnxruntime").__version__
+    for package in ("onnxruntime", "openvino", "torch"):  # a new engine version measures and checks again
+        monkeypatch.setattr(engines, "_versions", lambda: {**installed, package: "0.0.1"})
+        assert engine_key(caers, fs, cs, (1, 16), threads=2) != k, package
+    monkeypatch.setattr(engines, "_versions", lambda: installed)
+    assert engine_key(caers, fs, cs, (1, 16), threads=2) == k
     assert k == engine_key(caers, fs, cs, (16, 1), threads=2)
     assert k != engine_key(caers, fs, cs, (1, 32), threads=2)
     assert k != engine_key(caers, fs, cs, (1, 16), threads=1)
