@@ -2,6 +2,7 @@
 // features (online softmax over tiles of positions), without an N×C×S attended tensor.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,11 +32,8 @@ bool is_reduced(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
-int64_t positions(const at::Tensor& features) {
-  int64_t s = 1;
-  for (int64_t d = 2; d < features.dim(); ++d) s *= features.size(d);
-  return s;
-}
+// positions per sample: the product of the dims after N and C
+int64_t positions(const at::Tensor& features) { return c10::multiply_integers(features.sizes().slice(2)); }
 
 // The op's contract (caer_fast/ops/attention_pool.py has checked the user's inputs already): features
 // N×C×(S…), logits N×… with S values per sample (N×S or N×1×(S…)); the kernels see both flat.

@@ -3,6 +3,7 @@
 // torch headers (slow to compile); the kernels live in the torch-free *_kernels.cu files.
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it drags in cuSPARSE/cuBLAS headers
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/accumulate.h>
 
 #include <torch/library.h>
 
@@ -35,19 +36,14 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
-int64_t positions(const at::Tensor& features) {
-  int64_t s = 1;
-  for (int64_t d = 2; d < features.dim(); ++d) s *= features.size(d);
-  return s;
-}
-
 // features N×C×(S…) and logits N×S or N×1×(S…) (the contract of csrc/ops.cpp) are passed to the kernels
 // as N×C×S and N×S views (copies where no view exists); attention and grad_logits take the logits' shape.
 std::tuple<at::Tensor, at::Tensor> attention_pool_cuda(const at::Tensor& features, const at::Tensor& logits) {
   check_cuda(features, "features");
   check_cuda(logits, "logits");
-  const int64_t n = features.dim() >= 3 ? features.size(0) : 0, s = positions(features);
-  TORCH_CHECK(features.dim() >= 3 && logits.dim() >= 1 && logits.size(0) == n && logits.numel() == n * s && s > 0,
+  const bool mapped = features.dim() >= 3;
+  const int64_t n = mapped ? features.size(0) : 0, s = mapped ? c10::multiply_integers(features.sizes().slice(2)) : 0;
+  TORCH_CHECK(mapped && logits.dim() >= 1 && logits.size(0) == n && logits.numel() == n * s && s > 0,
               "caer_fast::attention_pool: features must be N×C×(S…) (S > 0) and logits N×S or N×1×(S…)");
   TORCH_CHECK(features.scalar_type() == logits.scalar_type(), "caer_fast::attention_pool: dtypes differ");
   const c10::cuda::CUDAGuard guard(features.device());
@@ -71,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward_cuda(const at::Tensor
                                                                 const at::Tensor& attention_in, const at::Tensor& out) {
   check_cuda(grad_out, "grad_out");
   const c10::cuda::CUDAGuard guard(features.device());
-  const int64_t n = features.size(0), c = features.size(1), s = positions(features);
+  const int64_t n = features.size(0), c = features.size(1), s = c10::multiply_integers(features.sizes().slice(2));
   const auto dt = features.scalar_type();
   const auto f = features.reshape({n, c, s});
   const auto grad = grad_out.to(dt).contiguous();
