@@ -194,6 +194,12 @@ class Int8Engine(TorchEngine):
         self.info.update(getattr(int8_model, "info", {}))
 
 
+def _onnx_feed(face: torch.Tensor, context: torch.Tensor) -> Dict:
+    """The ONNX graph's inputs: contiguous float32 CPU arrays named as in the export."""
+    return {"face": face.detach().to("cpu", torch.float32).contiguous().numpy(),
+            "context": context.detach().to("cpu", torch.float32).contiguous().numpy()}
+
+
 class OnnxRuntimeEngine(Engine):
     """Our ONNX export in an ONNX Runtime CPU session (all graph optimisations, this machine's kernels).
 
@@ -241,9 +247,7 @@ class OnnxRuntimeEngine(Engine):
                          threads=so.intra_op_num_threads)
 
     def run(self, face, context):
-        feed = {"face": face.detach().to("cpu", torch.float32).contiguous().numpy(),
-                "context": context.detach().to("cpu", torch.float32).contiguous().numpy()}
-        out = self.session.run(None, feed)
+        out = self.session.run(None, _onnx_feed(face, context))
         return tuple(torch.from_numpy(o) for o in out)
 
 
@@ -289,8 +293,7 @@ class OpenVinoEngine(Engine):
             logits, attention, weights = self.run(face.new_zeros((1, *face.shape[1:])),
                                                   context.new_zeros((1, *context.shape[1:])))
             return logits[:0], attention[:0], weights[:0]
-        feed = {"face": face.detach().to("cpu", torch.float32).contiguous().numpy(),
-                "context": context.detach().to("cpu", torch.float32).contiguous().numpy()}
+        feed = _onnx_feed(face, context)
         with self._lock:
             result = self.request.infer(feed)
             # copies: the request reuses its output buffers on the next call
