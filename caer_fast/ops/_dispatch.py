@@ -256,7 +256,7 @@ def register_autograd(op: str, saved):
     def forward(ctx, *args):
         with torch._C._AutoDispatchBelowAutograd():
             output = forward_op(*args)
-        ctx.save_for_backward(*saved(args, output))
+        setup_context(ctx, args, output)
         return output
 
     return type(f"{op}_eager", (torch.autograd.Function,),
