@@ -19,16 +19,12 @@ from caer_fast.export import _Exported, export_model_onnx
 from caer_fast.models.caer_net import CAERNet, CAERSNet
 from caer_fast.models.optimize import _memory_format, _prepare_inference
 from caer_fast.serving.engines import OnnxRuntimeEngine, default_shapes
+from test_engines import median_time  # bench/, this script's folder
 
 
 def _median_ms(fn, face, context, n):
-    fn(face, context)
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn(face, context)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2] * 1e3
+    fn(face, context)  # warm-up
+    return median_time(fn, face, context, n) * 1e3
 
 
 def main(which: str) -> None:
