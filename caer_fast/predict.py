@@ -405,25 +405,28 @@ def main(argv=None) -> int:
         with_arrays = args.save_viz is not None
         if args.int8:
             from .models.quantize import quantize_predictor
+            from .serving.engines import Int8Engine
             from .serving.inference import is_image_file
 
             image = local and path.is_file() and is_image_file(path)
             sizes = {1} if image else {1, 2, predictor.stream_chunk}  # the streamed chunks' model calls
-            quantize_predictor(predictor, args.calibrate, args.calibrate_samples, warmup_batch_sizes=sizes,
-                               out=sys.stderr)
-            predictor.engine_name = "int8"
+            fast = quantize_predictor(predictor, args.calibrate, args.calibrate_samples, warmup_batch_sizes=sizes,
+                                      out=sys.stderr)
+            predictor = predictor.with_engine(Int8Engine(fast))
         else:
-            from .serving.engines import use_engine
+            from .serving.engines import build_engine
 
             # predict streams: every model call is one chunk (or one image), never a larger batch
-            use_engine(predictor, args.engine, out=sys.stderr, batch_sizes=(1, predictor.stream_chunk))
+            face_shape, context_shape = predictor.input_shapes
+            predictor = predictor.with_engine(build_engine(
+                predictor.model, args.engine, face_shape=face_shape, context_shape=context_shape,
+                batch_sizes=(1, predictor.stream_chunk), out=sys.stderr))
         try:
             result = predictor.predict_file(path if local else source, with_arrays=with_arrays, known_boxes=known,
                                             on_clip=on_clip, follow=args.follow and local, on_start=progress.start)
         finally:
             progress.close()
         result = result.to_dict()
-        result["engine"] = getattr(predictor, "engine_name", "eager")
         if known is not None:
             result["detector"] = f"boxes from {args.boxes.name}"
     except (CheckpointError, MediaDecodeError, DetectorUnavailable, LookupError, DeviceError) as exc:

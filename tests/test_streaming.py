@@ -34,19 +34,21 @@ def ckpts(tmp_path_factory):
 
 
 def whole_input(p: Predictor, path, known_boxes=None) -> dict:
-    """Today's (pre-streaming) path: decode everything, resample, prepare all clips, one finish."""
-    video = decode_video(path)
-    boxes = None
-    if known_boxes is not None:
-        from caer_fast.serving.inference import sample_indices
+    """The input all at once: decode everything in memory (decode_video, not the streaming decoder),
+    resample, preprocess every frame and run every clip in one chunk, one model call."""
+    from caer_fast.serving.clips import sample_indices
+    from caer_fast.serving.inference import MediaSource
 
-        idx = video.indices[sample_indices(len(video.frames), video.fps)]
-        boxes = np.array([known_boxes.get(int(i), (0, 0, 0, 0)) for i in idx]).reshape(-1, 4)
-        sel = sample_indices(len(video.frames), video.fps)
-        prep = p.prepare_frames(video.frames[sel], boxes=boxes, frame_index=video.indices[sel], fps=video.fps)
-    else:
-        prep = p.prepare_frames(video.frames, fps=video.fps)
-    return p.finish(prep, *p.forward(prep.face, prep.context))
+    video = decode_video(path)
+    sel = sample_indices(len(video.frames), video.fps)
+    h, w = video.frames.shape[1:3]
+    source = MediaSource("video", [(k, int(video.indices[i]), video.frames[i]) for k, i in enumerate(sel)],
+                         float(video.fps), w, h)
+    chunks = list(p.preprocessor(chunk_inputs=10**9).chunks(source.frames, known_boxes=known_boxes))
+    assert len(chunks) == 1 and chunks[0].last
+    acc = p.accumulator(source)
+    acc.add(chunks[0], *p.forward(chunks[0].face, chunks[0].context))
+    return acc.result().to_dict()
 
 
 def assert_same(stream: dict, whole: dict, atol=1e-5):

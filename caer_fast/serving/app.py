@@ -7,9 +7,9 @@
   video (415), a known format that does not decode (422), too long / frames too large / over the
   decoded-pixel or memory budget (413), server busy (503), slow client (408).
 
-Videos stream through :mod:`.stream` (the ``predict`` pipeline): a worker thread decodes and preprocesses
-one chunk of clips at a time while the previous chunk waits for the model; each chunk goes onto an
-asyncio queue. One batching task takes what is queued (up to ``max_batch`` inputs, waiting at most
+Images and videos take one path, ``predict``'s (:mod:`.stream`; an image is a one-frame stream), and give
+the same keys (``Prediction.to_dict()``): a worker thread decodes and preprocesses one chunk of inputs at a
+time while the previous chunk waits for the model; each chunk goes onto an asyncio queue. One batching task takes what is queued (up to ``max_batch`` inputs, waiting at most
 ``max_wait_ms`` after the first) and runs one model call for all of them, so concurrent requests share
 a forward pass. Memory: a request reserves an estimate of its peak (from the frame size in the stream
 header) against ``memory_budget`` before it decodes anything. Uploads are written to a private temp
@@ -32,8 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ..data.video import MediaDecodeError, MediaTooLargeError, sniff_media
-from .inference import MediaTooLongError, Predictor, is_image_file
-from .stream import Accumulator, iter_chunks
+from .inference import Predictor
 
 
 def machine_memory_bytes() -> int:
@@ -349,12 +348,12 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": predictor.model_type, "checkpoint_kind": predictor.source,
+        return {"status": "ok", "model": predictor.model_type, "checkpoint_kind": predictor.checkpoint_kind,
                 "classes": predictor.classes, "clip_frames": predictor.clip_frames,
                 "face_size": list(predictor.face_size), "context_size": list(predictor.context_size),
                 "detector": predictor.detector_name, "device": str(predictor.device),
-                "precision": "int8" if getattr(predictor, "int8_info", None) else "fp32",
-                "engine": getattr(predictor, "engine_name", "eager"),
+                "precision": "int8" if predictor.engine_name == "int8" else "fp32",
+                "engine": predictor.engine_name,
                 "limits": {"max_upload_bytes": limit, "max_frames": predictor.max_frames,
                            "max_frame_pixels": predictor.max_frame_pixels, "max_pixels": predictor.max_pixels,
                            "memory_budget_bytes": memory.budget, "body_timeout_s": body_timeout_s},
@@ -364,8 +363,6 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
                 "errors": dict(counters)}
 
     def media_error(exc: Exception, path: str) -> JSONResponse:
-        if isinstance(exc, MediaTooLongError):
-            return error(413, "video too long", str(exc))
         if isinstance(exc, MediaTooLargeError):
             problem = exc.problem.replace(path, "upload")
             return error(413, "video too long" if "too long" in problem else "media too large", problem)
@@ -382,15 +379,16 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
             return error(422, "undecodable media", problem)
         return error(422, "undecodable media", f"{type(exc).__name__}: {exc}")  # odd frames the op refuses
 
-    async def predict_video(path: str, loop) -> dict:
-        video = await loop.run_in_executor(pool, predictor.open_video, path)  # header checks: size, frames
+    async def predict_source(path: str, loop) -> dict:
+        source = await loop.run_in_executor(pool, predictor.open, path)  # header checks: size, frames
         gen = fut = None
         try:
-            need = request_memory_estimate(video.width, video.height)
-            await memory.acquire(need)
+            need = request_memory_estimate(source.width, source.height) if source.kind == "video" else 0
+            if need:
+                await memory.acquire(need)
             try:
-                acc = Accumulator(predictor, kind="video", fps=video.fps)
-                gen = iter_chunks(predictor, predictor.sampled_frames(video), max(1, batcher.max_batch))
+                acc = predictor.accumulator(source)
+                gen = predictor.preprocessor(chunk_inputs=batcher.max_batch).chunks(source.frames)
                 fut = loop.run_in_executor(pool, next, gen, None)
                 while True:
                     chunk = await fut
@@ -406,19 +404,16 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
                     acc.add(chunk, probs, att, weights)
                     if chunk.last:
                         break
-                return acc.result(notes=video.notes, truncated=video.truncated).to_dict()
+                return acc.result(notes=source.notes, truncated=source.truncated).to_dict()
             finally:
                 if fut is not None:  # a chunk still decoding: let it end before the decoder is closed
                     await asyncio.wait([fut])
-                await memory.release(need)
+                if need:
+                    await memory.release(need)
         finally:
             if gen is not None:
                 gen.close()
-            video.close()
-
-    def predict_image(path: str):
-        prep = predictor.prepare_file(path)
-        return prep
+            source.close()
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -448,19 +443,14 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
                 return error(400, "empty upload", "the file has 0 bytes")
             loop = asyncio.get_running_loop()
             try:
-                if await loop.run_in_executor(pool, is_image_file, path):
-                    prep = await loop.run_in_executor(pool, predict_image, path)
-                    probs, att, weights = await batcher.submit(prep.face, prep.context)
-                    result = predictor.finish(prep, probs, att, weights)
-                else:
-                    result = await predict_video(path, loop)
+                result = await predict_source(path, loop)
             except MemoryError as exc:
                 return error(413, "media too large", str(exc))
             except TimeoutError as exc:
                 counters["503 busy"] += 1
                 return JSONResponse({"error": "busy", "detail": str(exc)}, status_code=503,
                                     headers={"Retry-After": "5"})
-            except (MediaDecodeError, MediaTooLongError, ValueError, RuntimeError) as exc:
+            except (MediaDecodeError, ValueError, RuntimeError) as exc:
                 return media_error(exc, path)
             if timeline:
                 from ..predict import timeline_rows

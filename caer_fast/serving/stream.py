@@ -1,18 +1,18 @@
-"""Streaming inference: decode → sample at 10 fps → detect → ``face_context`` → model, in bounded chunks.
+"""Streaming inference: sampled frames → detect → ``face_context`` → clips → model → one result, in bounded chunks.
 
-One pipeline for ``predict``, ``serve`` and the timeline. Memory is O(chunk): a decoded frame is dropped as
-soon as it is sampled (or skipped), preprocessed frames as soon as the clips that need them are formed,
-and the model sees ``chunk`` inputs at a time; only the per-clip results (a few hundred bytes each) grow
-with the input's length.
+The one inference path of ``predict``, ``serve`` and the timeline, for every input: a video streams from
+its decoder, an image is a one-frame stream, in-memory frames are a stream over an array. Memory is
+O(chunk): a decoded frame is dropped as soon as it is sampled (or skipped), preprocessed frames as soon as
+the clips that need them are formed, and the model sees ``chunk`` inputs at a time; only the per-clip
+results (a few hundred bytes each) grow with the input's length.
 
-- :func:`iter_chunks` (the producer: decoding, detection, preprocessing) yields :class:`Chunk` objects;
+- :class:`Preprocessor` (the producer: detection, preprocessing, :class:`~.clips.ClipSampler`) yields
+  :class:`~.clips.Chunk` objects; it needs no model, so it can run in another thread or process;
 - :class:`Accumulator` (the consumer's side) turns each chunk's model outputs into :class:`ClipResult`
-  objects and, at the end, the :class:`Prediction`;
+  objects (:class:`~.clips.ClipPooler`) and, at the end, the :class:`Prediction`: the one result builder;
 - :func:`run_stream` runs the producer in a worker thread and the model in the calling thread, with a
-  bounded queue between them, so the slower side sets the pace.
-
-The clips, boxes and the overall answer (the mean of the clip probabilities) are those of the whole-input
-path (:meth:`Predictor.prepare_frames` + :meth:`Predictor.finish`); ``tests/test_streaming.py`` checks it.
+  bounded queue between them, so the slower side sets the pace (the server batches chunks of concurrent
+  requests instead: :class:`~.app.MicroBatcher`).
 """
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..constants import CLIP_FPS, TEST_CLIP_STRIDE
+from .clips import Chunk, ClipPooler, ClipSampler
 
 GROUP_PIXELS = 8 * 640 * 360  # raw frames preprocessed together (a huge frame goes alone)
 
@@ -52,10 +53,17 @@ class ClipResult:
                 "face_found": self.face_found}
 
 
+#: the keys of every answer (``Prediction.to_dict()``), image or video, CLI or server
+RESULT_KEYS = ("kind", "model", "checkpoint_kind", "emotion", "confidence", "probabilities", "fusion_weights",
+               "face_found", "frames_with_face", "frames_used", "note", "truncated", "fps", "detector", "engine",
+               "face_boxes", "attention", "clips")
+
+
 @dataclass
 class Prediction:
-    """The predictor's answer. :meth:`to_dict` is the JSON ``predict --json`` and ``POST /predict`` give;
-    ``result["key"]`` still works (it reads the dict) for code written against the dict."""
+    """The predictor's answer, for images and videos alike. :meth:`to_dict` is the JSON ``predict --json``
+    and ``POST /predict`` give (the same keys for every input: :data:`RESULT_KEYS`); ``result["key"]``
+    still works (it reads the dict) for code written against the dict."""
 
     kind: str  # "image" or "video"
     model: str  # "caer" or "caers"
@@ -74,6 +82,7 @@ class Prediction:
     clips: List[ClipResult]
     notes: List[str] = field(default_factory=list)  # truncation, size changes, no face …
     truncated: bool = False
+    engine: str = "eager"  # what ran the model (Predictor.engine_name)
     visual: Optional[dict] = None  # numpy arrays for pictures (``with_arrays``), not JSON
 
     @property
@@ -87,7 +96,7 @@ class Prediction:
              "fusion_weights": {k: round(float(v), 6) for k, v in self.fusion_weights.items()},
              "face_found": self.face_found, "frames_with_face": self.frames_with_face,
              "frames_used": self.frames_used, "note": self.note, "truncated": self.truncated,
-             "fps": self.fps, "detector": self.detector, "face_boxes": self.face_boxes,
+             "fps": self.fps, "detector": self.detector, "engine": self.engine, "face_boxes": self.face_boxes,
              "attention": self.attention, "clips": [c.to_dict() for c in self.clips]}
         if self.visual is not None:
             d["_visual"] = self.visual
@@ -111,24 +120,6 @@ class Prediction:
         return self.to_dict().keys()
 
 
-@dataclass
-class Chunk:
-    """Model inputs for a run of clips (video model) or sampled frames (image model)."""
-
-    face: torch.Tensor
-    context: torch.Tensor
-    clips: List[Tuple[int, int]]  # (first, last) sampled positions of clips complete once these inputs ran
-    first_input: int  # position of the first input (image model: sampled frame; video model: clip number)
-    frames: List[tuple]  # (position, decode index, x1, y1, x2, y2, score) of newly sampled frames
-    mid_frames: Dict[int, np.ndarray] = field(default_factory=dict)  # clip number → middle RGB frame
-    last: bool = False  # no more chunks; ``total`` sampled frames
-    total: int = 0
-
-    @property
-    def n(self) -> int:
-        return int(self.face.shape[0])
-
-
 class StageTimer:
     """Seconds spent per stage (thread-safe enough: each stage is timed by one thread)."""
 
@@ -139,148 +130,126 @@ class StageTimer:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
 
 
-def iter_chunks(predictor, frames: Iterator, chunk_inputs: int, known_boxes=None, keep_frames: bool = False,
-                timer: Optional[StageTimer] = None) -> Iterator[Chunk]:
-    """Model inputs, ``chunk_inputs`` at a time, from sampled frames ``(k, index, rgb)`` (k = 0, 1, …).
+@dataclass
+class Preprocessor:
+    """Sampled frames → detection → :func:`~caer_fast.ops.face_context` → :class:`~.clips.ClipSampler` →
+    :class:`~.clips.Chunk` objects. Needs no model: plain settings (picklable when ``detector`` is a name
+    or None), so it can run in another thread or process than the model. :meth:`Predictor.preprocessor
+    <caer_fast.serving.inference.Predictor.preprocessor>` makes the one that matches a checkpoint.
 
-    Detection every ``predictor.detect_every``-th sampled frame, the box held in between (the whole-input
-    rule); clips of ``predictor.clip_frames`` every 8 sampled frames, or one padded clip for a short input.
+    Detection runs on every ``detect_every``-th sampled frame, the box held in between.
     """
-    from ..data.detectors import best_face
-    from ..ops import face_context
 
-    timer = timer or StageTimer()
-    t = predictor.clip_frames
-    stride = TEST_CLIP_STRIDE
-    video_model = predictor.is_video_model
-    det = predictor._detector() if known_boxes is None else None
-    every = predictor.detect_every
-    box, score = (0, 0, 0, 0), float("nan")
+    face_size: Tuple[int, int]
+    context_size: Tuple[int, int]
+    crop: Optional[Tuple[int, int, int, int]]  # (top, left, h, w) of the context crop, or None
+    clip_frames: int
+    video_model: bool
+    detector: object = "haar"  # a name (caer_fast.data.detectors), an object with detect(rgb), or None
+    detect_every: int = 4
+    chunk_inputs: int = 4  # model inputs per chunk
 
-    window_f: List[torch.Tensor] = []  # preprocessed sampled frames from position `base` on
-    window_c: List[torch.Tensor] = []
-    window_rgb: List[Optional[np.ndarray]] = []
-    base = 0
-    next_start = 0  # next clip start (sampled position)
-    n_clips = 0
-    pend_rgb, pend_box, pend_px = [], [], 0  # raw frames waiting to be preprocessed together
-    out_f, out_c, out_clips, out_frames, out_mid = [], [], [], [], {}
-    first_input = 0
-    s = 0  # sampled frames so far
+    def __post_init__(self):
+        self._local = threading.local()  # one detector per thread: OpenCV cascades are not shared safely
 
-    def flush_group():
-        nonlocal pend_rgb, pend_box, pend_px
-        if not pend_rgb:
-            return
-        t0 = time.perf_counter()
-        fr = torch.from_numpy(np.stack(pend_rgb))
-        face, context = face_context(fr, torch.tensor(pend_box, dtype=torch.int64), face_size=predictor.face_size,
-                                     context_size=predictor.context_size, crop=predictor.crop)
-        timer.add("preprocess", time.perf_counter() - t0)
-        window_f.extend(face.unbind(0))
-        window_c.extend(context.unbind(0))
-        window_rgb.extend(pend_rgb if keep_frames else [None] * len(pend_rgb))
-        if not video_model:  # each sampled frame is a model input
-            out_f.extend(face.unbind(0))
-            out_c.extend(context.unbind(0))
-        pend_rgb, pend_box, pend_px = [], [], 0
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
 
-    def form_clips(final: bool):
-        """Clips whose frames are all preprocessed; drop frames no later clip needs."""
-        nonlocal base, next_start, n_clips, window_f, window_c, window_rgb
-        end = base + len(window_f)
-        while next_start + t <= end:
-            a = next_start
-            out_clips.append((a, a + t - 1))
-            if video_model:
-                sl = slice(a - base, a - base + t)
-                out_f.append(torch.stack(window_f[sl], 1))  # T×(3×h×w) → 3×T×h×w
-                out_c.append(torch.stack(window_c[sl], 1))
-            if keep_frames:
-                out_mid[n_clips] = window_rgb[a - base + (t - 1) // 2]
-            n_clips += 1
-            next_start += stride
-        if final and n_clips == 0 and end > 0:  # shorter than a clip: one clip padded with its last frame
-            out_clips.append((0, end - 1))
-            if video_model:
-                pos = [min(j, end - 1) for j in range(t)]
-                out_f.append(torch.stack([window_f[p] for p in pos], 1))
-                out_c.append(torch.stack([window_c[p] for p in pos], 1))
-            if keep_frames:
-                out_mid[0] = window_rgb[(end - 1) // 2]
-            n_clips = 1
-        drop = max(0, next_start - base) if not final else 0
-        if drop:
-            window_f, window_c, window_rgb = window_f[drop:], window_c[drop:], window_rgb[drop:]
-            base += drop
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
-    def take(final: bool) -> Optional[Chunk]:
-        nonlocal out_f, out_c, out_clips, out_frames, out_mid, first_input
-        if not out_f and not final:
-            return None
-        n = min(len(out_f), chunk_inputs) if not final else len(out_f)
-        face = torch.stack(out_f[:n]) if n else torch.empty(0)
-        context = torch.stack(out_c[:n]) if n else torch.empty(0)
-        last_input = first_input + n  # inputs first_input … last_input-1 go now
-        if video_model:
-            clips = [c for j, c in enumerate(out_clips) if j < n]
-            out_clips = out_clips[n:]
-        else:  # a clip of the image model is complete once its last frame has run
-            clips = [c for c in out_clips if c[1] < last_input]
-            out_clips = [c for c in out_clips if c[1] >= last_input]
-        chunk = Chunk(face, context, clips, first_input, out_frames, out_mid, last=final, total=s)
-        out_f, out_c = out_f[n:], out_c[n:]
-        out_frames, out_mid = [], {}
-        first_input = last_input
-        return chunk
+    def get_detector(self):
+        spec = self.detector
+        if spec is None or not isinstance(spec, str):
+            return spec
+        det = getattr(self._local, "detector", None)
+        if det is None:
+            from ..data.detectors import make_detector
 
-    it = iter(frames)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            k, index, rgb = next(it)
-        except StopIteration:
-            timer.add("decode", time.perf_counter() - t0)
-            break
-        timer.add("decode", time.perf_counter() - t0)
-        if known_boxes is not None:
-            b = tuple(known_boxes.get(int(index), (0, 0, 0, 0)))
-            box, score = b, (1.0 if b[2] > b[0] and b[3] > b[1] else float("nan"))
-        elif det is not None and k % every == 0:
+            det = self._local.detector = make_detector(spec)
+        return det
+
+    def chunks(self, frames: Iterable, known_boxes=None, keep_frames: bool = False,
+               timer: Optional[StageTimer] = None, person: int = 0) -> Iterator[Chunk]:
+        """Chunks of at most ``chunk_inputs`` model inputs from sampled frames ``(k, decode index, rgb)``
+        (k = 0, 1, …); the last one has ``last=True`` (possibly with no inputs). ``known_boxes``
+        ({decode index: xyxy}; frames without an entry have no face) replaces the detector."""
+        from ..data.detectors import best_face
+        from ..ops import face_context
+
+        timer = timer or StageTimer()
+        sampler = ClipSampler(self.clip_frames, self.video_model, keep_frames=keep_frames, person=person)
+        det = self.get_detector() if known_boxes is None else None
+        every = max(1, int(self.detect_every))
+        box, score = (0, 0, 0, 0), float("nan")
+        pend_rgb, pend_box, pend_meta, pend_px = [], [], [], 0  # raw frames waiting to be preprocessed together
+
+        def flush():
+            nonlocal pend_rgb, pend_box, pend_meta, pend_px
+            if not pend_rgb:
+                return
             t0 = time.perf_counter()
-            best = best_face(det.detect(rgb))
-            timer.add("detect", time.perf_counter() - t0)
-            box, score = ((0, 0, 0, 0), float("nan")) if best is None else (tuple(int(v) for v in best[:4]), float(best[4]))
-        out_frames.append((k, int(index), *box, score))
-        pend_rgb.append(rgb)
-        pend_box.append(box)
-        pend_px += rgb.shape[0] * rgb.shape[1]
-        s += 1
-        if pend_px >= GROUP_PIXELS or len(pend_rgb) >= stride:
-            flush_group()
-            form_clips(False)
-            while len(out_f) >= chunk_inputs:
-                yield take(False)
-    flush_group()
-    form_clips(True)
-    while len(out_f) > chunk_inputs:
-        yield take(False)
-    yield take(True)
+            face, context = face_context(torch.from_numpy(np.stack(pend_rgb)), torch.tensor(pend_box, dtype=torch.int64),
+                                         face_size=self.face_size, context_size=self.context_size, crop=self.crop)
+            timer.add("preprocess", time.perf_counter() - t0)
+            sampler.add(face, context, pend_meta, pend_rgb)
+            pend_rgb, pend_box, pend_meta, pend_px = [], [], [], 0
+
+        it = iter(frames)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                k, index, rgb = next(it)
+            except StopIteration:
+                timer.add("decode", time.perf_counter() - t0)
+                break
+            timer.add("decode", time.perf_counter() - t0)
+            if known_boxes is not None:
+                b = tuple(int(v) for v in known_boxes.get(int(index), (0, 0, 0, 0)))
+                box, score = b, (1.0 if b[2] > b[0] and b[3] > b[1] else float("nan"))
+            elif det is not None and k % every == 0:
+                t0 = time.perf_counter()
+                best = best_face(det.detect(rgb))
+                timer.add("detect", time.perf_counter() - t0)
+                box, score = ((0, 0, 0, 0), float("nan")) if best is None else (tuple(int(v) for v in best[:4]),
+                                                                                 float(best[4]))
+            pend_meta.append((k, int(index), *box, score))
+            pend_rgb.append(rgb)
+            pend_box.append(box)
+            pend_px += rgb.shape[0] * rgb.shape[1]
+            if pend_px >= GROUP_PIXELS or len(pend_rgb) >= TEST_CLIP_STRIDE:
+                flush()
+                while sampler.pending >= self.chunk_inputs:
+                    yield sampler.take(self.chunk_inputs)
+        flush()
+        sampler.close()
+        while sampler.pending > self.chunk_inputs:
+            yield sampler.take(self.chunk_inputs)
+        yield sampler.take()
 
 
 class Accumulator:
-    """Model outputs of chunks → clip results → the :class:`Prediction` (the whole-input rules)."""
+    """Model outputs of one input's chunks → :class:`ClipResult` objects → the :class:`Prediction`: the one
+    result builder of images, in-memory frames and videos, on the CLI and the server.
 
-    def __init__(self, predictor, kind: str = "video", fps: Optional[float] = None, keep_frames: bool = False):
+    ``predictor`` is read through its documented read-only properties (``classes``, ``model_type``,
+    ``checkpoint_kind``, ``detector_name``, ``engine_name``, ``context_size``, ``crop``, ``is_video_model``).
+    """
+
+    def __init__(self, predictor, kind: str = "video", fps: Optional[float] = None, keep_frames: bool = False,
+                 detector: Optional[str] = None):
         self.p = predictor
         self.kind, self.fps, self.keep_frames = kind, fps, keep_frames
-        self.video_model = predictor.is_video_model
+        self.detector = detector or predictor.detector_name
+        self.pooler = ClipPooler(predictor.is_video_model)
         self.frames: List[tuple] = []  # (k, index, x1, y1, x2, y2, score) per sampled frame
         self.clips: List[ClipResult] = []
         self.prob_sum: Optional[torch.Tensor] = None
         self.w_sum: Optional[torch.Tensor] = None
         self.best: Dict[int, tuple] = {}  # class → (prob, clip number, attention, middle frame, box)
-        self._per_frame: Dict[int, tuple] = {}  # image model: position → (probs, weights, attention)
         self._mid: Dict[int, np.ndarray] = {}
         self.total = 0
 
@@ -294,24 +263,7 @@ class Accumulator:
         self._mid.update(chunk.mid_frames)
         if chunk.last:
             self.total = chunk.total
-        done = []
-        if not self.video_model:
-            for j in range(chunk.n):
-                self._per_frame[chunk.first_input + j] = (probs[j], weights[j], attention[j])
-        for j, (a, b) in enumerate(chunk.clips):
-            if self.video_model:
-                cp, cw, ca = probs[j], weights[j], attention[j]
-            else:  # image model: average the clip's frames; the middle frame's attention
-                rows = [self._per_frame[q] for q in range(a, b + 1)]
-                cp = torch.stack([r[0] for r in rows]).mean(0)
-                cw = torch.stack([r[1] for r in rows]).mean(0)
-                ca = self._per_frame[(a + b) // 2][2]
-            done.append(self._clip(a, b, cp, cw, ca))
-        if not self.video_model and self._per_frame:  # frames no later clip needs
-            keep_from = (len(self.clips) * TEST_CLIP_STRIDE) if not chunk.last else 0
-            for q in [q for q in self._per_frame if q < keep_from]:
-                del self._per_frame[q]
-        return done
+        return [self._clip(a, b, cp, cw, ca) for a, b, cp, cw, ca in self.pooler.add(chunk, probs, attention, weights)]
 
     def _clip(self, a: int, b: int, cp: torch.Tensor, cw: torch.Tensor, ca: torch.Tensor) -> ClipResult:
         k = len(self.clips)
@@ -354,11 +306,12 @@ class Accumulator:
                       "clip_probs": np.array([[c.probabilities[n] for n in classes] for c in self.clips], np.float32),
                       "clip_times": [(c.start_s + c.end_s) / 2 for c in self.clips]}
         return Prediction(
-            kind=self.kind, model=self.p.model_type, checkpoint_kind=self.p.source, emotion=classes[top],
+            kind=self.kind, model=self.p.model_type, checkpoint_kind=self.p.checkpoint_kind, emotion=classes[top],
             confidence=float(overall[top]), probabilities={c: float(v) for c, v in zip(classes, overall.tolist())},
             fusion_weights={"face": float(w_mean[0]), "context": float(w_mean[1])}, face_found=any(has),
             frames_with_face=int(sum(has)), frames_used=len(self.frames),
-            fps=self.fps if self.kind == "video" else None, detector=self.p.detector_name, face_boxes=boxes,
+            fps=self.fps if self.kind == "video" else None, detector=self.detector, engine=self.p.engine_name,
+            face_boxes=boxes,
             attention={"clip": best, "shape": list(att2d.shape),
                        "values": [[round(float(v), 5) for v in row] for row in att2d.tolist()]},
             clips=self.clips, notes=notes, truncated=truncated, visual=visual)
@@ -367,10 +320,11 @@ class Accumulator:
 _DONE = object()
 
 
-def run_stream(predictor, chunks: Iterator[Chunk], acc: Accumulator, on_clip: Optional[Callable] = None,
+def run_stream(forward: Callable, chunks: Iterator[Chunk], acc: Accumulator, on_clip: Optional[Callable] = None,
                depth: int = 2, timer: Optional[StageTimer] = None) -> None:
     """Produce ``chunks`` in a worker thread (decoding, detection, preprocessing), run the model on them
-    here, feed ``acc``; ``on_clip(ClipResult)`` as each clip is ready. At most ``depth`` chunks wait
+    here (``forward(face, context) -> (probabilities, attention, fusion weights)``, e.g.
+    :meth:`Predictor.forward <caer_fast.serving.inference.Predictor.forward>`), feed ``acc``; ``on_clip(ClipResult)`` as each clip is ready. At most ``depth`` chunks wait
     between the two sides (memory bound). Errors of the worker are raised here."""
     timer = timer or StageTimer()
     q: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
@@ -410,7 +364,7 @@ def run_stream(predictor, chunks: Iterator[Chunk], acc: Accumulator, on_clip: Op
                 break
             t0 = time.perf_counter()
             if ch.n:
-                probs, att, w = predictor.forward(ch.face, ch.context)
+                probs, att, w = forward(ch.face, ch.context)
             else:
                 probs = att = w = torch.empty(0)
             timer.add("model", time.perf_counter() - t0)
