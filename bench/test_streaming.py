@@ -133,20 +133,22 @@ def test_peak_memory_vs_length(benchmark, media):
 
 @pytest.mark.parametrize("engine", ["auto", "eager", "compiled"])
 def test_pipeline_vs_model_alone(benchmark, media, engine):
-    from caer_fast.serving.engines import use_engine
+    from caer_fast.serving.engines import build_engine
     from caer_fast.serving.inference import Predictor
-    from caer_fast.serving.stream import StageTimer, iter_chunks
+    from caer_fast.serving.stream import StageTimer
 
     video = media["dir"] / "speed.mp4"
     if not video.exists():
         write_long_video(video, SPEED_SECONDS)
     p = Predictor(media["ckpt"], device="cpu", detector="haar", detect_every=4)
     if engine != "eager":  # what `predict` runs by default
-        use_engine(p, engine, cache_dir=media["dir"] / "engines", out=sys.stderr, batch_sizes=(1, p.stream_chunk))
+        face_shape, context_shape = p.input_shapes
+        p = p.with_engine(build_engine(p.model, engine, face_shape=face_shape, context_shape=context_shape,
+                                       cache_dir=media["dir"] / "engines", out=sys.stderr,
+                                       batch_sizes=(1, p.stream_chunk)))
     # model alone: the same clips, decoded and preprocessed beforehand, in the pipeline's chunk size
-    vs = p.open_video(video)
-    chunks = [(c.face, c.context) for c in iter_chunks(p, p.sampled_frames(vs), p.stream_chunk) if c.n]
-    vs.close()
+    with p.open(video) as source:
+        chunks = [(c.face, c.context) for c in p.preprocessor().chunks(source.frames) if c.n]
     n_clips = sum(f.shape[0] for f, _ in chunks)
     p.forward(*chunks[0])  # warm-up (the compiled engine compiles here, for the full and the last chunk)
     p.forward(*chunks[-1])
@@ -176,7 +178,7 @@ def test_pipeline_vs_model_alone(benchmark, media, engine):
             "pipeline_vs_model": pipe_rate / model_rate, "x_real_time": real_time, "stage_seconds": out["stages"],
             "stage_share_of_wall": shares, "stage_sum_over_wall": total_stage / out["pipeline_s"],
             "threads": torch.get_num_threads(), "load": os.getloadavg()[0], "chunk": p.stream_chunk,
-            "engine": getattr(p, "engine_name", "eager")}
+            "engine": p.engine_name}
     benchmark.extra_info.update(info)
     print(f"\nstreaming speed, engine {info['engine']} ({SPEED_SECONDS:g} s input, {n_clips} clips, chunk {p.stream_chunk}, "
           f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}): pipeline {pipe_rate:.2f} clips/s = "
