@@ -361,3 +361,66 @@ def test_a_url_is_read_like_a_file(ckpts, tmp_path):
         assert "Traceback" not in proc.stderr
     finally:
         httpd.shutdown()
+
+
+@pytest.mark.parametrize("video_model", [True, False])
+def test_clip_sampler_follows_the_test_protocol_whatever_the_chunking(video_model):
+    """ClipSampler against the protocol written out directly: clips at clip_starts (the datasets' rule),
+    frames at min(a + j, s - 1) (a short input padded with its last frame), for random lengths, random
+    batches of added frames and random chunk sizes."""
+    from caer_fast.serving.clips import ClipPooler, ClipSampler, clip_starts
+
+    rng = np.random.default_rng()
+    for _ in range(20):
+        s, t = int(rng.integers(1, 60)), int(rng.choice([4, 8, 16]))
+        frames = torch.randn(s, 3, 2, 2)
+        sampler = ClipSampler(t, video_model)
+        chunks, i = [], 0
+        while i < s:
+            k = int(rng.integers(1, 9))
+            sampler.add(frames[i:i + k], -frames[i:i + k], [(q, q, 0, 0, 0, 0, float("nan")) for q in range(i, min(i + k, s))])
+            i += k
+            while sampler.pending and rng.random() < 0.5:
+                chunks.append(sampler.take(int(rng.integers(1, 5))))
+        sampler.close()
+        while not chunks or not chunks[-1].last:  # the chunk that empties a closed sampler is the last
+            chunks.append(sampler.take(int(rng.integers(1, 5))))
+        assert chunks[-1].last and not any(c.last for c in chunks[:-1])
+        starts = clip_starts(s, t)
+        want = [(a, min(a + t, s) - 1) for a in starts]
+        assert [c for ch in chunks for c in ch.clips] == want
+        assert [m[0] for ch in chunks for m in ch.frames] == list(range(s))
+        face = torch.cat([ch.face for ch in chunks if ch.n])
+        if video_model:  # one 3×T×h×w input per clip
+            ref = torch.stack([frames[[min(a + j, s - 1) for j in range(t)]].permute(1, 0, 2, 3) for a in starts])
+        else:  # one input per sampled frame
+            ref = frames
+        torch.testing.assert_close(face, ref, rtol=0, atol=0)
+        torch.testing.assert_close(torch.cat([ch.context for ch in chunks if ch.n]), -ref, rtol=0, atol=0)
+        # the output side: per-frame outputs averaged per clip (image model), clip outputs as they are (video)
+        pooler, got = ClipPooler(video_model), []
+        out = torch.rand(len(ref), 7)
+        first = 0
+        for ch in chunks:
+            got += pooler.add(ch, out[first:first + ch.n], out[first:first + ch.n, :1], out[first:first + ch.n, :2])
+            first += ch.n
+        assert [(a, b) for a, b, *_ in got] == want
+        for k, (a, b, p, _w, _att) in enumerate(got):
+            torch.testing.assert_close(p, out[k] if video_model else out[a:b + 1].mean(0))
+
+
+def test_preprocessing_can_run_apart_from_the_model(ckpts, tmp_path):
+    """The preprocessor and its chunks survive pickling (another process can make them); the answer from
+    unpickled chunks is predict_file's."""
+    import pickle
+
+    video = write_video(tmp_path / "v.mp4", frames=50, fps=25, seed=5)
+    p = Predictor(ckpts["caers"], device="cpu", detector="haar", stream_chunk=3)
+    pre = pickle.loads(pickle.dumps(p.preprocessor()))
+    with p.open(video) as source:
+        blobs = [pickle.dumps(c) for c in pre.chunks(source.frames)]
+        acc = p.accumulator(source)
+    for blob in blobs:
+        ch = pickle.loads(blob)
+        acc.add(ch, *(p.forward(ch.face, ch.context) if ch.n else (torch.empty(0),) * 3))
+    assert_same(acc.result().to_dict(), p.predict_file(video).to_dict(), atol=0)

@@ -125,8 +125,10 @@ class ClipSampler:
             self.next_start += self.stride
         if final and self.clips_formed == 0 and end > 0:  # shorter than a clip: padded with its last frame
             self._add_clip(0, end - 1, [min(j, end - 1) - base for j in range(t)])
-        drop = max(0, self.next_start - base) if not final else 0
-        if drop:  # frames no later clip needs
+        # frames no later clip needs (clamped: with clips shorter than the stride the next start can lie
+        # beyond the frames seen so far)
+        drop = min(max(0, self.next_start - base), len(self._face)) if not final else 0
+        if drop:
             self._face, self._context, self._rgb = self._face[drop:], self._context[drop:], self._rgb[drop:]
             self._base += drop
 
