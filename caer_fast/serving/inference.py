@@ -126,6 +126,43 @@ class MediaSource:
         self.close()
 
 
+def open_video(source, follow: bool = False, max_frame_pixels: Optional[int] = MAX_PIXELS,
+               max_frames: Optional[int] = None, max_pixels: Optional[int] = None) -> VideoStream:
+    """The :class:`~caer_fast.data.video.VideoStream` of ``source`` (a path, ``"-"``, a URL, a file object)."""
+    container = open_source(source, follow=follow)
+    name = "<stdin>" if source == "-" else str(source)
+    try:
+        return VideoStream(container, name, max_frame_pixels=max_frame_pixels, max_frames=max_frames,
+                           max_pixels=max_pixels)
+    except BaseException:
+        container.close()
+        raise
+
+
+def sampled_frames(video: VideoStream):
+    """(k, decode index, RGB frame) of the video resampled to 10 fps."""
+    for k, i, frame in sample_positions(video, video.fps, CLIP_FPS):
+        yield k, i, video.rgb(frame)
+
+
+def open_media(source, follow: bool = False, max_frame_pixels: Optional[int] = MAX_PIXELS,
+               max_frames: Optional[int] = None, max_pixels: Optional[int] = None) -> MediaSource:
+    """``source`` (a file, ``"-"`` for standard input, a URL PyAV opens, a binary file object) as a
+    :class:`MediaSource`: an image file (sniffed by content) is a one-frame stream, anything else a video
+    decoded as it is read (``follow``: a file still being written). Needs no model: a preprocessing
+    process opens its inputs with this. Raises :class:`~caer_fast.data.video.MediaDecodeError`
+    (unreadable) or :class:`~caer_fast.data.video.MediaTooLargeError` (over the limits)."""
+    if not follow and source != "-" and not is_url(str(source)) and not hasattr(source, "read"):
+        path = _existing_file(source)
+        if is_image_file(path):
+            rgb = read_image(path, max_pixels=max_frame_pixels)
+            return MediaSource("image", [(0, 0, rgb)], None, int(rgb.shape[1]), int(rgb.shape[0]))
+        source = path
+    video = open_video(source, follow=follow, max_frame_pixels=max_frame_pixels, max_frames=max_frames,
+                       max_pixels=max_pixels)
+    return MediaSource("video", sampled_frames(video), float(video.fps), video.width, video.height, video)
+
+
 class Predictor:
     """Loads a checkpoint once and predicts emotions for videos and images.
 
@@ -294,33 +331,13 @@ class Predictor:
     # -- inputs -----------------------------------------------------------------------------------
     def open_video(self, source, follow: bool = False) -> VideoStream:
         """The :class:`~caer_fast.data.video.VideoStream` of ``source`` with this predictor's limits."""
-        container = open_source(source, follow=follow)
-        name = "<stdin>" if source == "-" else str(source)
-        try:
-            return VideoStream(container, name, max_frame_pixels=self._max_frame_pixels, max_frames=self._max_frames,
-                               max_pixels=self._max_pixels)
-        except BaseException:
-            container.close()
-            raise
-
-    def sampled_frames(self, video: VideoStream):
-        """(k, decode index, RGB frame) of the video resampled to 10 fps."""
-        for k, i, frame in sample_positions(video, video.fps, CLIP_FPS):
-            yield k, i, video.rgb(frame)
+        return open_video(source, follow=follow, max_frame_pixels=self._max_frame_pixels, max_frames=self._max_frames,
+                          max_pixels=self._max_pixels)
 
     def open(self, source, follow: bool = False) -> MediaSource:
-        """``source`` (a file, ``"-"`` for standard input, a URL PyAV opens, a binary file object) as a
-        :class:`MediaSource`: an image file (sniffed by content) is a one-frame stream, anything else a
-        video decoded as it is read. Raises :class:`~caer_fast.data.video.MediaDecodeError` (unreadable)
-        or :class:`~caer_fast.data.video.MediaTooLargeError` (over the limits)."""
-        if not follow and source != "-" and not is_url(str(source)) and not hasattr(source, "read"):
-            path = _existing_file(source)
-            if is_image_file(path):
-                rgb = read_image(path, max_pixels=self._max_frame_pixels)
-                return MediaSource("image", [(0, 0, rgb)], None, int(rgb.shape[1]), int(rgb.shape[0]))
-            source = path
-        video = self.open_video(source, follow=follow)
-        return MediaSource("video", self.sampled_frames(video), float(video.fps), video.width, video.height, video)
+        """:func:`open_media` with this predictor's limits."""
+        return open_media(source, follow=follow, max_frame_pixels=self._max_frame_pixels, max_frames=self._max_frames,
+                          max_pixels=self._max_pixels)
 
     @staticmethod
     def frames_source(frames, fps: Optional[float] = None) -> MediaSource:
