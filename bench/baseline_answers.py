@@ -84,7 +84,7 @@ if __name__ == "__main__":
     mode, path = sys.argv[1], Path(sys.argv[2])
     res = answers()
     if mode == "record":
-        path.write_text(json.dumps(res, indent=1))
+        path.write_text(json.dumps(res, separators=(",", ":")) + "\n")
         print(f"{len(res)} answers → {path}")
     else:
         bad = compare(json.loads(path.read_text()), res)
