@@ -46,6 +46,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["caer_fast", "caer_fast.*"]) + ["caer_fast.kernels"],
     package_dir={"caer_fast.kernels": "kernels"},
+    # the MTCNN face detector's weights (2 MB, MIT, from facenet-pytorch 2.6.0: see its LICENSE.md)
+    package_data={"caer_fast.data": ["mtcnn_weights/*.pt", "mtcnn_weights/LICENSE.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     extras_require={
