@@ -155,3 +155,65 @@ def test_faces_by_size_orders_floors_and_caps():
         PersonTracker(max_people=0)
     with pytest.raises(ValueError, match="unknown tracker"):
         PersonTracker(backend="sort")
+
+
+# ---------------------------------------------------------------- per-person model inputs
+
+def _two_people_chunk(n=4):
+    from people_media import render
+
+    frames, truth, _ = render()
+    idx = [i for i, t in enumerate(truth) if len(t) == 3][:n]
+    chunk = torch.from_numpy(frames[idx])
+    boxes = {p: torch.tensor([truth[i][p] for i in idx]) for p in (0, 1, 2)}
+    return chunk, boxes
+
+
+def test_person_inputs_mask_only_that_persons_face():
+    from caer_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+    from caer_fast.data.tracking import person_inputs
+
+    frames, boxes = _two_people_chunk(3)
+    boxes[2][1] = 0  # person 2 absent on the middle frame: nothing masked for them there
+    n, h, w, _ = frames.shape
+    face, context, ids = person_inputs(frames, boxes, context_size=(h, w))  # same size: pixels comparable
+    assert ids == [0, 1, 2] and context.shape == (3 * n, 3, h, w) and face.shape[0] == 3 * n
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    plain = (frames.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    masked = (0 - mean) / std
+    ctx = context.view(3, n, 3, h, w)
+    for k, a in enumerate(ids):
+        for i in range(n):
+            for b in ids:
+                x1, y1, x2, y2 = boxes[b][i].tolist()
+                if x2 <= x1:
+                    continue
+                region = ctx[k, i, :, y1 + 2:y2 - 2, x1 + 2:x2 - 2]  # inside, away from resampling edges
+                if b == a:
+                    assert torch.allclose(region, masked.expand_as(region), atol=1e-4), (a, i)
+                else:  # another person's face: visible, the frame's own pixels
+                    torch.testing.assert_close(region, plain[i, :, y1 + 2:y2 - 2, x1 + 2:x2 - 2], atol=2e-2, rtol=0)
+    # the absent frame of person 2: context is the whole frame, face is zeros
+    torch.testing.assert_close(ctx[2, 1], plain[1], atol=2e-2, rtol=0)
+    assert face.view(3, n, *face.shape[1:])[2, 1].abs().max() == 0
+
+
+def test_person_inputs_equal_separate_calls():
+    from caer_fast.data.tracking import boxes_by_person, person_inputs
+    from caer_fast.ops import face_context
+
+    frames, boxes = _two_people_chunk(4)
+    tracks = [[(p, tuple(boxes[p][i].tolist()), 1.0) for p in (2, 0, 1)] for i in range(frames.shape[0])]
+    rebuilt = boxes_by_person(tracks)
+    assert list(rebuilt) == [0, 1, 2] and all(torch.equal(rebuilt[p], boxes[p]) for p in rebuilt)
+    face, context, ids = person_inputs(frames, rebuilt, crop=(8, 29, 112, 112))
+    n = frames.shape[0]
+    for k, p in enumerate(ids):
+        f1, c1 = face_context(frames, boxes[p], crop=(8, 29, 112, 112))
+        torch.testing.assert_close(face[k * n:(k + 1) * n], f1)
+        torch.testing.assert_close(context[k * n:(k + 1) * n], c1)
+    with pytest.raises(ValueError, match="person 1: 3 boxes for 4 frames"):
+        person_inputs(frames, {0: boxes[0], 1: boxes[1][:3]})
+    with pytest.raises(ValueError, match="uint8"):
+        person_inputs(frames.float(), boxes)

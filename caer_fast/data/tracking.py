@@ -21,7 +21,10 @@ import math
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
+from ..constants import CONTEXT_SIZE, FACE_SIZE
+from ..ops import face_context
 from .detectors import Detection, faces_by_size
 
 Box = Tuple[int, int, int, int]
@@ -171,3 +174,53 @@ def track_video(frames: Iterable[np.ndarray], detector, detect_every: int = 4, m
         else:
             tracker.hold(i, held)
         yield i, frame, held
+
+
+# ---------------------------------------------------------------- per-person model inputs
+
+def boxes_by_person(tracks_per_frame: Sequence[Sequence[Track]]) -> Dict[int, torch.Tensor]:
+    """``{person id: N×4 int64 boxes}`` from N frames of :func:`track_video` tracks; a frame where the
+    person is absent gets the empty box (0, 0, 0, 0), which :func:`caer_fast.ops.face_context` reads as
+    "no face" (zero face, nothing masked)."""
+    n = len(tracks_per_frame)
+    out: Dict[int, torch.Tensor] = {}
+    for i, tracks in enumerate(tracks_per_frame):
+        for pid, box, _ in tracks:
+            out.setdefault(pid, torch.zeros(n, 4, dtype=torch.int64))[i] = torch.tensor(box)
+    return dict(sorted(out.items()))
+
+
+def person_inputs(frames: torch.Tensor, boxes_per_person: Dict[int, torch.Tensor], face_size=FACE_SIZE,
+                  context_size=CONTEXT_SIZE, crop: Optional[Tuple[int, int, int, int]] = None,
+                  dtype: torch.dtype = torch.float32, **kwargs) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """Face and context inputs of every person for one chunk of frames, in ONE face_context call.
+
+    Each frame is repeated once per person, each copy with that person's box, so each person's context
+    masks only their own face; the other people's faces stay visible (they are context).
+
+    Args:
+        frames: uint8 N×H×W×3 RGB.
+        boxes_per_person: ``{person id: N×4 integer xyxy boxes}`` (empty box: absent on that frame),
+            e.g. from :func:`boxes_by_person`.
+        face_size, context_size, crop, dtype, kwargs: as :func:`caer_fast.ops.face_context`.
+
+    Returns:
+        ``(face, context, person_ids)``: face (P·N)×3×fh×fw and context (P·N)×3×h×w, person-major
+        (``face.view(P, N, ...)[k]`` is person ``person_ids[k]``'s clip), person_ids sorted.
+    """
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 \
+            or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be a uint8 N×H×W×3 tensor, got "
+                         f"{getattr(frames, 'dtype', type(frames))} {tuple(getattr(frames, 'shape', ()))}")
+    n = frames.shape[0]
+    ids = sorted(boxes_per_person)
+    boxes = [torch.as_tensor(boxes_per_person[pid]).to(torch.int64).reshape(-1, 4) for pid in ids]
+    for pid, b in zip(ids, boxes):
+        if b.shape[0] != n:
+            raise ValueError(f"person {pid}: {b.shape[0]} boxes for {n} frames")
+    if not ids:
+        return (torch.zeros(0, 3, *face_size, dtype=dtype), torch.zeros(0, 3, *(crop[2:] if crop else context_size),
+                dtype=dtype), [])
+    face, context = face_context(frames.repeat(len(ids), 1, 1, 1), torch.cat(boxes).to(frames.device),
+                                 face_size=face_size, context_size=context_size, crop=crop, dtype=dtype, **kwargs)
+    return face, context, ids
