@@ -14,7 +14,7 @@ from caer_fast.data.detectors import DetectorUnavailable, best_face, make_detect
 
 H, W = 400, 712
 # (detector, detect_height): -1 = the detector's default (haar: 240 px high; dlib: full resolution).
-IMPLEMENTATIONS = [("haar", -1), ("haar", 0), ("dlib-hog", -1), ("dlib-cnn", -1)]
+IMPLEMENTATIONS = [("haar", -1), ("haar", 0), ("mtcnn", -1), ("dlib-hog", -1), ("dlib-cnn", -1)]
 
 
 def _frame():

@@ -31,7 +31,8 @@ def people_run(tmp_path_factory):
     path, truth, partial = write_people_video(tmp_path_factory.mktemp("people") / "people.mp4")
     video = decode_video(path)
     assert video.frames.shape == (len(truth), 360, 640, 3)
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # MTCNN's small convolutions: faster on one thread (bench/RESULTS.md "Every face")
     det = make_detector(DETECTOR)
     detections = {}
 
@@ -42,6 +43,7 @@ def people_run(tmp_path_factory):
 
     tracker = PersonTracker(fps=FPS, detect_every=DETECT_EVERY)
     tracks = [t for _, _, t in track_video(video.frames, Recording(), DETECT_EVERY, tracker=tracker)]
+    torch.set_num_threads(threads)
     assert len(tracks) == len(truth)
     return dict(truth=truth, partial=partial, detections=detections, tracks=tracks, spans=tracker.person_spans())
 
