@@ -148,3 +148,99 @@ def test_every_face_recall_false_positives_speed(tmp_path, capsys):
     # the chosen multi-person detector must beat Haar on recall and find every face of the test video
     assert rows["mtcnn"]["hits"] > rows["haar"]["hits"]
     assert rows["mtcnn"]["vhits"] >= 0.95 * rows["mtcnn"]["vfaces"]
+
+
+def test_every_face_speed_by_threads():
+    """The speed table of bench/RESULTS.md "Every face": 24 frames of the people video, the same frames
+    for every setting, alternating; at 1 and 2 torch/OpenCV threads. Run with -s."""
+    import time
+
+    import torch
+
+    frames = _people_media().render()[0][::4][:24]
+    settings = {"haar (240 px, min 32)": ("haar", 32, -1), "mtcnn (full, min 32)": ("mtcnn", 32, -1),
+                "mtcnn (full, min 48)": ("mtcnn", 48, -1), "mtcnn (240 px, min 32)": ("mtcnn", 32, 240)}
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            cv2.setNumThreads(threads)
+            dets = {k: make_detector(n, min_size=m, detect_height=h) for k, (n, m, h) in settings.items()}
+            ms = {k: [] for k in dets}
+            found = {k: 0 for k in dets}
+            for d in dets.values():
+                d.detect(frames[0])
+            for f in frames:
+                for k, d in dets.items():
+                    t0 = time.perf_counter()
+                    found[k] += len(d.detect(f))
+                    ms[k].append((time.perf_counter() - t0) * 1e3)
+            base = float(np.median(ms["haar (240 px, min 32)"]))
+            for k in dets:
+                print(f"threads={threads} {k:24} {np.median(ms[k]):8.1f} ms ({np.median(ms[k]) / base:4.2f}× haar), "
+                      f"{found[k]} faces")
+            assert all(v >= 0.95 * 2.5 * len(frames) for v in found.values()), found  # ≈ 2.5 people per frame
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tracker_comparison():
+    """The tracker table of bench/RESULTS.md "Every face": ByteTrack vs norfair replaying the real MTCNN and
+    Haar detections of the people video (detect every 4th sampled frame), all of them and with 20 % dropped
+    at random (3 seeds). Run with -s."""
+    import time
+    from collections import Counter
+
+    import torch
+
+    from caer_fast.data.tracking import PersonTracker, TrackerUnavailable
+
+    pm = _people_media()
+    iou = pm.iou
+    frames, truth, _ = pm.render()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recorded = {name: {i: make_detector(name).detect(frames[i]) for i in range(0, len(frames), 4)}
+                    for name in ("mtcnn", "haar")}
+    finally:
+        torch.set_num_threads(before)
+
+    def run(backend, dets, drop, seed):
+        rng = np.random.default_rng(seed)
+        tr = PersonTracker(fps=10, detect_every=4, backend=backend)
+        tracks, ms = [], []
+        for f in sorted(dets):
+            d = [x for x in dets[f] if rng.random() >= drop]
+            t0 = time.perf_counter()
+            tracks += [tr.update(f, d)] * 4
+            ms.append((time.perf_counter() - t0) * 1e3)
+        cov, switches, frags = [], 0, 0
+        for p in (0, 1, 2):
+            ids = []
+            for f, people in enumerate(truth):
+                if p in people:
+                    best = max(((iou(b, people[p]), pid) for pid, b, _ in tracks[f]), default=(0, None))
+                    ids.append(best[1] if best[0] >= 0.3 else None)
+            m = [i for i in ids if i is not None]
+            cov.append(Counter(m).most_common(1)[0][1] / len(ids) if m else 0.0)
+            switches += sum(a != b for a, b in zip(m, m[1:]))
+            frags += len(set(m)) - 1
+        return np.array(cov), switches, frags, float(np.median(ms))
+
+    results = {}
+    for det, dets in recorded.items():
+        for drop in (0.0, 0.2):
+            for backend in ("bytetrack", "norfair"):
+                try:
+                    res = [run(backend, dets, drop, s) for s in range(3 if drop else 1)]
+                except TrackerUnavailable as exc:
+                    print(f"{backend}: skipped ({exc})")
+                    continue
+                cov = np.mean([r[0] for r in res], 0)
+                sw, fr = np.mean([r[1] for r in res]), np.mean([r[2] for r in res])
+                results[det, drop, backend] = sw
+                print(f"{det:6} drop={drop:.1f} {backend:9} coverage p0/p1/p2 = {np.round(cov, 2)} switches={sw:.1f} "
+                      f"extra fragments={fr:.1f} ms/update={np.median([r[3] for r in res]):.2f}")
+    # the default tracker: no switch on the clean detections of either detector
+    assert results["mtcnn", 0.0, "bytetrack"] == 0 and results["haar", 0.0, "bytetrack"] == 0
