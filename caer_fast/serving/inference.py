@@ -35,7 +35,7 @@ from ..data.video import (MAX_IMAGE_PIXELS, MediaDecodeError, VideoStream, image
 from ..models.caer_net import CAERNet
 from ..models.checkpoint import load_checkpoint, read_checkpoint
 from .clips import clip_starts, sample_indices  # noqa: F401  (re-exported: the test protocol's rules)
-from .stream import Accumulator, Prediction, Preprocessor, StageTimer, run_stream
+from .stream import Accumulator, PeopleAccumulator, Prediction, Preprocessor, StageTimer, parse_people, run_stream
 
 MAX_PIXELS = MAX_IMAGE_PIXELS  # refuse frames larger than this (memory: a decoded frame is H·W·3 bytes)
 
@@ -309,10 +309,13 @@ class Predictor:
         return dataclasses.replace(self._preprocessor, chunk_inputs=max(1, int(chunk_inputs)))
 
     def accumulator(self, source: "MediaSource", keep_frames: bool = False,
-                    detector: Optional[str] = None) -> Accumulator:
-        """The result builder of one input (``detector``: the label the result gives, default the detector's)."""
-        return Accumulator(self, kind=source.kind, fps=source.fps if source.kind == "video" else None,
-                           keep_frames=keep_frames, detector=detector)
+                    detector: Optional[str] = None, people="main"):
+        """The result builder of one input (``detector``: the label the result gives, default the detector's;
+        ``people`` other than "main": a :class:`~.stream.PeopleAccumulator` for :meth:`Preprocessor.people_chunks
+        <caer_fast.serving.stream.Preprocessor.people_chunks>`)."""
+        cls = Accumulator if parse_people(people) == -1 else PeopleAccumulator
+        return cls(self, kind=source.kind, fps=source.fps if source.kind == "video" else None,
+                   keep_frames=keep_frames, detector=detector)
 
     # -- model ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -356,18 +359,33 @@ class Predictor:
 
     # -- the one path -----------------------------------------------------------------------------
     def predict_source(self, source: MediaSource, with_arrays: bool = False, known_boxes=None, on_clip=None,
-                       timer: Optional[StageTimer] = None, detector: Optional[str] = None) -> Prediction:
+                       timer: Optional[StageTimer] = None, detector: Optional[str] = None,
+                       people="main") -> Prediction:
         """Stream ``source`` through the pipeline of :mod:`caer_fast.serving.stream` in bounded memory:
         ``known_boxes`` ({decode index: xyxy box}, frames without an entry have no face) replaces the
-        detector; ``on_clip(ClipResult)`` as each clip is ready (progress, timelines, ``--follow``);
-        ``with_arrays`` adds ``Prediction.visual`` (numpy, for pictures)."""
+        detector; ``on_clip(ClipResult)`` as each clip is ready (progress, timelines, ``--follow``; its
+        ``person`` says whose); ``with_arrays`` adds ``Prediction.visual`` (numpy, for pictures).
+
+        ``people``: "main" (default) one face per frame, the largest confident one (``Prediction.people``
+        has that one person); "all" every tracked person, or N at most N (largest faces first): each gets
+        their own clips, all people's inputs of a step run in one model call, and ``Prediction.people``
+        lists them (the top-level answer is the person seen longest)."""
+        n_people = parse_people(people)
+        if n_people != -1:
+            if known_boxes is not None:
+                raise ValueError("known boxes give one face per frame: use people='main' with them")
+            acc = self.accumulator(source, keep_frames=with_arrays, detector=detector, people=people)
+            steps = self._preprocessor.people_chunks(source.frames, max_people=n_people, keep_frames=with_arrays,
+                                                     timer=timer)
+            run_stream(self.forward, steps, acc, on_clip=on_clip, timer=timer)
+            return acc.result(notes=source.notes, truncated=source.truncated)
         acc = self.accumulator(source, keep_frames=with_arrays, detector=detector)
         chunks = self._preprocessor.chunks(source.frames, known_boxes=known_boxes, keep_frames=with_arrays, timer=timer)
         run_stream(self.forward, chunks, acc, on_clip=on_clip, timer=timer)
         return acc.result(notes=source.notes, truncated=source.truncated)
 
     def predict_file(self, path, with_arrays: bool = False, known_boxes=None, on_clip=None, follow: bool = False,
-                     on_start=None, timer: Optional[StageTimer] = None) -> Prediction:
+                     on_start=None, timer: Optional[StageTimer] = None, people="main") -> Prediction:
         """Emotion of the video or image at ``path`` (see :meth:`open`); ``on_start(VideoStream)`` once a
         video's header is read; the rest as in :meth:`predict_source`. Returns a
         :class:`~.stream.Prediction` (``.to_dict()`` is the JSON)."""
@@ -375,9 +393,10 @@ class Predictor:
             if on_start is not None and source.video is not None:
                 on_start(source.video)
             return self.predict_source(source, with_arrays=with_arrays, known_boxes=known_boxes, on_clip=on_clip,
-                                       timer=timer)
+                                       timer=timer, people=people)
 
-    def predict_frames(self, frames, fps: Optional[float] = None, boxes=None, with_arrays: bool = False) -> Prediction:
+    def predict_frames(self, frames, fps: Optional[float] = None, boxes=None, with_arrays: bool = False,
+                       people="main") -> Prediction:
         """Emotion of in-memory frames (see :meth:`frames_source`); ``boxes``: one xyxy box per given frame
         (zeros = no face) instead of the detector."""
         source = self.frames_source(frames, fps)
@@ -385,7 +404,7 @@ class Predictor:
         if boxes is not None:
             n = 1 if np.asarray(frames).ndim == 3 else len(frames)
             known = {i: tuple(b) for i, b in enumerate(np.asarray(boxes, dtype=np.int64).reshape(n, 4).tolist())}
-        return self.predict_source(source, with_arrays=with_arrays, known_boxes=known)
+        return self.predict_source(source, with_arrays=with_arrays, known_boxes=known, people=people)
 
 
 def set_threads_from_env() -> None:

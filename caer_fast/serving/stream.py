@@ -44,6 +44,7 @@ class ClipResult:
     probabilities: Dict[str, float]
     fusion_weights: Dict[str, float]  # λ face / λ context
     face_found: bool
+    person: int = 0  # whose clip (multi-person: the tracker's id; not in to_dict, the people list says it)
 
     def to_dict(self) -> dict:
         return {"clip": self.clip, "first_frame": self.first_frame, "last_frame": self.last_frame,
@@ -56,7 +57,50 @@ class ClipResult:
 #: the keys of every answer (``Prediction.to_dict()``), image or video, CLI or server
 RESULT_KEYS = ("kind", "model", "checkpoint_kind", "emotion", "confidence", "probabilities", "fusion_weights",
                "face_found", "frames_with_face", "frames_used", "note", "truncated", "fps", "detector", "engine",
-               "face_boxes", "attention", "clips")
+               "face_boxes", "attention", "clips", "people")
+
+#: the keys of each entry of an answer's ``people`` list
+PERSON_KEYS = ("id", "start", "end", "emotion", "confidence", "probabilities", "clips", "fusion_weights")
+
+#: the ``people`` modes: one face per frame (today's path), every tracked person, or at most N (an int)
+PEOPLE_MODES = ("main", "all")
+
+
+def parse_people(value) -> Optional[int]:
+    """``people`` ("main", "all", or N ≥ 1, as str or int) → -1 for main, None for all, N for at most N
+    (the largest faces first). A bad value raises ValueError naming it."""
+    if value is None or value == "main":
+        return -1
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"people must be main, all or a number >= 1, got {value!r}") from None
+    if n < 1 or str(value).strip() != str(n):
+        raise ValueError(f"people must be main, all or a number >= 1, got {value!r}")
+    return n
+
+
+@dataclass
+class PersonResult:
+    """One person of an answer: their span (seconds), the mean of their clips, their clips."""
+
+    id: int
+    start: float
+    end: float
+    emotion: str
+    confidence: float
+    probabilities: Dict[str, float]
+    fusion_weights: Dict[str, float]
+    clips: List[ClipResult]
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "start": round(self.start, 3), "end": round(self.end, 3), "emotion": self.emotion,
+                "confidence": round(float(self.confidence), 6),
+                "probabilities": {c: round(float(v), 6) for c, v in self.probabilities.items()},
+                "clips": [c.to_dict() for c in self.clips],
+                "fusion_weights": {k: round(float(v), 6) for k, v in self.fusion_weights.items()}}
 
 
 @dataclass
@@ -84,6 +128,7 @@ class Prediction:
     truncated: bool = False
     engine: str = "eager"  # what ran the model (Predictor.engine_name)
     visual: Optional[dict] = None  # numpy arrays for pictures (``with_arrays``), not JSON
+    people: List[PersonResult] = field(default_factory=list)  # main: one entry; all/N: every tracked person
 
     @property
     def note(self) -> Optional[str]:
@@ -97,7 +142,8 @@ class Prediction:
              "face_found": self.face_found, "frames_with_face": self.frames_with_face,
              "frames_used": self.frames_used, "note": self.note, "truncated": self.truncated,
              "fps": self.fps, "detector": self.detector, "engine": self.engine, "face_boxes": self.face_boxes,
-             "attention": self.attention, "clips": [c.to_dict() for c in self.clips]}
+             "attention": self.attention, "clips": [c.to_dict() for c in self.clips],
+             "people": [p.to_dict() for p in self.people]}
         if self.visual is not None:
             d["_visual"] = self.visual
         return d
@@ -231,6 +277,118 @@ class Preprocessor:
         yield sampler.take()
 
 
+    def people_chunks(self, frames: Iterable, max_people: Optional[int] = None, keep_frames: bool = False,
+                      timer: Optional[StageTimer] = None, max_miss_s: float = 2.0) -> Iterator[List[Chunk]]:
+        """Every person's chunks from sampled frames ``(k, decode index, rgb)``, one list per step (all the
+        people's inputs of that step: run them in one model call, e.g. by :func:`run_stream`).
+
+        The detector's faces (all of them) go to :class:`~caer_fast.data.tracking.PersonTracker` every
+        ``detect_every`` sampled frames (``max_people``: the largest that many, None: all); each person
+        gets their own :class:`~.clips.ClipSampler` from their first frame on, fed with their face and the
+        context with only their face masked (:func:`~caer_fast.data.tracking.person_inputs`: one
+        ``face_context`` call for everybody), an empty box on frames where they are not seen, until they
+        are gone for ``max_miss_s`` (the tracker then forgets them) or the input ends. Until the first
+        person appears, person -1 gets the frames with no face (the context-only answer if nobody is
+        found). Memory: O(chunk × people)."""
+        from ..data.tracking import PersonTracker, person_inputs
+
+        timer = timer or StageTimer()
+        det = self.get_detector()
+        every = max(1, int(self.detect_every))
+        tracker = PersonTracker(max_people=max_people, fps=CLIP_FPS, detect_every=every, max_miss_s=max_miss_s)
+        # after this many sampled frames unseen the tracker has dropped the track: the person is gone
+        gone_after = (tracker.max_miss_updates + 1) * every
+        samplers: Dict[int, ClipSampler] = {-1: ClipSampler(self.clip_frames, self.video_model, keep_frames=keep_frames,
+                                                            person=-1)}
+        start: Dict[int, int] = {-1: 0}
+        last_seen: Dict[int, int] = {}
+        held: list = []
+        pend_rgb, pend_meta, pend_boxes, pend_px = [], [], [], 0  # pend_boxes: {person: (box, score)} per frame
+
+        def flush():
+            nonlocal pend_rgb, pend_meta, pend_boxes, pend_px
+            if not pend_rgb:
+                return
+            open_ids = [pid for pid, s in samplers.items() if not s.closed]
+            if open_ids:
+                t0 = time.perf_counter()
+                none = ((0, 0, 0, 0), float("nan"))
+                per = {pid: [fb.get(pid, none) for fb in pend_boxes] for pid in open_ids}
+                face, context, ids = person_inputs(
+                    torch.from_numpy(np.stack(pend_rgb)), {pid: torch.tensor([b for b, _ in per[pid]]) for pid in open_ids},
+                    face_size=self.face_size, context_size=self.context_size, crop=self.crop)
+                timer.add("preprocess", time.perf_counter() - t0)
+                n = len(pend_rgb)
+                face, context = face.view(len(ids), n, *face.shape[1:]), context.view(len(ids), n, *context.shape[1:])
+                for p, pid in enumerate(ids):
+                    j0 = next((j for j, m in enumerate(pend_meta) if m[0] >= start[pid]), n)
+                    if j0 < n:
+                        meta = [(k, i, *b, sc) for (k, i), (b, sc) in zip(pend_meta[j0:], per[pid][j0:])]
+                        samplers[pid].add(face[p, j0:], context[p, j0:], meta, pend_rgb[j0:])
+            pend_rgb, pend_meta, pend_boxes, pend_px = [], [], [], 0
+
+        def ready() -> List[Chunk]:
+            out = []
+            for s in samplers.values():
+                while s.pending >= self.chunk_inputs:
+                    out.append(s.take(self.chunk_inputs))
+            return out
+
+        def close(pids) -> List[Chunk]:
+            out = []
+            for pid in pids:
+                s = samplers[pid]
+                s.close()
+                while s.pending > self.chunk_inputs:
+                    out.append(s.take(self.chunk_inputs))
+                out.append(s.take())
+            return out
+
+        it = iter(frames)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                k, index, rgb = next(it)
+            except StopIteration:
+                timer.add("decode", time.perf_counter() - t0)
+                break
+            timer.add("decode", time.perf_counter() - t0)
+            if det is not None and k % every == 0:
+                t0 = time.perf_counter()
+                faces = det.detect(rgb)
+                timer.add("detect", time.perf_counter() - t0)
+                held = tracker.update(k, faces)
+            elif det is not None:
+                tracker.hold(k, held)
+            for pid, _, _ in held:
+                last_seen[pid] = k
+                if pid not in samplers:
+                    samplers[pid] = ClipSampler(self.clip_frames, self.video_model, keep_frames=keep_frames, person=pid)
+                    start[pid] = k
+            gone = [pid for pid, s in samplers.items() if pid >= 0 and not s.closed and k - last_seen[pid] > gone_after]
+            if len(samplers) > 1 and -1 in samplers:
+                del samplers[-1]  # somebody is here: the context-only answer is not needed
+            if gone:  # their frames so far, then their last chunks
+                flush()
+                step = close(gone) + ready()
+                if step:
+                    yield step
+            pend_meta.append((k, int(index)))
+            pend_rgb.append(rgb)
+            pend_boxes.append({pid: (tuple(int(v) for v in box), float(score)) for pid, box, score in held})
+            pend_px += rgb.shape[0] * rgb.shape[1]
+            if pend_px >= GROUP_PIXELS or len(pend_rgb) >= TEST_CLIP_STRIDE:
+                flush()
+                step = ready()
+                if step:
+                    yield step
+        flush()
+        if -1 in samplers:  # nobody found: the context-only answer
+            yield close([-1])
+        else:
+            yield close([pid for pid, s in samplers.items() if pid >= 0 and not s.closed])
+
+
 class Accumulator:
     """Model outputs of one input's chunks → :class:`ClipResult` objects → the :class:`Prediction`: the one
     result builder of images, in-memory frames and videos, on the CLI and the server.
@@ -240,8 +398,8 @@ class Accumulator:
     """
 
     def __init__(self, predictor, kind: str = "video", fps: Optional[float] = None, keep_frames: bool = False,
-                 detector: Optional[str] = None):
-        self.p = predictor
+                 detector: Optional[str] = None, person: int = 0):
+        self.p, self.person = predictor, person
         self.kind, self.fps, self.keep_frames = kind, fps, keep_frames
         self.detector = detector or predictor.detector_name
         self.pooler = ClipPooler(predictor.is_video_model)
@@ -277,12 +435,32 @@ class Accumulator:
         self._mid.pop(k, None)
         classes = self.p.classes
         dt = 1.0 / CLIP_FPS
-        r = ClipResult(k, self.frames[a][1], self.frames[b][1], a * dt, (b + 1) * dt, classes[int(cp.argmax())],
-                       {c: float(v) for c, v in zip(classes, cp.tolist())},
+        # times from the sampled positions the frames carry (a person tracked from later on starts later)
+        r = ClipResult(k, self.frames[a][1], self.frames[b][1], self.frames[a][0] * dt, (self.frames[b][0] + 1) * dt,
+                       classes[int(cp.argmax())], {c: float(v) for c, v in zip(classes, cp.tolist())},
                        {"face": float(cw[0]), "context": float(cw[1])},
-                       any(self._has_face(q) for q in range(a, b + 1)))
+                       any(self._has_face(q) for q in range(a, b + 1)), person=self.person)
         self.clips.append(r)
         return r
+
+    @property
+    def face_frames(self) -> int:
+        return sum(self._has_face(q) for q in range(len(self.frames)))
+
+    def person_result(self) -> PersonResult:
+        """This input's person: the span from their first to their last sampled frame with a face (the
+        whole input when there is none), the mean of the clips."""
+        if not self.clips:
+            raise ValueError("no clips: the input gave no frames")
+        overall = (self.prob_sum / len(self.clips)).float()
+        w_mean = (self.w_sum / len(self.clips)).float()
+        seen = [f[0] for q, f in enumerate(self.frames) if self._has_face(q)] or [f[0] for f in self.frames]
+        dt = 1.0 / CLIP_FPS
+        classes = self.p.classes
+        top = int(overall.argmax())
+        return PersonResult(self.person, min(seen) * dt, (max(seen) + 1) * dt, classes[top], float(overall[top]),
+                            {c: float(v) for c, v in zip(classes, overall.tolist())},
+                            {"face": float(w_mean[0]), "context": float(w_mean[1])}, self.clips)
 
     def result(self, notes: Optional[List[str]] = None, truncated: bool = False) -> Prediction:
         if not self.clips:
@@ -314,10 +492,74 @@ class Accumulator:
             face_boxes=boxes,
             attention={"clip": best, "shape": list(att2d.shape),
                        "values": [[round(float(v), 5) for v in row] for row in att2d.tolist()]},
-            clips=self.clips, notes=notes, truncated=truncated, visual=visual)
+            clips=self.clips, notes=notes, truncated=truncated, visual=visual, people=[self.person_result()])
+
+
+class PeopleAccumulator:
+    """Every tracked person's chunk outputs → one :class:`Accumulator` per person (by ``chunk.person``) →
+    the :class:`Prediction`: its ``people`` list has every person (by id), the top-level answer is the
+    main person's (the one seen on the most sampled frames; ties: the smaller id), and ``frames_used``
+    counts the input's sampled frames. Person -1 (context only, fed until the first person appears) is
+    the answer when nobody is found."""
+
+    def __init__(self, predictor, kind: str = "video", fps: Optional[float] = None, keep_frames: bool = False,
+                 detector: Optional[str] = None):
+        self.p, self.kind, self.fps, self.keep_frames, self.detector = predictor, kind, fps, keep_frames, detector
+        self.accs: Dict[int, Accumulator] = {}
+        self.positions = 0  # sampled frames of the input seen so far
+
+    def add(self, chunk: Chunk, probs: torch.Tensor, attention: torch.Tensor, weights: torch.Tensor) -> List[ClipResult]:
+        acc = self.accs.get(chunk.person)
+        if acc is None:
+            acc = self.accs[chunk.person] = Accumulator(self.p, self.kind, self.fps, self.keep_frames, self.detector,
+                                                        person=chunk.person)
+        if chunk.frames:
+            self.positions = max(self.positions, max(f[0] for f in chunk.frames) + 1)
+        return acc.add(chunk, probs, attention, weights)
+
+    def result(self, notes: Optional[List[str]] = None, truncated: bool = False) -> Prediction:
+        people = {pid: a for pid, a in sorted(self.accs.items()) if pid >= 0 and a.clips}
+        if people:
+            main = max(people, key=lambda pid: (people[pid].face_frames, -pid))
+            out = people[main].result(notes=notes, truncated=truncated)
+        elif -1 in self.accs and self.accs[-1].clips:
+            out = self.accs[-1].result(notes=notes, truncated=truncated)
+        else:
+            raise ValueError("no clips: the input gave no frames")
+        out.people = [a.person_result() for a in people.values()]
+        out.frames_used = max(out.frames_used, self.positions)
+        return out
 
 
 _DONE = object()
+
+
+def concat_chunks(step: List[Chunk]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The model inputs of several chunks as one batch (None, None when they have none)."""
+    full = [c for c in step if c.n]
+    if not full:
+        return None, None
+    if len(full) == 1:
+        return full[0].face, full[0].context
+    return torch.cat([c.face for c in full]), torch.cat([c.context for c in full])
+
+
+def split_outputs(step: List[Chunk], probs, att, w) -> List[tuple]:
+    """The outputs of :func:`concat_chunks`'s batch, back per chunk (empty tensors for empty chunks)."""
+    out, i = [], 0
+    empty = torch.empty(0)
+    for c in step:
+        out.append((probs[i:i + c.n], att[i:i + c.n], w[i:i + c.n]) if c.n else (empty, empty, empty))
+        i += c.n
+    return out
+
+
+def forward_chunks(forward: Callable, step: List[Chunk]) -> List[tuple]:
+    """``forward`` once on all of ``step``'s inputs; the outputs per chunk."""
+    face, context = concat_chunks(step)
+    if face is None:
+        return split_outputs(step, None, None, None)
+    return split_outputs(step, *forward(face, context))
 
 
 def run_stream(forward: Callable, chunks: Iterator[Chunk], acc: Accumulator, on_clip: Optional[Callable] = None,
@@ -363,14 +605,13 @@ def run_stream(forward: Callable, chunks: Iterator[Chunk], acc: Accumulator, on_
             if ch is _DONE:
                 break
             t0 = time.perf_counter()
-            if ch.n:
-                probs, att, w = forward(ch.face, ch.context)
-            else:
-                probs = att = w = torch.empty(0)
+            step = ch if isinstance(ch, list) else [ch]  # a multi-person step: one model call for all of it
+            outs = forward_chunks(forward, step)
             timer.add("model", time.perf_counter() - t0)
-            for clip in acc.add(ch, probs, att, w):
-                if on_clip is not None:
-                    on_clip(clip)
+            for c, (probs, att, w) in zip(step, outs):
+                for clip in acc.add(c, probs, att, w):
+                    if on_clip is not None:
+                        on_clip(clip)
     finally:
         stop.set()
         while True:  # unblock the producer, then wait for it
