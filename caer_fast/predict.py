@@ -39,6 +39,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", type=Path, default=None, metavar="FILE",
                    help="take the face boxes from a box file instead of a detector: a CAER <split>.faces.csv "
                         "or a CAER-S <split>.txt (as written by python -m caer_fast.faces or the demo data)")
+    p.add_argument("--people", default="main", metavar="main|all|N",
+                   help="main: one face per frame, the largest (today's answer); all: every tracked person, each "
+                        "with their own clips and answer (the JSON's people list, a person column in the timeline); "
+                        "N: at most N people, the largest faces first")
+    p.add_argument("--max-people", type=int, default=None, metavar="N",
+                   help="cap the people followed: --people all --max-people N is --people N (so is --max-people N "
+                        "alone)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per line in the summary")
     p.add_argument("--timeline", type=Path, default=None, metavar="OUT.csv|OUT.json",
@@ -226,11 +233,18 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def person_clips(r: dict) -> list:
+    """(person id, clip dict) of every person's clips (the main answer's clips as person 0 without a
+    ``people`` list)."""
+    people = r.get("people") or [{"id": 0, "clips": r["clips"]}]
+    return [(p["id"], c) for p in people for c in p["clips"]]
+
+
 def timeline_rows(r: dict) -> list:
-    """One flat row per clip (the CSV's columns)."""
+    """One flat row per clip and person (the CSV's columns)."""
     rows = []
-    for c in r["clips"]:
-        row = {"clip": c["clip"], "start_s": c["start_s"], "end_s": c["end_s"], "first_frame": c["first_frame"],
+    for person, c in person_clips(r):
+        row = {"person": person, "clip": c["clip"], "start_s": c["start_s"], "end_s": c["end_s"], "first_frame": c["first_frame"],
                "last_frame": c["last_frame"], "emotion": c["emotion"]}
         row.update({f"p_{k}": v for k, v in c["probabilities"].items()})
         row.update({"lambda_face": c["fusion_weights"]["face"], "lambda_context": c["fusion_weights"]["context"],
@@ -248,7 +262,7 @@ def write_timeline(r: dict, out: Path, source: str = "") -> Path:
     if out.suffix.lower() == ".csv":
         rows = timeline_rows(r)
         buf = io.StringIO()
-        fields = list(rows[0]) if rows else ["clip", "start_s", "end_s"]
+        fields = list(rows[0]) if rows else ["person", "clip", "start_s", "end_s"]
         w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
@@ -256,7 +270,8 @@ def write_timeline(r: dict, out: Path, source: str = "") -> Path:
     else:
         doc = {"source": source, "kind": r["kind"], "fps": r["fps"], "emotion": r["emotion"],
                "probabilities": r["probabilities"], "note": r["note"], "truncated": r.get("truncated", False),
-               "clip_seconds": None, "clips": r["clips"]}
+               "clip_seconds": None, "clips": [{"person": pid, **c} for pid, c in person_clips(r)],
+               "people": [{k: v for k, v in p.items() if k not in ("clips", "face_boxes")} for p in r.get("people", [])]}
         if r["clips"]:
             doc["clip_seconds"] = round(r["clips"][0]["end_s"] - r["clips"][0]["start_s"], 3)
         _atomic_write(out, json.dumps(doc, indent=1))
@@ -379,6 +394,20 @@ def main(argv=None) -> int:
     check_int8_arguments(parser, args)
     if args.timeline is not None and args.timeline.suffix.lower() not in (".csv", ".json"):
         parser.error(f"--timeline {args.timeline}: the file name must end in .csv or .json")
+    from .serving.stream import parse_people
+
+    try:
+        parse_people(args.people)
+    except ValueError as exc:
+        parser.error(f"--people: {exc}")
+    if args.max_people is not None:
+        if args.max_people < 1:
+            parser.error(f"--max-people must be >= 1, got {args.max_people}")
+        if args.people not in ("main", "all"):
+            parser.error("give --people N or --max-people N, not both")
+        args.people = str(args.max_people)
+    if args.people != "main" and args.boxes is not None:
+        parser.error("--boxes gives one face per frame: it works with --people main only")
     from .data.detectors import DetectorUnavailable
     from .data.video import MediaDecodeError, is_url
     from .devices import DeviceError, resolve_device
@@ -394,7 +423,7 @@ def main(argv=None) -> int:
     def on_clip(c):
         progress.clip(c)
         if args.follow:
-            print(json.dumps({"type": "clip", **c.to_dict()}), flush=True)
+            print(json.dumps({"type": "clip", "person": c.person, **c.to_dict()}), flush=True)
 
     try:
         predictor = Predictor(args.checkpoint, device=resolve_device(args.device), detect_every=args.detect_every,
@@ -410,6 +439,8 @@ def main(argv=None) -> int:
 
             image = local and path.is_file() and is_image_file(path)
             sizes = {1} if image else {1, 2, predictor.stream_chunk}  # the streamed chunks' model calls
+            if args.people != "main":
+                sizes.add(predictor.batch_size)
             fast = quantize_predictor(predictor, args.calibrate, args.calibrate_samples, warmup_batch_sizes=sizes,
                                       out=sys.stderr)
             predictor = predictor.with_engine(Int8Engine(fast))
@@ -420,10 +451,13 @@ def main(argv=None) -> int:
             face_shape, context_shape = predictor.input_shapes
             predictor = predictor.with_engine(build_engine(
                 predictor.model, args.engine, face_shape=face_shape, context_shape=context_shape,
-                batch_sizes=(1, predictor.stream_chunk), out=sys.stderr))
+                # several people: a step's model call holds every person's chunk, up to batch_size
+                batch_sizes=(1, predictor.stream_chunk if args.people == "main" else predictor.batch_size),
+                out=sys.stderr))
         try:
             result = predictor.predict_file(path if local else source, with_arrays=with_arrays, known_boxes=known,
-                                            on_clip=on_clip, follow=args.follow and local, on_start=progress.start)
+                                            on_clip=on_clip, follow=args.follow and local, on_start=progress.start,
+                                            people=args.people)
         finally:
             progress.close()
         result = result.to_dict()
@@ -456,8 +490,9 @@ def main(argv=None) -> int:
         print(f"error: could not write {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     if args.follow:
-        print(json.dumps({"type": "result", "path": str(source), **{k: v for k, v in result.items() if k != "clips"}}),
-              flush=True)
+        people = [{k: v for k, v in p.items() if k != "clips"} for p in result["people"]]  # clips: printed already
+        print(json.dumps({"type": "result", "path": str(source),
+                          **{k: v for k, v in result.items() if k != "clips"}, "people": people}), flush=True)
     elif args.json:
         result["path"] = str(source)
         print(json.dumps(result, indent=2))

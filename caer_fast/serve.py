@@ -46,6 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="longest pause, in seconds, while a client sends its body (slower clients get 408)")
     p.add_argument("--detector", default="haar", choices=DETECTORS + ("none",))
+    p.add_argument("--max-people", type=int, default=8, metavar="N",
+                   help="most people one request follows (POST /predict?people=all follows that many, ?people=N at "
+                        "most N); the request's memory reservation scales with it")
     p.add_argument("--detect-every", type=int, default=4, help="detect faces on every k-th sampled frame")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=2, help="threads decoding and preprocessing uploads")
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
     run_server(predictor, args.host, args.port, log_level=args.log_level, max_connections=args.max_connections,
                header_timeout_s=args.header_timeout, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                max_upload_mb=args.max_upload_mb, preprocess_threads=args.threads, memory_budget_mb=budget,
-               body_timeout_s=args.body_timeout)
+               body_timeout_s=args.body_timeout, max_people=args.max_people)
     return 0
 
 

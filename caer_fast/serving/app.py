@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 
 from ..data.video import MediaDecodeError, MediaTooLargeError, sniff_media
 from .inference import Predictor
+from .stream import concat_chunks, parse_people, split_outputs
 
 
 def machine_memory_bytes() -> int:
@@ -77,10 +78,12 @@ STREAM_BYTES_PER_PIXEL = 16 * 1.5 + 8 * 3 + 8 * 12
 STREAM_FIXED_BYTES = 96 * 2**20
 
 
-def request_memory_estimate(width: int, height: int, model_batch_bytes: int = 0) -> int:
+def request_memory_estimate(width: int, height: int, model_batch_bytes: int = 0, people: int = 1) -> int:
+    """``people``: the most people followed (each adds a float copy of the group and a chunk of clips)."""
     px = max(1, int(width)) * max(1, int(height))
     group = max(1, min(8, (8 * 640 * 360) // px))  # frames preprocessed together (stream.GROUP_PIXELS)
-    return int(px * (16 * 1.5 + group * 3 + group * 12) + STREAM_FIXED_BYTES + model_batch_bytes)
+    people = max(1, int(people))
+    return int(px * (16 * 1.5 + group * 3 + people * group * 12) + people * STREAM_FIXED_BYTES + model_batch_bytes)
 
 
 class MemoryBudget:
@@ -314,14 +317,18 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10.0, max_upload_mb: float = 50.0,
                preprocess_threads: int = 2, memory_budget_mb: Optional[float] = None, body_timeout_s: float = 30.0,
-               counters: Optional[Counter] = None):
+               counters: Optional[Counter] = None, max_people: int = 8):
     """The ASGI app (FastAPI wrapped in the upload-size and body-timeout guard).
+
+    ``max_people``: the most people one request follows (``POST /predict?people=all`` follows that many,
+    ``?people=N`` at most N of them); a request's memory reservation scales with it.
 
     ``memory_budget_mb``: resident memory the server keeps under (default: half the machine's memory);
     ``counters``: shared with the connection guard of :func:`run_server` so /health shows its refusals."""
     from contextlib import asynccontextmanager
 
     batcher = MicroBatcher(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    max_people = max(1, int(max_people))
     pool = ThreadPoolExecutor(max(1, preprocess_threads), thread_name_prefix="preprocess")
     limit = int(max_upload_mb * 2**20)
     tmp_root = tempfile.mkdtemp(prefix="caer_fast_serve_")  # mode 0700: private to this process's user
@@ -379,30 +386,39 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
             return error(422, "undecodable media", problem)
         return error(422, "undecodable media", f"{type(exc).__name__}: {exc}")  # odd frames the op refuses
 
-    async def predict_source(path: str, loop) -> dict:
+    async def predict_source(path: str, loop, people: Optional[int] = -1) -> dict:
+        """``people``: -1 main (one face per frame), else at most that many people (see parse_people)."""
         source = await loop.run_in_executor(pool, predictor.open, path)  # header checks: size, frames
         gen = fut = None
         try:
-            need = request_memory_estimate(source.width, source.height) if source.kind == "video" else 0
+            cap = 1 if people == -1 else min(max_people, people or max_people)
+            need = request_memory_estimate(source.width, source.height, people=cap) if source.kind == "video" else 0
             if need:
                 await memory.acquire(need)
             try:
-                acc = predictor.accumulator(source)
-                gen = predictor.preprocessor(chunk_inputs=batcher.max_batch).chunks(source.frames)
+                pre = predictor.preprocessor(chunk_inputs=batcher.max_batch)
+                if people == -1:
+                    acc = predictor.accumulator(source)
+                    gen = pre.chunks(source.frames)
+                else:
+                    acc = predictor.accumulator(source, people=cap)
+                    gen = pre.people_chunks(source.frames, max_people=cap)
                 fut = loop.run_in_executor(pool, next, gen, None)
                 while True:
-                    chunk = await fut
+                    item = await fut
                     fut = None
-                    if chunk is None:
+                    if item is None:
                         break
-                    if not chunk.last:  # decode the next chunk while this one waits for the model
+                    step = item if isinstance(item, list) else [item]
+                    if not all(c.last for c in step) or people != -1:  # decode on while this waits for the model
                         fut = loop.run_in_executor(pool, next, gen, None)
-                    if chunk.n:
-                        probs, att, weights = await batcher.submit(chunk.face, chunk.context)
-                    else:
-                        probs = att = weights = torch.empty(0)
-                    acc.add(chunk, probs, att, weights)
-                    if chunk.last:
+                    face, context = concat_chunks(step)
+                    # every person's inputs of the step in one job: one model call (a big job runs alone)
+                    outs = split_outputs(step, *(await batcher.submit(face, context))) if face is not None \
+                        else split_outputs(step, None, None, None)
+                    for c, (probs, att, weights) in zip(step, outs):
+                        acc.add(c, probs, att, weights)
+                    if people == -1 and step[-1].last:
                         break
                 return acc.result(notes=source.notes, truncated=source.truncated).to_dict()
             finally:
@@ -418,6 +434,10 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
     @app.post("/predict")
     async def predict(request: Request):
         timeline = request.query_params.get("timeline", "").lower() in ("1", "true", "yes")
+        try:
+            people = parse_people(request.query_params.get("people", "main").strip().lower())
+        except ValueError as exc:
+            return error(400, "bad people", str(exc))
         try:
             form = await request.form(max_files=1, max_fields=8)
         except UploadTooLarge as exc:  # a body without Content-Length that grew past the limit
@@ -443,7 +463,7 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
                 return error(400, "empty upload", "the file has 0 bytes")
             loop = asyncio.get_running_loop()
             try:
-                result = await predict_source(path, loop)
+                result = await predict_source(path, loop, people)
             except MemoryError as exc:
                 return error(413, "media too large", str(exc))
             except TimeoutError as exc:

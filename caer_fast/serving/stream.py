@@ -60,7 +60,8 @@ RESULT_KEYS = ("kind", "model", "checkpoint_kind", "emotion", "confidence", "pro
                "face_boxes", "attention", "clips", "people")
 
 #: the keys of each entry of an answer's ``people`` list
-PERSON_KEYS = ("id", "start", "end", "emotion", "confidence", "probabilities", "clips", "fusion_weights")
+PERSON_KEYS = ("id", "start", "end", "emotion", "confidence", "probabilities", "clips", "fusion_weights",
+               "face_boxes")
 
 #: the ``people`` modes: one face per frame (today's path), every tracked person, or at most N (an int)
 PEOPLE_MODES = ("main", "all")
@@ -94,13 +95,15 @@ class PersonResult:
     probabilities: Dict[str, float]
     fusion_weights: Dict[str, float]
     clips: List[ClipResult]
+    face_boxes: List[list] = field(default_factory=list)  # [frame, x1, y1, x2, y2, score] where they are seen
 
     def to_dict(self) -> dict:
         return {"id": self.id, "start": round(self.start, 3), "end": round(self.end, 3), "emotion": self.emotion,
                 "confidence": round(float(self.confidence), 6),
                 "probabilities": {c: round(float(v), 6) for c, v in self.probabilities.items()},
                 "clips": [c.to_dict() for c in self.clips],
-                "fusion_weights": {k: round(float(v), 6) for k, v in self.fusion_weights.items()}}
+                "fusion_weights": {k: round(float(v), 6) for k, v in self.fusion_weights.items()},
+                "face_boxes": self.face_boxes}
 
 
 @dataclass
@@ -431,7 +434,8 @@ class Accumulator:
         for c in range(cp.shape[0]):  # the most confident clip per class, for the attention picture
             if c not in self.best or float(cp[c]) > self.best[c][0]:
                 mid = (a + b) // 2
-                self.best[c] = (float(cp[c]), k, ca.clone(), self._mid.get(k), list(self.frames[mid][2:6]))
+                self.best[c] = (float(cp[c]), k, ca.clone(), self._mid.get(k), list(self.frames[mid][2:6]),
+                                int(self.frames[mid][1]))
         self._mid.pop(k, None)
         classes = self.p.classes
         dt = 1.0 / CLIP_FPS
@@ -447,6 +451,11 @@ class Accumulator:
     def face_frames(self) -> int:
         return sum(self._has_face(q) for q in range(len(self.frames)))
 
+    def face_boxes(self) -> List[list]:
+        """[decode index, x1, y1, x2, y2, score] of the sampled frames with a face."""
+        return [[int(f[1]), *map(int, f[2:6]), round(float(f[6]), 4)] for q, f in enumerate(self.frames)
+                if self._has_face(q)]
+
     def person_result(self) -> PersonResult:
         """This input's person: the span from their first to their last sampled frame with a face (the
         whole input when there is none), the mean of the clips."""
@@ -460,7 +469,7 @@ class Accumulator:
         top = int(overall.argmax())
         return PersonResult(self.person, min(seen) * dt, (max(seen) + 1) * dt, classes[top], float(overall[top]),
                             {c: float(v) for c, v in zip(classes, overall.tolist())},
-                            {"face": float(w_mean[0]), "context": float(w_mean[1])}, self.clips)
+                            {"face": float(w_mean[0]), "context": float(w_mean[1])}, self.clips, self.face_boxes())
 
     def result(self, notes: Optional[List[str]] = None, truncated: bool = False) -> Prediction:
         if not self.clips:
@@ -468,18 +477,18 @@ class Accumulator:
         overall = (self.prob_sum / len(self.clips)).float()
         w_mean = (self.w_sum / len(self.clips)).float()
         top = int(overall.argmax())
-        _, best, att, frame, box = self.best[top]
+        _, best, att, frame, box, frame_index = self.best[top]
         att = att[0]  # 1×(T'×)h×w → (T'×)h×w
         att2d = att.mean(0) if att.dim() == 3 else att
         has = [self._has_face(q) for q in range(len(self.frames))]
-        boxes = [[int(f[1]), *map(int, f[2:6]), round(float(f[6]), 4)] for f, h in zip(self.frames, has) if h]
+        boxes = self.face_boxes()
         notes = list(notes or [])
         if not any(has):
             notes.append("no face found: context-only prediction (face input is zeros)")
         classes = self.p.classes
         visual = None
         if self.keep_frames:
-            visual = {"frame": frame, "box": box, "attention": att2d.numpy(), "context_size": self.p.context_size,
+            visual = {"frame": frame, "frame_index": frame_index, "box": box, "attention": att2d.numpy(), "context_size": self.p.context_size,
                       "crop": self.p.crop,
                       "clip_probs": np.array([[c.probabilities[n] for n in classes] for c in self.clips], np.float32),
                       "clip_times": [(c.start_s + c.end_s) / 2 for c in self.clips]}
