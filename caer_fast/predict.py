@@ -140,6 +140,17 @@ def save_visualization(r: dict, out: Path, title: str = "") -> Path:
         ax_f.text(w / 2, h - 6, "no face found: context only", color="white", ha="center", va="bottom",
                   fontsize=9, bbox=dict(fc="#c62828", ec="none", alpha=0.85, pad=3))
     ax_f.add_patch(plt.Rectangle((rx1, ry1), rx2 - rx1, ry2 - ry1, fill=False, ec="white", lw=1, ls="--"))
+    people = r.get("people") or []
+    if len(people) > 1:  # everybody on this frame: box, id and emotion (the attention shown is the main person's)
+        shown = v.get("frame_index")
+        for p in people:
+            for f, bx1, by1, bx2, by2, _ in p["face_boxes"]:
+                if f == shown:
+                    col = EMOTION_COLORS.get(p["emotion"], "#00e676")
+                    ax_f.add_patch(plt.Rectangle((bx1, by1), bx2 - bx1, by2 - by1, fill=False, ec=col, lw=1.8,
+                                                 ls="-" if p["probabilities"] == r["probabilities"] else "--"))
+                    ax_f.text(bx1, by2 + 2, f"{p['id']}: {p['emotion']} {p['confidence']:.0%}", color="white",
+                              fontsize=8, va="top", bbox=dict(fc=col, ec="none", alpha=0.8, pad=1.5))
     ax_f.set_title(f"{r['emotion']}  {r['confidence']:.0%}", fontsize=14, weight="bold")
     ax_c.imshow(region)
     im = ax_c.imshow(att, cmap="inferno", alpha=0.5, vmin=0, vmax=vmax)
@@ -298,12 +309,14 @@ def save_timeline_plot(r: dict, out: Path, title: str = "") -> Path:
     t1 = np.array([c["end_s"] for c in clips])
     mid = (t0 + t1) / 2
     probs = np.array([[c["probabilities"][k] for k in classes] for c in clips]).reshape(-1, len(classes))
-    span = float(t1.max()) if len(clips) else 1.0
+    people = r.get("people") or []
+    lanes = people if len(people) > 1 else []  # one lane per person: their dominant emotion over their span
+    span = max([float(t1.max()) if len(clips) else 1.0] + [c["end_s"] for p in lanes for c in p["clips"]])
     unit, scale = ("min", 60.0) if span > 600 else ("s", 1.0)
     x = mid / scale
     colors = [EMOTION_COLORS.get(k, f"C{i}") for i, k in enumerate(classes)]
-    fig = plt.figure(figsize=(14, 6.2), dpi=110, constrained_layout=True)
-    grid = fig.add_gridspec(4, 1, height_ratios=[4, 0.45, 1.2, 0.45])
+    fig = plt.figure(figsize=(14, 6.2 + 0.35 * len(lanes)), dpi=110, constrained_layout=True)
+    grid = fig.add_gridspec(4 + len(lanes), 1, height_ratios=[4, 0.45, 1.2, 0.45] + [0.45] * len(lanes))
     ax = fig.add_subplot(grid[0])
     if len(clips) > 1:
         ax.stackplot(x, probs.T, colors=colors, labels=classes, alpha=0.9, linewidth=0)
@@ -316,7 +329,8 @@ def save_timeline_plot(r: dict, out: Path, title: str = "") -> Path:
     ax.set_xlim(0, span / scale)
     ax.set_ylabel("probability (stacked)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, title="emotion")
-    ax.set_title(title or f"emotion timeline: overall {r['emotion']} ({r['confidence']:.0%})", fontsize=11)
+    ax.set_title(title or f"emotion timeline: overall {r['emotion']} ({r['confidence']:.0%})"
+                 + (" — the person seen longest; one lane per person below" if lanes else ""), fontsize=11)
     ax.tick_params(labelbottom=False)
 
     def strip(a, values, label):
@@ -326,9 +340,9 @@ def save_timeline_plot(r: dict, out: Path, title: str = "") -> Path:
         a.set_yticks([])
         a.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
 
-    def runs(keys):  # merge consecutive clips with the same key: thousands of spans → a few hundred
+    def runs(keys, starts=t0, ends=t1):  # merge consecutive clips with the same key: thousands of spans → a few hundred
         out = []
-        for lo, hi, k in zip(t0, t1, keys):
+        for lo, hi, k in zip(starts, ends, keys):
             if out and out[-1][2] == k and lo <= out[-1][1] + 1e-9:
                 out[-1][1] = max(out[-1][1], hi)
             else:
@@ -349,7 +363,16 @@ def save_timeline_plot(r: dict, out: Path, title: str = "") -> Path:
     ax_f = fig.add_subplot(grid[3], sharex=ax)
     strip(ax_f, [(lo, hi, "#43a047" if k else "#e0e0e0") for lo, hi, k in runs([c["face_found"] for c in clips])],
           "face")
-    ax_f.set_xlabel(f"time ({unit})")
+    last = ax_f
+    for j, p in enumerate(lanes):
+        pc = p["clips"]
+        last.tick_params(labelbottom=False)
+        last = fig.add_subplot(grid[4 + j], sharex=ax)
+        strip(last, [(lo, hi, EMOTION_COLORS.get(k, "k") if k else "#e0e0e0") for lo, hi, k in  # grey: no face
+                     runs([c["emotion"] if c["face_found"] else "" for c in pc], [c["start_s"] for c in pc],
+                          [c["end_s"] for c in pc])],
+              f"person {p['id']}")
+    last.set_xlabel(f"time ({unit})")
     ax_f.legend(handles=[Patch(color="#43a047", label="face found"), Patch(color="#e0e0e0", label="no face")],
                 loc="upper left", bbox_to_anchor=(1.0, 1.6), fontsize=8)
     out = Path(out)

@@ -290,7 +290,8 @@ class Preprocessor:
         gets their own :class:`~.clips.ClipSampler` from their first frame on, fed with their face and the
         context with only their face masked (:func:`~caer_fast.data.tracking.person_inputs`: one
         ``face_context`` call for everybody), an empty box on frames where they are not seen, until they
-        are gone for ``max_miss_s`` (the tracker then forgets them) or the input ends. Until the first
+        are gone for ``max_miss_s`` (the tracker then forgets them) or the input ends; frames after the
+        last one they are seen on are dropped (their clips end with them). Until the first
         person appears, person -1 gets the frames with no face (the context-only answer if nobody is
         found). Memory: O(chunk × people)."""
         from ..data.tracking import PersonTracker, person_inputs
@@ -304,6 +305,7 @@ class Preprocessor:
         samplers: Dict[int, ClipSampler] = {-1: ClipSampler(self.clip_frames, self.video_model, keep_frames=keep_frames,
                                                             person=-1)}
         start: Dict[int, int] = {-1: 0}
+        deferred: Dict[int, list] = {}  # person → preprocessed frames since they were last seen (bounded: gone_after)
         last_seen: Dict[int, int] = {}
         held: list = []
         pend_rgb, pend_meta, pend_boxes, pend_px = [], [], [], 0  # pend_boxes: {person: (box, score)} per frame
@@ -325,9 +327,22 @@ class Preprocessor:
                 face, context = face.view(len(ids), n, *face.shape[1:]), context.view(len(ids), n, *context.shape[1:])
                 for p, pid in enumerate(ids):
                     j0 = next((j for j, m in enumerate(pend_meta) if m[0] >= start[pid]), n)
-                    if j0 < n:
-                        meta = [(k, i, *b, sc) for (k, i), (b, sc) in zip(pend_meta[j0:], per[pid][j0:])]
-                        samplers[pid].add(face[p, j0:], context[p, j0:], meta, pend_rgb[j0:])
+                    # frames where the person is not seen wait until they are seen again (then they fill
+                    # the gap); a person who is gone ends at their last frame, not 2 s of frames later
+                    wait = deferred.setdefault(pid, [])
+                    go = []
+                    for j in range(j0, n):
+                        (k, i), (b, sc) = pend_meta[j], per[pid][j]
+                        row = (face[p, j], context[p, j], (k, i, *b, sc), pend_rgb[j] if keep_frames else None)
+                        if pid == -1 or (b[2] > b[0] and b[3] > b[1]):
+                            go.extend(wait)
+                            wait.clear()
+                            go.append(row)
+                        else:
+                            wait.append(row)
+                    if go:
+                        samplers[pid].add(torch.stack([g[0] for g in go]), torch.stack([g[1] for g in go]),
+                                          [g[2] for g in go], [g[3] for g in go])
             pend_rgb, pend_meta, pend_boxes, pend_px = [], [], [], 0
 
         def ready() -> List[Chunk]:
@@ -340,6 +355,7 @@ class Preprocessor:
         def close(pids) -> List[Chunk]:
             out = []
             for pid in pids:
+                deferred.pop(pid, None)
                 s = samplers[pid]
                 s.close()
                 while s.pending > self.chunk_inputs:
