@@ -148,7 +148,8 @@ def test_faces_by_size_orders_floors_and_caps():
         x, y, s = rng.integers(0, 500), rng.integers(0, 300), int(rng.integers(20, 120))
         dets.append((int(x), int(y), int(x + s), int(y + s), float(rng.uniform(0.1, 1.0))))
     out = faces_by_size(dets, max_people=3, min_score=0.3)
-    want = sorted((d for d in dets if d[4] >= 0.3), key=lambda d: -(d[2] - d[0]) * (d[3] - d[1]))[:3]
+    # largest first, equal sizes: higher score first
+    want = sorted((d for d in dets if d[4] >= 0.3), key=lambda d: (-(d[2] - d[0]) * (d[3] - d[1]), -d[4]))[:3]
     assert out == want
     assert faces_by_size([]) == []
     with pytest.raises(ValueError, match="max_people"):

@@ -76,6 +76,7 @@ class PersonTracker:
         self._last: Dict[int, Tuple[int, Box, float]] = {}  # track id -> (update number, box, score) last matched
         self._ids: Dict[int, int] = {}  # the library's track id -> person id
         self._spans: Dict[int, List[int]] = {}
+        self._seen_now: set = set()  # person ids detected (not held) at the last update
         self._tracker = self._make()
 
     def _make(self):
@@ -133,23 +134,29 @@ class PersonTracker:
             self._last[tid] = (self._n, box, score)
             seen.append((tid, box, score))
         now = {tid for tid, _, _ in seen}
-        held = [(tid, box, score) for tid, (n, box, score) in self._last.items()
-                if tid not in now and self._n - n <= self.hold_updates]
+        for tid in [t for t, (n, _, _) in self._last.items() if self._n - n > self.hold_updates]:
+            del self._last[tid]  # gone for longer than the hold: forget (bounded memory on long streams)
+        held = [(tid, box, score) for tid, (n, box, score) in self._last.items() if tid not in now]
         out = sorted(seen + held, key=lambda t: -_area(t[1]))
         if self.max_people is not None:
             out = out[:self.max_people]
         result = []
+        self._seen_now = set()
         for tid, box, score in out:
             pid = self._ids.setdefault(tid, len(self._ids))  # ids only for people reported
             span = self._spans.setdefault(pid, [frame_index, frame_index])
-            span[1] = max(span[1], frame_index)
+            if tid in now:  # a held box is not a sighting: spans end at the last detection
+                span[1] = max(span[1], frame_index)
+                self._seen_now.add(pid)
             result.append((pid, box, score))
         return result
 
     def hold(self, frame_index: int, tracks: Sequence[Track]) -> None:
-        """Record that ``tracks`` (from the last update) are held on ``frame_index`` (extends the spans)."""
+        """Record that ``tracks`` (from the last update) are held on ``frame_index``: extends the spans of
+        the people detected at that update (frames between detections count as seen, as in the Predictor)."""
         for pid, _, _ in tracks:
-            self._spans[pid][1] = max(self._spans[pid][1], frame_index)
+            if pid in self._seen_now:
+                self._spans[pid][1] = max(self._spans[pid][1], frame_index)
 
     def person_spans(self) -> Dict[int, Tuple[int, int]]:
         """{person id: (first, last sampled frame index)} over everything seen so far."""
