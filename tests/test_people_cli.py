@@ -198,3 +198,20 @@ def test_one_model_call_per_step_with_every_persons_inputs(media):
         probs = p.forward(face, context)[0]
         got = torch.tensor([[c.probabilities[k] for k in p.classes] for c in person.clips])
         torch.testing.assert_close(got, probs.float(), atol=1e-5, rtol=0)
+
+
+def test_people_who_leave_end_there(media):
+    """Everybody leaves at 4 s of an 8 s input: each person's clips end with them (the frames after they
+    are gone are not theirs), their span ends within 0.5 s of 4 s, and the input's frames are all counted."""
+    from caer_fast.data.video import decode_video
+    from people_media import _background
+
+    torch.set_num_threads(1)
+    frames = decode_video(media["video"]).frames[60:100]  # 3 people
+    empty = np.repeat(_background()[None], 40, 0)
+    r = Predictor(media["ck"], device="cpu", detector="mtcnn").predict_frames(np.concatenate([frames, empty]),
+                                                                              people="all")
+    assert len(r.people) == 3 and r.frames_used == 80
+    for p in r.people:
+        assert p.start <= 0.5 and abs(p.end - 4.0) <= 0.5, (p.id, p.start, p.end)
+        assert p.clips and p.clips[-1].end_s <= p.end + 1e-6 and all(c.face_found for c in p.clips)

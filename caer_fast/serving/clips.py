@@ -50,7 +50,8 @@ class Chunk:
     mid_frames: Dict[int, np.ndarray] = field(default_factory=dict)  # clip number → middle RGB frame (pictures)
     last: bool = False  # no more chunks for this person; ``total`` sampled frames
     total: int = 0
-    person: int = 0  # whose inputs these are (one person today)
+    person: int = 0  # whose inputs these are (-1: nobody, the context-only stream of a multi-person input)
+    input_frames: int = 0  # multi-person: sampled frames of the whole input so far (people come and go)
 
     @property
     def n(self) -> int:

@@ -307,6 +307,7 @@ class Preprocessor:
         start: Dict[int, int] = {-1: 0}
         deferred: Dict[int, list] = {}  # person → preprocessed frames since they were last seen (bounded: gone_after)
         last_seen: Dict[int, int] = {}
+        ended: set = set()
         held: list = []
         pend_rgb, pend_meta, pend_boxes, pend_px = [], [], [], 0  # pend_boxes: {person: (box, score)} per frame
 
@@ -314,7 +315,7 @@ class Preprocessor:
             nonlocal pend_rgb, pend_meta, pend_boxes, pend_px
             if not pend_rgb:
                 return
-            open_ids = [pid for pid, s in samplers.items() if not s.closed]
+            open_ids = list(samplers)
             if open_ids:
                 t0 = time.perf_counter()
                 none = ((0, 0, 0, 0), float("nan"))
@@ -345,23 +346,31 @@ class Preprocessor:
                                           [g[2] for g in go], [g[3] for g in go])
             pend_rgb, pend_meta, pend_boxes, pend_px = [], [], [], 0
 
+        seen = 0  # sampled frames of the input so far
+
+        def tag(chunks: List[Chunk]) -> List[Chunk]:
+            for c in chunks:
+                c.input_frames = seen
+            return chunks
+
         def ready() -> List[Chunk]:
             out = []
             for s in samplers.values():
                 while s.pending >= self.chunk_inputs:
                     out.append(s.take(self.chunk_inputs))
-            return out
+            return tag(out)
 
         def close(pids) -> List[Chunk]:
             out = []
             for pid in pids:
                 deferred.pop(pid, None)
-                s = samplers[pid]
+                s = samplers.pop(pid)  # done with: memory stays bounded by the people present
+                ended.add(pid)
                 s.close()
                 while s.pending > self.chunk_inputs:
                     out.append(s.take(self.chunk_inputs))
                 out.append(s.take())
-            return out
+            return tag(out)
 
         it = iter(frames)
         while True:
@@ -381,17 +390,18 @@ class Preprocessor:
                 tracker.hold(k, held)
             for pid, _, _ in held:
                 last_seen[pid] = k
-                if pid not in samplers:
+                if pid not in samplers and pid not in ended:  # (the tracker never revives a dropped id)
                     samplers[pid] = ClipSampler(self.clip_frames, self.video_model, keep_frames=keep_frames, person=pid)
                     start[pid] = k
-            gone = [pid for pid, s in samplers.items() if pid >= 0 and not s.closed and k - last_seen[pid] > gone_after]
-            if len(samplers) > 1 and -1 in samplers:
+            gone = [pid for pid in samplers if pid >= 0 and k - last_seen[pid] > gone_after]
+            if -1 in samplers and (len(samplers) > 1 or ended):
                 del samplers[-1]  # somebody is here: the context-only answer is not needed
             if gone:  # their frames so far, then their last chunks
                 flush()
                 step = close(gone) + ready()
                 if step:
                     yield step
+            seen = k + 1
             pend_meta.append((k, int(index)))
             pend_rgb.append(rgb)
             pend_boxes.append({pid: (tuple(int(v) for v in box), float(score)) for pid, box, score in held})
@@ -402,10 +412,9 @@ class Preprocessor:
                 if step:
                     yield step
         flush()
-        if -1 in samplers:  # nobody found: the context-only answer
-            yield close([-1])
-        else:
-            yield close([pid for pid, s in samplers.items() if pid >= 0 and not s.closed])
+        # nobody found: the context-only answer; else the people still here (or, all gone, the frame count)
+        yield close([-1] if -1 in samplers else list(samplers)) or tag(
+            [Chunk(torch.empty(0), torch.empty(0), [], 0, [], last=True, total=seen, person=-1)])
 
 
 class Accumulator:
@@ -538,8 +547,9 @@ class PeopleAccumulator:
         if acc is None:
             acc = self.accs[chunk.person] = Accumulator(self.p, self.kind, self.fps, self.keep_frames, self.detector,
                                                         person=chunk.person)
-        if chunk.frames:
-            self.positions = max(self.positions, max(f[0] for f in chunk.frames) + 1)
+        self.positions = max(self.positions, chunk.input_frames)
+        if not (chunk.n or chunk.frames or chunk.clips):  # nothing of anybody's (the end of an input nobody is in)
+            return []
         return acc.add(chunk, probs, attention, weights)
 
     def result(self, notes: Optional[List[str]] = None, truncated: bool = False) -> Prediction:
