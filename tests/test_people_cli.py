@@ -215,3 +215,12 @@ def test_people_who_leave_end_there(media):
     for p in r.people:
         assert p.start <= 0.5 and abs(p.end - 4.0) <= 0.5, (p.id, p.start, p.end)
         assert p.clips and p.clips[-1].end_s <= p.end + 1e-6 and all(c.face_found for c in p.clips)
+
+
+@pytest.mark.parametrize("args, message", [(("--people", "0"), "--people"), (("--people", "most"), "--people"),
+                                           (("--people", "2", "--max-people", "3"), "not both"),
+                                           (("--people", "all", "--boxes", "b.csv"), "--people main only")])
+def test_bad_people_arguments_are_refused_clearly(media, args, message):
+    proc = subprocess.run([sys.executable, "-m", "caer_fast.predict", str(media["video"]), "--checkpoint",
+                           str(media["ck"]), *args], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

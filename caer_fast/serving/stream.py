@@ -363,7 +363,7 @@ class Preprocessor:
         def close(pids) -> List[Chunk]:
             out = []
             for pid in pids:
-                deferred.pop(pid, None)
+                deferred.pop(pid, None), start.pop(pid, None), last_seen.pop(pid, None)
                 s = samplers.pop(pid)  # done with: memory stays bounded by the people present
                 ended.add(pid)
                 s.close()
@@ -389,8 +389,10 @@ class Preprocessor:
             elif det is not None:
                 tracker.hold(k, held)
             for pid, _, _ in held:
+                if pid in ended:  # (the tracker never revives a dropped id)
+                    continue
                 last_seen[pid] = k
-                if pid not in samplers and pid not in ended:  # (the tracker never revives a dropped id)
+                if pid not in samplers:
                     samplers[pid] = ClipSampler(self.clip_frames, self.video_model, keep_frames=keep_frames, person=pid)
                     start[pid] = k
             gone = [pid for pid in samplers if pid >= 0 and k - last_seen[pid] > gone_after]
