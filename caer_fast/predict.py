@@ -255,7 +255,8 @@ def timeline_rows(r: dict) -> list:
     """One flat row per clip and person (the CSV's columns)."""
     rows = []
     for person, c in person_clips(r):
-        row = {"person": person, "clip": c["clip"], "start_s": c["start_s"], "end_s": c["end_s"], "first_frame": c["first_frame"],
+        row = {"person": person, "clip": c["clip"], "start_s": c["start_s"], "end_s": c["end_s"],
+               "first_frame": c["first_frame"],
                "last_frame": c["last_frame"], "emotion": c["emotion"]}
         row.update({f"p_{k}": v for k, v in c["probabilities"].items()})
         row.update({"lambda_face": c["fusion_weights"]["face"], "lambda_context": c["fusion_weights"]["context"],
@@ -282,7 +283,8 @@ def write_timeline(r: dict, out: Path, source: str = "") -> Path:
         doc = {"source": source, "kind": r["kind"], "fps": r["fps"], "emotion": r["emotion"],
                "probabilities": r["probabilities"], "note": r["note"], "truncated": r.get("truncated", False),
                "clip_seconds": None, "clips": [{"person": pid, **c} for pid, c in person_clips(r)],
-               "people": [{k: v for k, v in p.items() if k not in ("clips", "face_boxes")} for p in r.get("people", [])]}
+               "people": [{k: v for k, v in p.items() if k not in ("clips", "face_boxes")}
+                          for p in r.get("people", [])]}
         if r["clips"]:
             doc["clip_seconds"] = round(r["clips"][0]["end_s"] - r["clips"][0]["start_s"], 3)
         _atomic_write(out, json.dumps(doc, indent=1))
@@ -340,7 +342,7 @@ def save_timeline_plot(r: dict, out: Path, title: str = "") -> Path:
         a.set_yticks([])
         a.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
 
-    def runs(keys, starts=t0, ends=t1):  # merge consecutive clips with the same key: thousands of spans → a few hundred
+    def runs(keys, starts=t0, ends=t1):  # merge consecutive clips with the same key: thousands → a few hundred
         out = []
         for lo, hi, k in zip(starts, ends, keys):
             if out and out[-1][2] == k and lo <= out[-1][1] + 1e-9:

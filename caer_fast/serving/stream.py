@@ -63,10 +63,6 @@ RESULT_KEYS = ("kind", "model", "checkpoint_kind", "emotion", "confidence", "pro
 PERSON_KEYS = ("id", "start", "end", "emotion", "confidence", "probabilities", "clips", "fusion_weights",
                "face_boxes")
 
-#: the ``people`` modes: one face per frame (today's path), every tracked person, or at most N (an int)
-PEOPLE_MODES = ("main", "all")
-
-
 def parse_people(value) -> Optional[int]:
     """``people`` ("main", "all", or N ≥ 1, as str or int) → -1 for main, None for all, N for at most N
     (the largest faces first). A bad value raises ValueError naming it."""
@@ -321,8 +317,9 @@ class Preprocessor:
                 none = ((0, 0, 0, 0), float("nan"))
                 per = {pid: [fb.get(pid, none) for fb in pend_boxes] for pid in open_ids}
                 face, context, ids = person_inputs(
-                    torch.from_numpy(np.stack(pend_rgb)), {pid: torch.tensor([b for b, _ in per[pid]]) for pid in open_ids},
-                    face_size=self.face_size, context_size=self.context_size, crop=self.crop)
+                    torch.from_numpy(np.stack(pend_rgb)),
+                    {pid: torch.tensor([b for b, _ in per[pid]]) for pid in open_ids}, face_size=self.face_size,
+                    context_size=self.context_size, crop=self.crop)
                 timer.add("preprocess", time.perf_counter() - t0)
                 n = len(pend_rgb)
                 face, context = face.view(len(ids), n, *face.shape[1:]), context.view(len(ids), n, *context.shape[1:])
@@ -515,8 +512,8 @@ class Accumulator:
         classes = self.p.classes
         visual = None
         if self.keep_frames:
-            visual = {"frame": frame, "frame_index": frame_index, "box": box, "attention": att2d.numpy(), "context_size": self.p.context_size,
-                      "crop": self.p.crop,
+            visual = {"frame": frame, "frame_index": frame_index, "box": box, "attention": att2d.numpy(),
+                      "context_size": self.p.context_size, "crop": self.p.crop,
                       "clip_probs": np.array([[c.probabilities[n] for n in classes] for c in self.clips], np.float32),
                       "clip_times": [(c.start_s + c.end_s) / 2 for c in self.clips]}
         return Prediction(
@@ -544,7 +541,8 @@ class PeopleAccumulator:
         self.accs: Dict[int, Accumulator] = {}
         self.positions = 0  # sampled frames of the input seen so far
 
-    def add(self, chunk: Chunk, probs: torch.Tensor, attention: torch.Tensor, weights: torch.Tensor) -> List[ClipResult]:
+    def add(self, chunk: Chunk, probs: torch.Tensor, attention: torch.Tensor,
+            weights: torch.Tensor) -> List[ClipResult]:
         acc = self.accs.get(chunk.person)
         if acc is None:
             acc = self.accs[chunk.person] = Accumulator(self.p, self.kind, self.fps, self.keep_frames, self.detector,
