@@ -86,6 +86,11 @@ def format_summary(r: dict, path, top: int = 3) -> str:
     lines.append(f"fusion weights: face {fw['face']:.2f}, context {fw['context']:.2f}  |  face found in "
                  f"{r['frames_with_face']}/{r['frames_used']} frames ({r['detector']})"
                  + (f"  |  engine {r['engine']}" if r.get("engine") else ""))
+    if len(r.get("people") or []) > 1:  # --people all|N: one line per person (the answer above is the first)
+        lines.append(f"{len(r['people'])} people (the answer above is the one seen longest):")
+        for p in r["people"]:
+            lines.append(f"  person {p['id']:>2} {p['start']:6.1f}-{p['end']:<6.1f}s  {p['emotion']:<8} "
+                         f"({p['confidence']:.1%})  {_top(p['probabilities'], top)}  {len(p['clips'])} clips")
     if r["note"]:
         lines.append(f"note: {r['note']}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ pytest.importorskip("supervision")
 
 from caer_fast.data.detectors import make_detector  # noqa: E402
 from caer_fast.serving.app import request_memory_estimate  # noqa: E402
+from caer_fast.predict import format_summary  # noqa: E402
 from caer_fast.serving.inference import Predictor  # noqa: E402
 from caer_fast.serving.stream import PERSON_KEYS, RESULT_KEYS, concat_chunks  # noqa: E402
 from people_media import FPS, iou, write_people_video  # noqa: E402
@@ -98,6 +99,9 @@ def test_cli_people_all_follows_every_person(media):
         if r["clip"] == "0":
             assert float(r["start_s"]) == first[int(r["person"])]["start_s"]
     assert (d / "t.png").stat().st_size > 10_000 and (d / "v.png").stat().st_size > 10_000
+    summary = format_summary(answer, "people.mp4")  # what the CLI prints without --json
+    for p in answer["people"]:
+        assert f"person {p['id']:>2} {p['start']:6.1f}-{p['end']:<6.1f}s  {p['emotion']}" in summary
 
 
 def test_cli_follow_lines_carry_the_person_and_max_people_caps(media):
