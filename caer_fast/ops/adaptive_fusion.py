@@ -64,8 +64,7 @@ def adaptive_fusion(face: torch.Tensor, context: torch.Tensor, face_score: torch
     if mixed:
         for t in args[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
-    name = _dispatch.kernel_backend(face.device.type)
-    if name is None or dtype == torch.float64 and name != "cpp":  # float64: exact enough, rare
+    if not _dispatch.use_kernel("adaptive_fusion", face.device.type, dtype):
         return adaptive_fusion_reference(*args, return_weights)
     if mixed:
         args = tuple(t if t.dtype == dtype else t.to(dtype) for t in args)  # differentiable casts

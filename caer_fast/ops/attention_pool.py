@@ -82,8 +82,7 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
         torch.Size([2, 256])
     """
     _check_inputs(features, logits)
-    name = _dispatch.kernel_backend(features.device.type)
-    if name is None or features.dtype == torch.float64 and name != "cpp":  # float64: exact enough, rare
+    if not _dispatch.use_kernel("attention_pool", features.device.type, features.dtype):
         return attention_pool_reference(features, logits, return_attention)
     if logits.dtype != features.dtype:
         logits = logits.to(features.dtype)  # differentiable

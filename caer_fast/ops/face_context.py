@@ -122,9 +122,9 @@ def face_context(frames: torch.Tensor, boxes: torch.Tensor, face_size=FACE_SIZE,
     crop = None if crop is None else tuple(crop)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     _check_inputs(frames, boxes, face_size, context_size, crop, mean, std)
-    if _dispatch.kernel_backend(frames.device.type) is None:
-        return face_context_reference(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype)
     kernel_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    if not _dispatch.use_kernel("face_context", frames.device.type, kernel_dtype):
+        return face_context_reference(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype)
     crop = (0, 0, *context_size) if crop is None else crop
     face, context = _dispatch.call(torch.ops.caer_fast.face_context.default, frames, boxes,
                                    [int(v) for v in face_size], [int(v) for v in context_size],
