@@ -1,8 +1,9 @@
 """`face_context`: face crop and face-masked context from uint8 frames, in one op.
 
 The op ``caer_fast::face_context`` is defined in csrc/ops.cpp; this file checks the arguments (every
-error of the op is raised here, before any backend runs), registers the fake implementation and
-holds the per-frame torch reference the kernels are tested against. Kernels compute in float32 and
+error of the op is raised here, before any backend runs), clips the boxes once (the kernels take them
+clipped), registers the fake implementation and holds the per-frame torch reference the kernels are
+tested against. Kernels compute in float32 and
 round once to ``dtype`` (float16/bfloat16 kernels write it directly); other dtypes are cast after.
 """
 from __future__ import annotations
@@ -47,13 +48,12 @@ def _check_inputs(frames: torch.Tensor, boxes: torch.Tensor, face_size, context_
 
 
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Clip xyxy boxes to the frame; boxes with no area become (0, 0, 0, 0)."""
-    b = boxes.to(torch.int64).clone()
-    b[:, 0::2] = b[:, 0::2].clamp(0, width)
-    b[:, 1::2] = b[:, 1::2].clamp(0, height)
-    empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
-    b[empty] = 0
-    return b
+    """Clip xyxy boxes to the frame (int64); boxes with no area become (0, 0, 0, 0)."""
+    b = boxes.to(torch.int64)
+    x = b[:, 0::2].clamp(0, width)
+    y = b[:, 1::2].clamp(0, height)
+    empty = (x[:, 1] <= x[:, 0]) | (y[:, 1] <= y[:, 0])
+    return torch.stack((x[:, 0], y[:, 0], x[:, 1], y[:, 1]), dim=1).masked_fill(empty[:, None], 0)
 
 
 def _resize(img: torch.Tensor, size, antialias: bool) -> torch.Tensor:
@@ -72,8 +72,14 @@ def face_context_reference(frames, boxes, face_size=FACE_SIZE, context_size=CONT
                            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                            antialias: bool = True, dtype: torch.dtype = torch.float32):
     """Per-frame PyTorch reference of :func:`face_context` (float32 math, then cast)."""
-    n, h, w, _ = frames.shape
-    boxes = clip_boxes(boxes, h, w).tolist()
+    return _face_context_torch(frames, clip_boxes(boxes, frames.shape[1], frames.shape[2]), face_size, context_size,
+                               crop, mean, std, antialias, dtype)
+
+
+def _face_context_torch(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype):
+    """The reference on boxes already clipped (the op's contract, csrc/ops.cpp)."""
+    n = frames.shape[0]
+    boxes = boxes.tolist()
     mean_t = torch.tensor(mean, dtype=torch.float32, device=frames.device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=frames.device).view(3, 1, 1)
     faces = torch.zeros(n, 3, *face_size, dtype=torch.float32, device=frames.device)
@@ -122,9 +128,10 @@ def face_context(frames: torch.Tensor, boxes: torch.Tensor, face_size=FACE_SIZE,
     crop = None if crop is None else tuple(crop)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     _check_inputs(frames, boxes, face_size, context_size, crop, mean, std)
+    boxes = clip_boxes(boxes, frames.shape[1], frames.shape[2])  # once, here: every backend takes them clipped
     kernel_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
     if not _dispatch.use_kernel("face_context", frames.device.type, kernel_dtype):
-        return face_context_reference(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype)
+        return _face_context_torch(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype)
     crop = (0, 0, *context_size) if crop is None else crop
     face, context = _dispatch.call(torch.ops.caer_fast.face_context.default, frames, boxes,
                                    [int(v) for v in face_size], [int(v) for v in context_size],

@@ -218,10 +218,36 @@ def test_opcheck(backend):
     if name == "torch":
         pytest.skip("the torch backend does not call the op")
     frames = noise(3, 20, 27).to(device)
-    boxes = torch.tensor([[3, 2, 15, 17], [0, 0, 0, 0], [-3, 10, 40, 12]]).to(device)
+    boxes = torch.tensor([[3, 2, 15, 17], [0, 0, 0, 0], [0, 10, 27, 12]]).to(device)  # clipped: the op's contract
     for dtype in (torch.float32, torch.float16):
         torch.library.opcheck(torch.ops.caer_fast.face_context.default,
                               (frames, boxes, [5, 7], [8, 9], [1, 2, 5, 6], [0.5] * 3, [0.25] * 3, True, dtype))
+
+
+def test_kernels_take_clipped_boxes(backend):
+    """The front door clips once; the op itself refuses boxes that are not clipped (never reads past the
+    frame), and the front door's clipping makes any box fine."""
+    name, device = backend
+    frames = noise(2, 20, 27).to(device)
+    args = ([5, 7], [8, 9], [1, 2, 5, 6], [0.5] * 3, [0.25] * 3, True, torch.float32)
+    if name != "torch":
+        for bad in ([[-3, 10, 20, 12], [0, 0, 0, 0]], [[3, 2, 28, 17], [0, 0, 0, 0]], [[3, 2, 15, 21], [1, 1, 1, 1]],
+                    [[3, 2, 15, 17], [5, 5, 2, 9]]):
+            with pytest.raises((RuntimeError, ValueError), match="boxes must be clipped"):
+                torch.ops.caer_fast.face_context.default(frames, torch.tensor(bad).to(device), *args)
+    boxes = torch.tensor([[-3, 10, 40, 12], [5, 5, 2, 9]])
+    got = ops.face_context(frames, boxes.to(device), (5, 7), (8, 9), (1, 2, 5, 6), [0.5] * 3, [0.25] * 3)
+    want = face_context_reference(frames.cpu(), torch.tensor([[0, 10, 27, 12], [0, 0, 0, 0]]), (5, 7), (8, 9),
+                                  (1, 2, 5, 6), [0.5] * 3, [0.25] * 3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, atol=ATOL, rtol=0)
+
+
+def test_clip_boxes():
+    b = clip_boxes(torch.tensor([[-3, 10, 40, 12], [5, 5, 2, 9], [1, 2, 3, 4], [4, 30, 9, 40]], dtype=torch.int16),
+                   20, 27)
+    assert b.dtype == torch.int64
+    assert b.tolist() == [[0, 10, 27, 12], [0, 0, 0, 0], [1, 2, 3, 4], [0, 0, 0, 0]]
 
 
 def test_compile_fullgraph(backend):
