@@ -13,6 +13,10 @@ from . import _dispatch
 
 
 def _check_inputs(face, context, face_score, context_score) -> None:
+    if not (isinstance(face, torch.Tensor) and isinstance(context, torch.Tensor)
+            and isinstance(face_score, torch.Tensor) and isinstance(context_score, torch.Tensor)):
+        raise TypeError("adaptive_fusion: face, context, face_score and context_score must be tensors, got "
+                        f"{[type(t).__name__ for t in (face, context, face_score, context_score)]}")
     n = face.shape[0]
     if face.dim() != 2 or context.dim() != 2 or context.shape[0] != n:
         raise ValueError(f"adaptive_fusion: face and context must be N×C, got {tuple(face.shape)} "

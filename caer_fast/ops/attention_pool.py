@@ -21,6 +21,9 @@ from . import _dispatch
 
 
 def _check_inputs(features: torch.Tensor, logits: torch.Tensor) -> None:
+    if not (isinstance(features, torch.Tensor) and isinstance(logits, torch.Tensor)):
+        raise TypeError(f"attention_pool: features and logits must be tensors, got {type(features).__name__} "
+                        f"and {type(logits).__name__}")
     if features.dim() < 3:
         raise ValueError(f"attention_pool: features must be N×C×(S…), got {tuple(features.shape)}")
     expected = (features.shape[0], 1, *features.shape[2:])

@@ -188,6 +188,51 @@ def test_errors(backend, kwargs, match):
         ops.face_context(**args)
 
 
+def test_boxes_as_list_tuple_or_numpy(backend):
+    """Boxes that are not a tensor are taken as torch.as_tensor takes them, onto the frames' device."""
+    device = backend[1]
+    frames = noise(2, 20, 27, seed=3).to(device)
+    boxes = [[3, 2, 15, 17], [0, 0, 0, 0]]
+    want = ops.face_context(frames, torch.tensor(boxes, device=device), (5, 7), (8, 9))
+    for given in (boxes, tuple(map(tuple, boxes)), torch.tensor(boxes).numpy().astype("int32")):
+        got = ops.face_context(frames, given, (5, 7), (8, 9))
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    with pytest.raises(TypeError, match="face_context: boxes must be a tensor, or a list"):
+        ops.face_context(frames, [[3, 2, 15], [0, 0, 0, 0]], (5, 7), (8, 9))  # ragged
+    with pytest.raises(TypeError, match="face_context: frames must be a uint8 N×H×W×3 tensor"):
+        ops.face_context(frames.cpu().numpy(), boxes, (5, 7), (8, 9))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.bool, torch.float32], ids=str)
+def test_narrow_or_float_boxes_are_an_error(backend, dtype):
+    """uint8 boxes cannot hold x = 300: they would have wrapped silently, so they are refused."""
+    device = backend[1]
+    frames = noise(1, 20, 27).to(device)
+    with pytest.raises(ValueError, match="boxes must be integer pixels .* int16, int32 or int64"):
+        ops.face_context(frames, torch.tensor([[1, 2, 5, 6]]).to(dtype).to(device), (5, 7), (8, 9))
+    for ok in (torch.int16, torch.int32):
+        got = ops.face_context(frames, torch.tensor([[1, 2, 5, 6]], dtype=ok, device=device), (5, 7), (8, 9))
+        want = ops.face_context(frames, torch.tensor([[1, 2, 5, 6]], device=device), (5, 7), (8, 9))
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mean=0.5), "mean must be a sequence of numbers"),
+    (dict(std=("a", 1, 1)), "std must be a sequence of numbers"),
+    (dict(face_size=96), "face_size must be a sequence of integers"),
+    (dict(mean=(0.5, float("inf"), 0.5)), "3 finite numbers"),
+    (dict(std=torch.tensor([0.2, float("nan"), 0.2])), "3 finite numbers"),
+])
+def test_bad_numbers_are_value_errors(backend, kwargs, match):
+    """mean/std/sizes: a ValueError naming the op and the argument, NaN and inf included (the frames are
+    uint8, so with finite mean/std every output is finite)."""
+    device = backend[1]
+    args = dict(frames=torch.zeros(1, 8, 8, 3, dtype=torch.uint8, device=device), boxes=[[1, 1, 4, 4]])
+    with pytest.raises(ValueError, match=match):
+        ops.face_context(**args, **kwargs)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(h=st.integers(1, 40), w=st.integers(1, 40), fh=st.integers(1, 24), fw=st.integers(1, 24),
        ch=st.integers(1, 48), cw=st.integers(1, 48), antialias=st.booleans(), use_crop=st.booleans(),
