@@ -80,10 +80,8 @@ def _check_inputs(frames: torch.Tensor, boxes: torch.Tensor, face_size, context_
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Clip xyxy boxes to the frame (int64); boxes with no area become (0, 0, 0, 0)."""
     b = boxes.to(torch.int64)
-    x = b[:, 0::2].clamp(0, width)
-    y = b[:, 1::2].clamp(0, height)
-    empty = (x[:, 1] <= x[:, 0]) | (y[:, 1] <= y[:, 0])
-    return torch.stack((x[:, 0], y[:, 0], x[:, 1], y[:, 1]), dim=1).masked_fill(empty[:, None], 0)
+    b = b.clamp(min=0).minimum(b.new_tensor([width, height, width, height]))  # 4 small ops: it runs per call
+    return b.masked_fill((b[:, 2:] <= b[:, :2]).any(1, keepdim=True), 0)
 
 
 def _resize(img: torch.Tensor, size, antialias: bool) -> torch.Tensor:
