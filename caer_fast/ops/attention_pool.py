@@ -21,6 +21,9 @@ from . import _dispatch
 
 
 def _check_inputs(features: torch.Tensor, logits: torch.Tensor) -> None:
+    if not (isinstance(features, torch.Tensor) and isinstance(logits, torch.Tensor)):
+        raise TypeError(f"attention_pool: features and logits must be tensors, got {type(features).__name__} "
+                        f"and {type(logits).__name__}")
     if features.dim() < 3:
         raise ValueError(f"attention_pool: features must be N×C×(S…), got {tuple(features.shape)}")
     expected = (features.shape[0], 1, *features.shape[2:])
@@ -82,8 +85,7 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
         torch.Size([2, 256])
     """
     _check_inputs(features, logits)
-    name = _dispatch.kernel_backend(features.device.type)
-    if name is None or features.dtype == torch.float64 and name != "cpp":  # float64: exact enough, rare
+    if not _dispatch.use_kernel("attention_pool", features.device.type, features.dtype):
         return attention_pool_reference(features, logits, return_attention)
     if logits.dtype != features.dtype:
         logits = logits.to(features.dtype)  # differentiable
