@@ -46,11 +46,15 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["caer_fast", "caer_fast.*"]) + ["caer_fast.kernels"],
     package_dir={"caer_fast.kernels": "kernels"},
+    # the MTCNN face detector's weights (2 MB, MIT, from facenet-pytorch 2.6.0: see its LICENSE.md)
+    package_data={"caer_fast.data": ["mtcnn_weights/*.pt", "mtcnn_weights/LICENSE.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     extras_require={
         # dlib's CNN face detector, the one the community used (python -m caer_fast.faces --detector dlib-cnn)
         "dlib": ["dlib-bin==20.0.1.post1", "face-recognition-models==0.3.0"],
+        # every person in the scene: ByteTrack identities (caer_fast.data.tracking; also in requirements.txt)
+        "people": ["supervision==0.30.9"],
         # --loader dali (GPU: NVDEC; CPU: VP8/VP9/MJPEG only)
         "dali": ["nvidia-dali-cuda130==2.4.0"],
         # int8 CPU inference: caer_fast.quantize_int8, predict/serve --int8 (also in requirements.txt)

@@ -105,6 +105,41 @@ def test_haar_finds_the_astronaut_and_not_the_bricks():
     assert HaarDetector().detect(_background()) == []
 
 
+def test_mtcnn_finds_every_face_and_not_the_bricks():
+    """Two real faces in one frame (the astronaut twice, one half size: 48 px, where the one-face path
+    would keep only the larger): MTCNN returns both, faces_by_size orders them, the bricks give none."""
+    import cv2
+
+    from caer_fast.data.detectors import faces_by_size, make_detector
+
+    img, box = _composite(20, 40)
+    small = cv2.resize(PATCH, (PATCH.shape[1] // 2, PATCH.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    img[150:150 + small.shape[0], 380:380 + small.shape[1]] = small
+    fx1, fy1, fx2, fy2 = FACE_IN_PATCH
+    box2 = (380 + fx1 // 2, 150 + fy1 // 2, 380 + fx2 // 2, 150 + fy2 // 2)
+    det = make_detector("mtcnn", min_size=24)
+    found = faces_by_size(det.detect(img))
+    assert len(found) == 2, found
+    assert _iou(found[0][:4], box) >= 0.5 and _iou(found[1][:4], box2) >= 0.5, (found, box, box2)
+    assert all(0.7 <= d[4] <= 1.0 for d in found)  # O-net probabilities above its threshold
+    assert det.detect(_background()) == []
+
+
+def test_mtcnn_is_a_cli_detector(tmp_path, capsys):
+    from PIL import Image
+
+    for c in CLASSES:
+        (tmp_path / "train" / c).mkdir(parents=True)
+        (tmp_path / "test" / c).mkdir(parents=True)
+    img, box = _composite(60, 20)
+    Image.fromarray(img).save(tmp_path / "train" / "Happy" / "0001.png")
+    Image.fromarray(img).save(tmp_path / "test" / "Happy" / "0001.png")
+    p, _ = _main(capsys, tmp_path, "--detector", "mtcnn", "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    boxes, _ = read_image_boxes(tmp_path / "train.txt")
+    assert _iou(boxes["Happy/0001.png"][1], box) >= 0.5
+
+
 def test_fill_track_interpolates_and_never_invents():
     a, b = (10, 10, 60, 60, 2.0), (20, 10, 70, 60, 4.0)
     out = fill_track({0: a, 5: b, 10: None, 15: None}, num_frames=18, max_gap=5)

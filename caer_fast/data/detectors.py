@@ -12,8 +12,12 @@ confidence (comparable within one detector only).
   (the model file is loaded by path: ``face_recognition_models`` itself fails to import without
   ``pkg_resources``).
 - ``dlib-hog``: dlib's HOG + linear SVM frontal detector, same extra, model built into dlib.
+- ``mtcnn``: the MTCNN cascade (P-, R-, O-net) in PyTorch, its weights shipped in the package
+  (:mod:`caer_fast.data.mtcnn`, copied from facenet-pytorch under its MIT licence). Finds small, turned
+  and dim faces that Haar misses (bench/RESULTS.md "Every face"); score = the O-net's face probability.
 
 :func:`best_face` keeps one face per frame: the largest among the confident ones.
+:func:`faces_by_size` keeps several (every person in the scene): largest first, above a score floor.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 Detection = Tuple[int, int, int, int, float]
-DETECTORS = ("haar", "dlib-cnn", "dlib-hog")
+DETECTORS = ("haar", "dlib-cnn", "dlib-hog", "mtcnn")
 DLIB_INSTALL = "pip install dlib-bin face-recognition-models"
 
 
@@ -184,12 +188,39 @@ class DlibHOGDetector(FaceDetector):
         return [(r.left(), r.top(), r.right() + 1, r.bottom() + 1, s) for r, s in zip(rects, scores)]
 
 
+class MTCNNDetector(FaceDetector):
+    """MTCNN (Zhang et al. 2016): a three-stage CNN cascade, robust to pose, scale and partial occlusion.
+
+    ``thresholds`` are the three stages' face-probability cut-offs; ``factor`` the pyramid step. The
+    P-net pyramid starts at ``12 / min_size``, so ``min_size`` is also the main speed knob. Runs on the
+    CPU with torch's intra-op threads.
+    """
+
+    name = "mtcnn"
+
+    def __init__(self, min_size: int = 32, detect_height: Optional[int] = -1,
+                 thresholds: Sequence[float] = (0.6, 0.7, 0.7), factor: float = 0.709):
+        super().__init__(min_size, detect_height)
+        from . import mtcnn
+
+        self._mtcnn = mtcnn
+        try:
+            self._nets = mtcnn.load_nets()
+        except FileNotFoundError as e:
+            raise DetectorUnavailable(f"the MTCNN weights are missing from the installed caer_fast: {e}") from None
+        self.thresholds, self.factor = tuple(thresholds), float(factor)
+
+    def _detect(self, rgb, min_size):
+        return self._mtcnn.detect(rgb, self._nets, max(12, min_size), self.thresholds, self.factor)
+
+
 def make_detector(name: str = "haar", min_size: int = 32, detect_height: Optional[int] = -1) -> FaceDetector:
     """A detector by name (one of :data:`DETECTORS`); ``detect_height=-1`` keeps the detector's default.
 
     Raises :class:`DetectorUnavailable` naming what to install when its package is missing.
     """
-    classes = {"haar": HaarDetector, "dlib-cnn": DlibCNNDetector, "dlib-hog": DlibHOGDetector}
+    classes = {"haar": HaarDetector, "dlib-cnn": DlibCNNDetector, "dlib-hog": DlibHOGDetector,
+               "mtcnn": MTCNNDetector}
     if name not in classes:
         raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
     return classes[name](min_size=min_size, detect_height=detect_height)
@@ -206,3 +237,29 @@ def best_face(detections: Sequence[Detection], rel_score: float = 0.5) -> Option
     top = max(d[4] for d in detections)
     confident = [d for d in detections if top <= 0 or d[4] >= rel_score * top]
     return max(confident, key=lambda d: ((d[2] - d[0]) * (d[3] - d[1]), d[4]))
+
+
+def box_area(d: Sequence[float]) -> float:
+    return float((d[2] - d[0]) * (d[3] - d[1]))
+
+
+def faces_by_size(detections: Sequence[Detection], max_people: Optional[int] = None, min_score: Optional[float] = None,
+                  rel_score: float = 0.0) -> List[Detection]:
+    """Every face to keep, largest first (ties: higher score first), for multi-person inference.
+
+    Args:
+        detections: one frame's ``detect()`` output.
+        max_people: keep at most this many (the largest); None keeps all.
+        min_score: drop detections scoring below this (in the detector's own units); None: no floor.
+        rel_score: also drop those below ``rel_score`` × the frame's best score (0: off), as
+            :func:`best_face` does with 0.5 for the one-face path.
+    """
+    if max_people is not None and max_people < 1:
+        raise ValueError(f"max_people must be >= 1 or None, got {max_people}")
+    if not detections:
+        return []
+    top = max(d[4] for d in detections)
+    kept = [d for d in detections
+            if (min_score is None or d[4] >= min_score) and (top <= 0 or rel_score <= 0 or d[4] >= rel_score * top)]
+    kept.sort(key=lambda d: (-box_area(d), -d[4]))
+    return kept if max_people is None else kept[:max_people]

@@ -36,7 +36,7 @@ resuming: finished files are logged to ROOT/.faces-<split>.log.jsonl; running ag
 bad files (empty, corrupt, undecodable) are skipped, counted and named in the summary; truncated ones
   keep the boxes of the frames that decode and are counted as "truncated / partly decodable"; missing,
   misnamed (sad) or extra (Contempt) emotion folders are warned about; --strict makes each an error.
-detectors: haar (OpenCV, built in); dlib-cnn, dlib-hog need: pip install dlib-bin face-recognition-models""")
+detectors: haar (OpenCV, built in), mtcnn (weights shipped); dlib-cnn, dlib-hog need: pip install dlib-bin face-recognition-models""")
     p.add_argument("--data", required=True, metavar="ROOT", help="the CAER or CAER-S root folder")
     p.add_argument("--detector", choices=DETECTORS, default="haar", help="face detector (default: haar)")
     p.add_argument("--every", type=int, default=DEFAULT_EVERY, metavar="K",
