@@ -12,8 +12,10 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from caer_fast import devices  # noqa: E402
 from caer_fast.models import CAERNet, CAERSNet  # noqa: E402
 from caer_fast.serving import engines  # noqa: E402
+from caer_fast.serving.engines import auto, cache  # noqa: E402
 from caer_fast.serving.engines import (EngineError, OnnxRuntimeEngine, build_engine, compare,  # noqa: E402
                                        engine_key)
 from serving_helpers import Server, make_checkpoint, write_png  # noqa: E402
@@ -112,13 +114,13 @@ def test_warm_start_loads_the_cached_graph_and_decision(caers, tmp_path, monkeyp
     assert {"onnxruntime", "eager"} <= set(d["candidates"])
     assert all(r["check"]["ok"] for r in d["candidates"].values())
     assert d["chosen"] == min(d["candidates"], key=lambda n: d["candidates"][n]["score"])
-    assert d["cpu_flags"] == engines.cpu_flags()
+    assert d["cpu_flags"] == devices.cpu_flags()
 
     # the second start must neither export, nor optimise, nor measure
     def boom(*a, **k):
         raise AssertionError("a warm start must not do this")
-    monkeypatch.setattr(engines, "time_engine", boom)
-    monkeypatch.setattr("caer_fast.export.export_model_onnx", boom)
+    monkeypatch.setattr(auto, "time_engine", boom)
+    monkeypatch.setattr("caer_fast.serving.onnx.export_model_onnx", boom)
     second = build_engine(caers, "auto", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
     assert second.name == first.name and second.info["decision_cached"] is True
     ort = build_engine(caers, "onnxruntime", face_shape=fs, context_shape=cs, batch_sizes=(1, 2),
@@ -170,12 +172,12 @@ def test_compare_sees_a_poisoned_output(caers):
 def test_cache_key_follows_weights_shapes_batch_range_threads_and_versions(caers, monkeypatch):
     fs, cs = IMAGE
     k = engine_key(caers, fs, cs, (1, 16), threads=2)
-    installed = engines._versions()
+    installed = cache.library_versions()
     assert installed["onnxruntime"] == __import__("onnxruntime").__version__
     for package in ("onnxruntime", "openvino", "torch"):  # a new engine version measures and checks again
-        monkeypatch.setattr(engines, "_versions", lambda: {**installed, package: "0.0.1"})
+        monkeypatch.setattr(cache, "library_versions", lambda: {**installed, package: "0.0.1"})
         assert engine_key(caers, fs, cs, (1, 16), threads=2) != k, package
-    monkeypatch.setattr(engines, "_versions", lambda: installed)
+    monkeypatch.setattr(cache, "library_versions", lambda: installed)
     assert engine_key(caers, fs, cs, (1, 16), threads=2) == k
     assert k == engine_key(caers, fs, cs, (16, 1), threads=2)
     assert k != engine_key(caers, fs, cs, (1, 32), threads=2)

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse
 from ..data.video import MediaDecodeError, MediaTooLargeError, sniff_media
 from .inference import MediaTooLongError, Predictor, is_image_file
 from .stream import Accumulator, iter_chunks
+from .timeline import timeline_rows
 
 
 def machine_memory_bytes() -> int:
@@ -353,7 +354,7 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
                 "classes": predictor.classes, "clip_frames": predictor.clip_frames,
                 "face_size": list(predictor.face_size), "context_size": list(predictor.context_size),
                 "detector": predictor.detector_name, "device": str(predictor.device),
-                "precision": "int8" if getattr(predictor, "int8_info", None) else "fp32",
+                "precision": "int8" if getattr(predictor, "engine_name", None) == "int8" else "fp32",
                 "engine": getattr(predictor, "engine_name", "eager"),
                 "limits": {"max_upload_bytes": limit, "max_frames": predictor.max_frames,
                            "max_frame_pixels": predictor.max_frame_pixels, "max_pixels": predictor.max_pixels,
@@ -463,8 +464,6 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
             except (MediaDecodeError, MediaTooLongError, ValueError, RuntimeError) as exc:
                 return media_error(exc, path)
             if timeline:
-                from ..predict import timeline_rows
-
                 result["timeline"] = timeline_rows(result)
             counters["200"] += 1
             return result

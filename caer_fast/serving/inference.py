@@ -186,6 +186,9 @@ class Predictor:
         self.batch_size = max(1, int(batch_size))
         self.max_frame_pixels, self.max_pixels = max_frame_pixels, max_pixels
         self.engine = engine
+        # what every result reports: the engine's own name (build_engine's engines have .name and .info)
+        self.engine_name = getattr(engine, "name", None) or "eager"
+        self.engine_info = dict(getattr(engine, "info", None) or {})
         self.stream_chunk = max(1, int(stream_chunk)) if stream_chunk else (
             min(4, self.batch_size) if self.is_video_model else self.batch_size)
         self._detector_spec = detector
