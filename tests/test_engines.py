@@ -18,7 +18,7 @@ from caer_fast.serving import engines  # noqa: E402
 from caer_fast.serving.engines import auto, cache  # noqa: E402
 from caer_fast.serving.engines import (EngineError, OnnxRuntimeEngine, build_engine, compare,  # noqa: E402
                                        engine_key)
-from serving_helpers import Server, make_checkpoint, write_png  # noqa: E402
+from caer_fast.testing.serving import Server, make_checkpoint, write_png  # noqa: E402
 
 SMALL_VIDEO = ((3, 8, 48, 48), (3, 8, 56, 56))
 IMAGE = ((3, 96, 96), (3, 112, 112))
@@ -58,7 +58,7 @@ def _close(ref, got, atol=1e-4):
 @pytest.mark.parametrize("which", ["caers", "video"])
 def test_onnx_engines_equal_eager_on_fresh_odd_batches(engine, which, caers, video, tmp_path):
     """Batch 1 and batches ≥ 2: OpenVINO 2026.4 was right at 1 and wrong at 2+ on an export that pooled
-    through a Reshape (bench/openvino_repro.py)."""
+    through a Reshape (tools/openvino_repro.py)."""
     if engine == "openvino":
         pytest.importorskip("openvino")
     model, (fs, cs) = (caers, IMAGE) if which == "caers" else (video, SMALL_VIDEO)
@@ -234,7 +234,7 @@ def test_predict_cold_then_warm_start_and_engine_in_output(tmp_path):
 def test_predict_measures_the_batches_it_streams(tmp_path):
     """predict on a video model measures `auto` at batch 1 and its stream chunk (the largest batch it runs),
     not at the server's batch size: measuring a batch it never runs cost time and, at full size, ~1 GB."""
-    from serving_helpers import write_video
+    from caer_fast.testing.serving import write_video
 
     ck = make_checkpoint(tmp_path / "ck.pth", "caer", steps=1)
     clip = write_video(tmp_path / "v.avi", frames=40)

@@ -12,7 +12,7 @@ pytest.importorskip("onnx")
 
 from caer_fast import load_checkpoint  # noqa: E402
 from caer_fast.export import export_onnx  # noqa: E402
-from serving_helpers import make_checkpoint  # noqa: E402
+from caer_fast.testing.serving import make_checkpoint  # noqa: E402
 
 
 def run_both(ckpt, onnx_path, face, context):

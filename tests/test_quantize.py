@@ -26,7 +26,7 @@ from caer_fast.devices import has_vnni  # noqa: E402
 from caer_fast.models.checkpoint import input_sizes, read_checkpoint  # noqa: E402
 from caer_fast.models.quantize import Int8Model, quantize_int8  # noqa: E402
 from caer_fast.serving.engines import EngineError, Int8Engine, build_engine  # noqa: E402
-from serving_helpers import Server, make_checkpoint  # noqa: E402
+from caer_fast.testing.serving import Server, make_checkpoint  # noqa: E402
 
 SMALL = ["--clip-frames", "8", "--face-size", "48", "--context-size", "64x86", "--crop", "56", "-j", "0",
          "--no-progress", "--seed", "3"]

@@ -119,7 +119,7 @@ class TwoStreamNetwork(nn.Module):
     def forward(self, face: torch.Tensor, context: torch.Tensor):
         """Returns pooled face N×256, attended context N×256 and the attention map N×1×(S…)."""
         face = self.face_encoding_module(face)
-        face = face.mean(dim=tuple(range(2, face.dim())))  # not flatten(2).mean(-1): bench/openvino_repro.py
+        face = face.mean(dim=tuple(range(2, face.dim())))  # not flatten(2).mean(-1): tools/openvino_repro.py
         context = self.context_encoding_module(context)
         logits = self.attention_inference_module(context)
         context, attention = self.attention_pool(context, logits)

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 
 from ...models.caer_net import CAERNet
+from ...models.checkpoint import input_sizes, load_checkpoint, read_checkpoint
 from . import auto, int8, onnxruntime_engine, openvino_engine, torch_engines  # noqa: F401  (they register)
 from .auto import AUTO_CANDIDATES, auto_candidates, time_engine
 from .base import (BuildContext, Engine, EngineError, EngineSpec, compare, default_shapes, engine_names,
@@ -98,6 +100,26 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
     return eng
 
 
+def engine_for_checkpoint(checkpoint, engine: str = "auto", *, device="cpu",
+                          batch_sizes: Optional[Sequence[int]] = None, **kwargs) -> Tuple[dict, Engine]:
+    """(the checkpoint as read, ``build_engine``'s engine for its model on ``device``, at the input sizes
+    the checkpoint was trained with). Hand both to the Predictor: ``Predictor(ckpt, ..., engine=engine)``.
+
+    ``batch_sizes``: the model batches that will run (``auto`` measures their ends); default 1 and the
+    Predictor's default stream chunk (4 clips for the video model, 16 frames for the image model).
+    ``kwargs`` go to :func:`build_engine` (``cache_dir``, ``out``, ``calibration``…); an int8 engine
+    reads its calibration images at the checkpoint's preprocessing sizes."""
+    ckpt = read_checkpoint(checkpoint)
+    model = load_checkpoint(ckpt).eval().to(torch.device(device))
+    sizes = input_sizes(ckpt, model)
+    if batch_sizes is None:
+        batch_sizes = (1, 4 if isinstance(model, CAERNet) else 16)
+    kwargs.setdefault("calibration_sizes", sizes)
+    eng = build_engine(model, engine, face_shape=sizes["face_shape"], context_shape=sizes["context_shape"],
+                       batch_sizes=batch_sizes, **kwargs)
+    return ckpt, eng
+
+
 def engine_shapes(model: nn.Module, face_size, context_size, crop=None, clip_frames: Optional[int] = None):
     """(face_shape, context_shape) without the batch dimension for ``model`` fed at these preprocessing
     sizes (``crop``: the centred square side, or a (top, left, h, w) box, or None)."""
@@ -113,5 +135,5 @@ def engine_shapes(model: nn.Module, face_size, context_size, crop=None, clip_fra
 __all__ = ["AUTO_CANDIDATES", "BuildContext", "CACHE_VERSION", "ENGINES", "Engine", "EngineError", "EngineSpec",
            "FP32_ENGINES", "Int8Engine", "OnnxRuntimeEngine", "OpenVinoEngine", "TorchEngine", "auto_candidates",
            "build_engine", "cache_root", "compare", "default_shapes", "engine_key", "engine_names",
-           "engine_shapes", "file_digest", "library_versions", "lookup_engine", "model_hash", "register_engine",
+           "engine_for_checkpoint", "engine_shapes", "file_digest", "library_versions", "lookup_engine", "model_hash", "register_engine",
            "time_engine"]

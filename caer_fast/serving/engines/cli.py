@@ -13,11 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-import torch
-
-from ...models.caer_net import CAERNet
-from ...models.checkpoint import input_sizes, load_checkpoint, read_checkpoint
-from . import build_engine, engine_names
+from . import engine_for_checkpoint, engine_names
 from .base import Engine
 
 ENV_VAR = "CAER_FAST_ENGINE"
@@ -64,22 +60,15 @@ def check_engine_arguments(p: argparse.ArgumentParser, args) -> None:
 def engine_from_args(args, checkpoint, *, device="cpu", batch_sizes: Optional[Sequence[int]] = None,
                      warmup_batch_sizes: Optional[Sequence[int]] = None, cache_dir="default",
                      out=None) -> Tuple[dict, Engine]:
-    """(the checkpoint as read, the engine ``args`` names for its model on ``device``).
-
-    ``batch_sizes``: the model batches that will run (``auto`` measures their ends; default 1 and the
-    predictor's default stream chunk: 4 clips for the video model, 16 frames for the image model).
-    ``warmup_batch_sizes``: what ``int8`` compiles before returning (default ``batch_sizes``).
-    Raises :class:`~caer_fast.models.checkpoint.CheckpointError` or
-    :class:`~caer_fast.serving.engines.EngineError` with one line to show."""
-    ckpt = read_checkpoint(checkpoint)
-    model = load_checkpoint(ckpt).eval().to(torch.device(device))
-    sizes = input_sizes(ckpt, model)
-    if batch_sizes is None:
-        batch_sizes = (1, 4 if isinstance(model, CAERNet) else 16)
+    """(the checkpoint as read, the engine ``args`` names for its model on ``device``): see
+    :func:`~caer_fast.serving.engines.engine_for_checkpoint`. ``warmup_batch_sizes``: what ``int8``
+    compiles before returning (default ``batch_sizes``). Raises
+    :class:`~caer_fast.models.checkpoint.CheckpointError` or :class:`~caer_fast.serving.engines.EngineError`
+    with one line to show."""
     options = {}
     if args.engine == "int8":
-        options = {"calibration": args.calibrate, "calibration_samples": args.calibrate_samples,
-                   "calibration_sizes": sizes, "warmup_batch_sizes": tuple(warmup_batch_sizes or batch_sizes)}
-    engine = build_engine(model, args.engine, face_shape=sizes["face_shape"], context_shape=sizes["context_shape"],
-                          batch_sizes=batch_sizes, cache_dir=cache_dir, out=out, **options)
-    return ckpt, engine
+        options = {"calibration": args.calibrate, "calibration_samples": args.calibrate_samples}
+        if warmup_batch_sizes is not None or batch_sizes is not None:
+            options["warmup_batch_sizes"] = tuple(warmup_batch_sizes or batch_sizes)
+    return engine_for_checkpoint(checkpoint, args.engine, device=device, batch_sizes=batch_sizes,
+                                 cache_dir=cache_dir, out=out, **options)

@@ -4,7 +4,7 @@ Options (``build_engine(..., calibration=..., ...)``, or ``--engine int8`` / ``-
 ``--calibrate ROOT``): ``calibration`` is a CAER-S tree (read with
 :func:`caer_fast.data.calibration.calibration_batches` at ``calibration_sizes``, the checkpoint's
 preprocessing sizes) or ready (face, context) batches; ``calibration_samples`` images are read;
-``warmup_batch_sizes`` are compiled before the engine is returned.
+``warmup_batch_sizes`` (default: ``batch_sizes``) are compiled before the engine is returned.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def build_int8(ctx: BuildContext) -> Engine:
     ctx.say(f"int8: calibrated on {i['calibration_samples']} samples ({i['calibration_batches']} batches) in "
             f"{i['calibration_s']:.1f}s; {i['int8_convs']} convs and {i['int8_linears']} linears in int8, "
             f"{', '.join(i['fp32_custom_ops']) or 'no custom ops'} in fp32")
-    sizes = sorted({int(b) for b in ctx.options.get("warmup_batch_sizes") or () if int(b) >= 1})
+    warm = ctx.options.get("warmup_batch_sizes")
+    sizes = sorted({int(b) for b in (ctx.batch_sizes if warm is None else warm) if int(b) >= 1})
     if sizes:
         ctx.say(f"int8: compiling for batch sizes {', '.join(map(str, sizes))} (torch.compile, oneDNN int8) …")
         i["warmup_s"] = fast.warmup(sizes)
