@@ -200,6 +200,49 @@ def test_bad_engine_arguments_are_clear_errors(caers, tmp_path):
         build_engine(caers, "int8")
 
 
+def test_registry_one_module_one_register_call(caers, tmp_path):
+    """An engine is a builder registered under a name: build_engine finds it, checks an fp32 one against
+    eager, `auto` measures it when asked (and rejects it when its outputs differ)."""
+    from caer_fast.serving.engines import base
+
+    assert engines.ENGINES == engines.engine_names()
+    assert set(engines.ENGINES) == {"auto", "eager", "compiled", "onnxruntime", "openvino", "int8"}
+    assert set(engines.FP32_ENGINES) == {"eager", "compiled", "onnxruntime", "openvino"}
+
+    class Doubled(engines.Engine):
+        def __init__(self, model):
+            super().__init__("test-doubled")
+            self.model = model
+
+        def run(self, face, context):
+            logits, d = self.model(face, context, return_details=True)
+            return logits * 2, d["attention"], d["fusion_weights"]
+
+    @engines.register_engine("test-doubled")
+    def build(ctx):
+        assert ctx.options["flavour"] == "x" and ctx.face_shape == IMAGE[0]
+        return Doubled(ctx.model)
+
+    try:
+        assert "test-doubled" in engines.engine_names() and engines.lookup_engine("test-doubled").build is build
+        with pytest.raises(EngineError, match="test-doubled engine's outputs differ"):
+            build_engine(caers, "test-doubled", cache_dir=None, flavour="x")
+        eng = build_engine(caers, "test-doubled", cache_dir=None, check=False, flavour="x")
+        face, context = torch.randn(2, *IMAGE[0]), torch.randn(2, *IMAGE[1])
+        with torch.inference_mode():
+            torch.testing.assert_close(eng(face, context), 2 * caers(face, context))
+        chosen = build_engine(caers, "auto", candidates=("test-doubled", "eager"), cache_dir=tmp_path,
+                              batch_sizes=(1, 2), flavour="x")
+        assert chosen.name == "eager"
+        assert chosen.info["decision"]["candidates"]["test-doubled"]["check"]["ok"] is False
+        with pytest.raises(ValueError, match="already registered"):
+            engines.register_engine("eager", build)
+    finally:
+        base._REGISTRY.pop("test-doubled", None)
+    with pytest.raises(EngineError, match="unknown engine 'test-doubled'"):
+        engines.lookup_engine("test-doubled")
+
+
 def _run(*args, cache):
     env = dict(os.environ, OMP_NUM_THREADS="1", CAER_FAST_CACHE_DIR=str(cache))
     env.pop("CAER_FAST_ENGINE", None)
