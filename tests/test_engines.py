@@ -309,3 +309,73 @@ def test_serve_states_its_engine(engine, tmp_path):
         assert f"with engine {engine}" in srv.output()
     finally:
         srv.close()
+
+
+def test_cache_checks_its_files_and_locks_its_entries(tmp_path):
+    """Through the real CLI: two cold starts at once build the entry once (the second waits on the
+    entry's lock and reads the first one's files); another checkpoint's export copied over model.onnx
+    and the optimised graph is found by its digest, rebuilt and named in a warning, and the answer is
+    the model's; an engine cache that is a file is a warning, not a traceback."""
+    ck = make_checkpoint(tmp_path / "ck.pth", "caers", steps=1)
+    other = make_checkpoint(tmp_path / "other.pth", "caers", steps=1, seed=7)
+    img = write_png(tmp_path / "a.png", seed=3)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CAER_FAST_CACHE_DIR=str(cache))
+    env.pop("CAER_FAST_ENGINE", None)
+    cmd = [sys.executable, "-m", "caer_fast.predict", str(img), "--checkpoint", str(ck), "--json", "--detector", "none"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert sum("exporting the model to ONNX" in e for _, e in outs) == 1, [e for _, e in outs]
+    assert sum("engine: measuring" in e for _, e in outs) == 1, [e for _, e in outs]
+    first, second = (json.loads(o) for o, _ in outs)
+    assert first["probabilities"] == second["probabilities"]
+
+    (entry,) = [d for d in (cache / "engines").iterdir() if d.is_dir()]
+    poison = tmp_path / "other.onnx"
+    assert subprocess.run([sys.executable, "-m", "caer_fast.export", "--checkpoint", str(other), "--output",
+                           str(poison)], env=env, capture_output=True, timeout=300).returncode == 0
+    for name in ("model.onnx", "model.ort-optimized.onnx"):
+        (entry / name).write_bytes(poison.read_bytes())
+    warm = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert f"warning: engine cache: {entry / 'model.onnx'} does not match what was built for this model" \
+        in warm.stderr, warm.stderr
+    assert "measuring" not in warm.stderr  # the decision itself was intact
+    fixed = json.loads(warm.stdout)
+    assert fixed["engine"] == first["engine"]
+    for k, v in first["probabilities"].items():
+        assert fixed["probabilities"][k] == pytest.approx(v, abs=1e-4), (k, fixed["probabilities"])
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    bad = subprocess.run(cmd + ["--engine", "eager"], capture_output=True, text=True, timeout=600,
+                         env=dict(env, CAER_FAST_CACHE_DIR=str(not_a_dir)))
+    assert bad.returncode == 0 and "is unusable" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_named_engine_says_the_cache_was_the_cause(caers, tmp_path):
+    """Files whose digests were recorded and still answer wrongly (the record itself rewritten): the
+    named engine's check fails, the entry is rebuilt with a warning saying the cache was the cause."""
+    fs, cs = IMAGE
+    build_engine(caers, "onnxruntime", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
+    (entry,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    other = _randomised(CAERSNet())
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    from caer_fast.serving.onnx import export_model_onnx
+
+    export_model_onnx(other, fs, cs, entry / "model.onnx")
+    (entry / "model.ort-optimized.onnx").unlink()
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["files"] = {"model.onnx": cache.file_digest(entry / "model.onnx")}
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    import io
+
+    out = io.StringIO()
+    eng = build_engine(caers, "onnxruntime", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path,
+                       out=out)
+    assert "the cache was the cause" in out.getvalue() and eng.info["check"]["ok"], out.getvalue()
+    assert eng.info["exported"] is True

@@ -22,6 +22,7 @@ The command lines' flags (``--engine``, ``--int8``, ``--calibrate``…) are in :
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Optional, Sequence, Tuple
@@ -35,7 +36,8 @@ from . import auto, int8, onnxruntime_engine, openvino_engine, torch_engines  # 
 from .auto import AUTO_CANDIDATES, auto_candidates, time_engine
 from .base import (BuildContext, Engine, EngineError, EngineSpec, compare, default_shapes, engine_names,
                    fp32_engine_names, lookup_engine, register_engine)
-from .cache import CACHE_VERSION, cache_root, engine_key, file_digest, library_versions, model_hash
+from .cache import (CACHE_VERSION, Manifest, cache_root, engine_key, entry_lock, file_digest, library_versions,
+                    model_hash, usable_cache_dir)
 from .int8 import Int8Engine
 from .onnxruntime_engine import OnnxRuntimeEngine
 from .openvino_engine import OpenVinoEngine
@@ -75,6 +77,8 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
             ``calibration_sizes``, ``warmup_batch_sizes`` (int8), or a new engine's own.
     """
     say = (lambda msg: print(msg, file=out, flush=True)) if out is not None else log.info
+    warn = (lambda msg: print(f"warning: {msg}", file=out, flush=True)) if out is not None else \
+        (lambda msg: log.warning("%s", msg))
     spec = lookup_engine(engine)
     if not isinstance(model, nn.Module):
         raise TypeError(f"build_engine: expected one of our models, got {type(model).__name__}")
@@ -86,18 +90,36 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
     default_face, default_context = default_shapes(model)
     if cache_dir == "default":
         cache_dir = cache_root()
+    if cache_dir is not None:
+        cache_dir = usable_cache_dir(cache_dir, warn)
     t0 = time.perf_counter()
     ctx = BuildContext(model, face_shape or default_face, context_shape or default_context, batch_sizes, threads,
-                       cache_dir, say, dict(options, candidates=candidates, calibration=calibration))
-    eng = spec.build(ctx)
-    if check and spec.fp32 and engine != "eager":
-        cmp = compare(ctx.build("eager"), eng, ctx.face_shape, ctx.context_shape)
-        eng.info["check"] = cmp
-        if not cmp["ok"]:
-            raise EngineError(f"the {engine} engine's outputs differ from the model's (max |Δlogit| "
-                              f"{cmp['max_abs']:.3g}, details {cmp['max_abs_details']:.3g})")
+                       cache_dir, say, dict(options, candidates=candidates, calibration=calibration), warn=warn)
+    with entry_lock(ctx.dir) if ctx.dir is not None else contextlib.nullcontext():
+        eng = spec.build(ctx)
+        if check and spec.fp32 and engine != "eager":
+            cmp = compare(ctx.build("eager"), eng, ctx.face_shape, ctx.context_shape)
+            if not cmp["ok"] and ctx.dir is not None and _from_cache(eng):
+                # files that passed their digest check and still answer wrongly: the cache was the cause
+                warn(f"engine cache: the {engine} engine built from {ctx.dir} answers differently from the model "
+                     f"(max |Δlogit| {cmp['max_abs']:.3g}): the cache was the cause; rebuilding the entry")
+                ctx.manifest.forget(ctx.dir / "model.onnx")
+                for name in ("model.ort-optimized.onnx", "openvino"):
+                    ctx.manifest.forget(ctx.dir / name)
+                eng = spec.build(ctx)
+                cmp = compare(ctx.build("eager"), eng, ctx.face_shape, ctx.context_shape)
+            eng.info["check"] = cmp
+            if not cmp["ok"]:
+                raise EngineError(f"the {engine} engine's outputs differ from the model's (max |Δlogit| "
+                                  f"{cmp['max_abs']:.3g}, details {cmp['max_abs_details']:.3g})")
     eng.info.update(key=ctx.key, build_s=round(time.perf_counter() - t0, 3))
     return eng
+
+
+def _from_cache(eng: Engine) -> bool:
+    """Did this engine load anything from the cache (rather than build it all now)?"""
+    i = eng.info
+    return i.get("exported") is False or bool(i.get("loaded_optimized")) or bool(i.get("loaded_from_cache"))
 
 
 def engine_for_checkpoint(checkpoint, engine: str = "auto", *, device="cpu",
@@ -133,7 +155,7 @@ def engine_shapes(model: nn.Module, face_size, context_size, crop=None, clip_fra
 
 
 __all__ = ["AUTO_CANDIDATES", "BuildContext", "CACHE_VERSION", "ENGINES", "Engine", "EngineError", "EngineSpec",
-           "FP32_ENGINES", "Int8Engine", "OnnxRuntimeEngine", "OpenVinoEngine", "TorchEngine", "auto_candidates",
+           "FP32_ENGINES", "Int8Engine", "Manifest", "OnnxRuntimeEngine", "OpenVinoEngine", "TorchEngine", "auto_candidates",
            "build_engine", "cache_root", "compare", "default_shapes", "engine_key", "engine_names",
            "engine_for_checkpoint", "engine_shapes", "file_digest", "library_versions", "lookup_engine", "model_hash", "register_engine",
            "time_engine"]

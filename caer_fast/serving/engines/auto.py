@@ -41,15 +41,18 @@ def time_engine(engine: Callable, face_shape, context_shape, batch: int, repeats
     return times[len(times) // 2]
 
 
-def _read_decision(path, names):
-    if path is None or not path.is_file():
+def _read_decision(ctx, path, names):
+    if path is None or not ctx.manifest.check(path):
         return None
     try:
         decision = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         log.warning("ignoring the unreadable engine decision %s (%s)", path, exc)
         return None
-    return decision if isinstance(decision, dict) and decision.get("chosen") in names else None
+    if not isinstance(decision, dict) or decision.get("chosen") not in names or decision.get("model") != ctx.model_digest:
+        ctx.warn(f"engine cache: {path} is not a decision for this model: measuring again")
+        return None
+    return decision
 
 
 @register_engine("auto", fp32=False, description="measure the fp32 candidates here, keep the fastest correct one")
@@ -61,7 +64,7 @@ def build_auto(ctx: BuildContext) -> Engine:
             raise EngineError(f"auto: {n!r} is not an fp32 engine to measure ({', '.join(fp32_engine_names())})")
     reference = ctx.build("eager")
     decision_file = ctx.dir / f"decision-{'-'.join(names)}.json" if ctx.dir is not None else None
-    decision = _read_decision(decision_file, names)
+    decision = _read_decision(ctx, decision_file, names)
     if decision is not None:
         chosen = decision["chosen"]
         eng = reference if chosen == "eager" else ctx.build(chosen)
@@ -90,12 +93,13 @@ def build_auto(ctx: BuildContext) -> Engine:
         del eng
         results[n] = r
     chosen = best or "eager"
-    decision = {"chosen": chosen, "candidates": results, "batch_sizes": sizes, "threads": ctx.threads,
+    decision = {"chosen": chosen, "model": ctx.model_digest, "candidates": results, "batch_sizes": sizes, "threads": ctx.threads,
                 "cpu_flags": cpu_flags(), "versions": library_versions(),
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if decision_file is not None:
         try:
             write_json_atomic(decision_file, decision)
+            ctx.manifest.record(decision_file)
         except OSError as exc:
             log.warning("could not write the engine decision %s (%s); the next start measures again", decision_file, exc)
     ctx.say("engine: " + "; ".join(

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ...models.caer_net import CAERNet
 from .. import onnx as onnx_export
-from .cache import engine_key
+from .cache import Manifest, engine_key, model_hash
 
 log = logging.getLogger("caer_fast.engines")
 
@@ -122,16 +122,29 @@ class BuildContext:
     one :func:`~caer_fast.serving.engines.build_engine` call; :meth:`onnx_file` exports once per entry."""
 
     def __init__(self, model: nn.Module, face_shape, context_shape, batch_sizes, threads: Optional[int],
-                 cache_dir: Optional[Path], say: Callable[[str], None], options: Optional[Dict] = None):
+                 cache_dir: Optional[Path], say: Callable[[str], None], options: Optional[Dict] = None,
+                 warn: Optional[Callable[[str], None]] = None):
         self.model = model.eval()
         self.face_shape, self.context_shape = tuple(face_shape), tuple(context_shape)
         self.batch_sizes = sorted({max(1, int(b)) for b in batch_sizes}) or [1]
         self.threads = int(threads or torch.get_num_threads())
-        self.key = engine_key(model, self.face_shape, self.context_shape, self.batch_sizes, self.threads)
+        self.model_digest = model_hash(model)
+        self.key = engine_key(model, self.face_shape, self.context_shape, self.batch_sizes, self.threads,
+                              model_digest=self.model_digest)
         self.dir = Path(cache_dir) / self.key if cache_dir is not None else None
         self.say = say
+        self.warn = warn or (lambda msg: log.warning("%s", msg))
         self.options = dict(options or {})
         self._tmpdir: Optional[Path] = None
+        self._manifest: Optional[Manifest] = None
+
+    @property
+    def manifest(self) -> Optional[Manifest]:
+        """The entry's record of its files and their digests (None without a cache)."""
+        if self.dir is not None and self._manifest is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._manifest = Manifest(self.dir, self.model_digest, self.warn)
+        return self._manifest
 
     def build(self, name: str) -> Engine:
         """Another registered engine for the same model and sizes (``auto`` builds its candidates so)."""
@@ -151,11 +164,23 @@ class BuildContext:
         onnx_path = self.workdir() / "model.onnx"
         t = time.perf_counter()
         exported = False
-        if not onnx_path.is_file():
+        cached = onnx_path.is_file() if self.manifest is None else self.manifest.check(onnx_path)
+        if not cached:
             self.say(f"engine: exporting the model to ONNX ({onnx_path}) …")
             onnx_export.export_model_onnx(self.model, self.face_shape, self.context_shape, onnx_path)
+            if self.manifest is not None:
+                self.manifest.record(onnx_path)
             exported = True
         return onnx_path, {"exported": exported, "export_s": round(time.perf_counter() - t, 3)}
+
+    def forget_onnx(self, why: str) -> None:
+        """A cached ``model.onnx`` that does not load: say so, remove it (the next :meth:`onnx_file` exports)."""
+        onnx_path = self.workdir() / "model.onnx"
+        self.warn(f"engine cache: {onnx_path} does not load ({why}): rebuilding it")
+        if self.manifest is not None:
+            self.manifest.forget(onnx_path)
+        else:
+            onnx_path.unlink(missing_ok=True)
 
 
 def onnx_feed(face: torch.Tensor, context: torch.Tensor) -> Dict:

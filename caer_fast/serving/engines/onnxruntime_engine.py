@@ -44,7 +44,7 @@ class OnnxRuntimeEngine(Engine):
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             if loaded_optimized:  # a stale or damaged optimised file: rebuild from the export
-                log.warning("ignoring the cached optimised graph %s (%s)", optimized, exc)
+                log.warning("engine cache: ignoring the optimised graph %s (%s): rebuilding it", optimized, exc)
                 Path(optimized).unlink(missing_ok=True)
                 self.__init__(onnx_path, threads, optimized)
                 return
@@ -67,7 +67,18 @@ class OnnxRuntimeEngine(Engine):
 def build_onnxruntime(ctx: BuildContext) -> Engine:
     onnx_path, info = ctx.onnx_file()
     optimized = ctx.dir / "model.ort-optimized.onnx" if ctx.dir is not None else None
-    eng = OnnxRuntimeEngine(onnx_path, ctx.threads, optimized)
+    if optimized is not None:
+        ctx.manifest.check(optimized)  # a file that is not the one ORT wrote for this model goes
+    try:
+        eng = OnnxRuntimeEngine(onnx_path, ctx.threads, optimized)
+    except EngineError as exc:
+        if info["exported"]:
+            raise
+        ctx.forget_onnx(str(exc).splitlines()[0][:200])  # a cached export that does not parse
+        onnx_path, info = ctx.onnx_file()
+        eng = OnnxRuntimeEngine(onnx_path, ctx.threads, optimized)
+    if optimized is not None and not eng.info["loaded_optimized"] and optimized.is_file():
+        ctx.manifest.record(optimized)
     eng.info.update(info)
     eng.input_shapes = (ctx.face_shape, ctx.context_shape)
     return eng

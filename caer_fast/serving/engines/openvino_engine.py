@@ -64,7 +64,19 @@ class OpenVinoEngine(Engine):
 @register_engine("openvino", description="our ONNX export compiled by OpenVINO for this CPU (fp32)")
 def build_openvino(ctx: BuildContext) -> Engine:
     onnx_path, info = ctx.onnx_file()
-    eng = OpenVinoEngine(onnx_path, ctx.threads, ctx.dir / "openvino" if ctx.dir is not None else None)
+    blobs = ctx.dir / "openvino" if ctx.dir is not None else None
+    if blobs is not None:
+        ctx.manifest.check_tree(blobs)  # OpenVINO would load another model's blob found under its name
+    try:
+        eng = OpenVinoEngine(onnx_path, ctx.threads, blobs)
+    except EngineError as exc:
+        if info["exported"]:
+            raise
+        ctx.forget_onnx(str(exc).splitlines()[0][:200])
+        onnx_path, info = ctx.onnx_file()
+        eng = OpenVinoEngine(onnx_path, ctx.threads, blobs)
+    if blobs is not None and not eng.info.get("loaded_from_cache"):
+        ctx.manifest.record(blobs)
     eng.info.update(info)
     eng.input_shapes = (ctx.face_shape, ctx.context_shape)
     return eng
