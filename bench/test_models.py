@@ -13,9 +13,7 @@ high-water mark of tensor bytes allocated during one call above what existed bef
 profiler's allocator events, so oneDNN's private scratch buffers are not included).
 """
 import copy
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,9 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import caer_fast
 from caer_fast.models import CAERNet, CAERSNet
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from community_model import CommunityCAERSNet, randomize_bn_  # noqa: E402  (the reference re-statement)
+from caer_fast.testing.community_model import CommunityCAERSNet, randomize_bn_  # the reference re-statement
 
 CASES = {  # name: (batch, face shape, context shape)
     "caers-b32": (32, (3, 96, 96), (3, 112, 112)),

@@ -133,19 +133,16 @@ def test_peak_memory_vs_length(benchmark, media):
 
 @pytest.mark.parametrize("engine", ["auto", "eager", "compiled"])
 def test_pipeline_vs_model_alone(benchmark, media, engine):
-    from caer_fast.serving.engines import build_engine
+    from caer_fast.serving.engines import engine_for_checkpoint
     from caer_fast.serving.inference import Predictor
     from caer_fast.serving.stream import StageTimer
 
     video = media["dir"] / "speed.mp4"
     if not video.exists():
         write_long_video(video, SPEED_SECONDS)
-    p = Predictor(media["ckpt"], device="cpu", detector="haar", detect_every=4)
-    if engine != "eager":  # what `predict` runs by default
-        face_shape, context_shape = p.input_shapes
-        p = p.with_engine(build_engine(p.model, engine, face_shape=face_shape, context_shape=context_shape,
-                                       cache_dir=media["dir"] / "engines", out=sys.stderr,
-                                       batch_sizes=(1, p.stream_chunk)))
+    # what `predict` runs by default; the default batch sizes are the Predictor's stream chunk's
+    ckpt, eng = engine_for_checkpoint(media["ckpt"], engine, cache_dir=media["dir"] / "engines", out=sys.stderr)
+    p = Predictor(ckpt, device="cpu", detector="haar", detect_every=4, engine=eng)
     # model alone: the same clips, decoded and preprocessed beforehand, in the pipeline's chunk size
     with p.open(video) as source:
         chunks = [(c.face, c.context) for c in p.preprocessor().chunks(source.frames) if c.n]

@@ -16,7 +16,7 @@ from caer_fast.models import CAERNet, CAERSNet
 from caer_fast.models.optimize import fold_batch_norm
 from caer_fast.ops import _dispatch
 
-from community_model import randomize_bn_
+from caer_fast.testing.community_model import randomize_bn_
 
 # demo sizes (train.py DEMO_SETTINGS): 8-frame clips, 48×48 faces, 56×56 context crops, batch 8
 DEMO_CLIP = dict(frames=8, face=48, context=56, batch=8)

@@ -7,7 +7,7 @@ import torch
 import caer_fast
 from caer_fast.models import CAERSNet
 from caer_fast.models.optimize import GUARD_STEPS, choose_train_precision, decide_precision
-from caer_fast.serving import engines
+from caer_fast import devices as engines  # cpu_flags / has_native_bf16 live in caer_fast.devices
 
 
 def test_rule_needs_native_bf16_a_faster_step_and_convergence():

@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 av = pytest.importorskip("av")
 
-from serving_helpers import Server, make_checkpoint, write_video  # noqa: E402
+from caer_fast.testing.serving import Server, make_checkpoint, write_video  # noqa: E402
 
 BUDGET_MB = 1300
 

@@ -14,6 +14,9 @@ from typing import Any, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..constants import CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE
+from .caer_net import CAERNet, CAERSNet
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
@@ -160,8 +163,6 @@ def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source
     not a dict, or with sizes the predictor could not use; ``classes`` not a list of distinct names as
     long as the classifier's output.
     """
-    from .caer_net import CAERNet, CAERSNet
-
     kind = _kind_of_weights(state_dict, source)
     num_classes = _num_classes_of(state_dict, source)
 
@@ -225,8 +226,6 @@ def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source
 
 def infer_model(state_dict: Mapping[str, torch.Tensor], meta: Optional[Mapping] = None) -> nn.Module:
     """Build the model a state_dict belongs to (video if its convolutions are 3-D)."""
-    from .caer_net import CAERNet, CAERSNet
-
     source = _source_of(meta) if meta is not None else "state_dict"
     kind = check_metadata(meta or {}, state_dict, source)
     args = dict((meta or {}).get("model_args") or {})
@@ -284,9 +283,40 @@ def load_checkpoint(path_or_dict: Union[str, os.PathLike, Mapping], model: Optio
 
 
 def _caer_classes():
-    from .caer_net import CAERNet, CAERSNet
-
     return (CAERNet, CAERSNet)
+
+
+def _pair(v, default):
+    if v is None:
+        return tuple(default)
+    if isinstance(v, int):
+        return (v, v)
+    v = list(v)
+    return (int(v[0]), int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
+
+
+def input_sizes(ckpt: Mapping, model: Optional[nn.Module] = None) -> dict:
+    """The preprocessing sizes a checkpoint was trained with (its ``args``, else the paper's):
+    ``face_size`` (h, w), ``context_size`` (h, w, before the crop), ``crop`` (the square side or None),
+    ``crop_box`` (top, left, h, w of the centred crop, or None), ``clip_frames``, and ``face_shape`` /
+    ``context_shape``: the model's inputs without the batch dimension (3×h×w, or 3×T×h×w for the
+    video model ``model``)."""
+    args = dict((ckpt or {}).get("args") or {})
+    face = _pair(args.get("face_size"), FACE_SIZE)
+    context = _pair(args.get("context_size"), CONTEXT_SIZE)
+    crop = args.get("crop", CONTEXT_CROP)
+    box = None
+    if crop:
+        crop = min(int(crop), *context)
+        box = ((context[0] - crop) // 2, (context[1] - crop) // 2, crop, crop)
+    frames = int(getattr(model, "frames", None) or args.get("clip_frames") or CLIP_FRAMES)
+    seen = box[2:] if box else context
+    if isinstance(model, CAERNet):
+        face_shape, context_shape = (3, frames, *face), (3, frames, *seen)
+    else:
+        face_shape, context_shape = (3, *face), (3, *seen)
+    return {"face_size": face, "context_size": context, "crop": crop or None, "crop_box": box, "clip_frames": frames,
+            "face_shape": face_shape, "context_shape": context_shape}
 
 
 def save_checkpoint(obj: Any, path: Union[str, os.PathLike]) -> Path:

@@ -30,9 +30,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
-
+from .. import devices
 from ..ops import preload
+from .fold import fold_batch_norm
 
 MODES = ("train", "inference")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -48,34 +48,6 @@ class _Cache(dict):
 
     def __reduce__(self):
         return (_Cache, ())
-
-
-def fold_conv_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm):
-    """(weight, bias) of the one convolution computing ``bn(conv(x))`` with the BN's running
-    statistics: w' = w·γ/σ, b' = (b−μ)·γ/σ + β (torch's ``fuse_conv_bn_weights``). The one fold of
-    caer_fast: :func:`fold_batch_norm` and the Encoder's eager inference path use it."""
-    return fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-
-
-def fold_batch_norm(model: nn.Module) -> nn.Module:
-    """Fold every eval-mode BN that follows a conv in an :class:`Encoder` into that conv, in place.
-
-    The folded conv computes conv→BN in one op (:func:`fold_conv_bn`); the BN becomes
-    ``nn.Identity``. Call it on a copy: it replaces the model's modules.
-    """
-    from .caer_net import Encoder
-
-    for enc in model.modules():
-        if isinstance(enc, Encoder):
-            for i, (conv, bn) in enumerate(zip(enc.convs, enc.bn)):
-                if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                    fused = copy.deepcopy(conv.eval())
-                    weight, bias = fold_conv_bn(conv, bn.eval())
-                    fused.weight = nn.Parameter(weight.detach(), conv.weight.requires_grad)
-                    fused.bias = nn.Parameter(bias.detach(), conv.weight.requires_grad)
-                    enc.convs[i] = fused
-                    enc.bn[i] = nn.Identity()
-    return model
 
 
 def _memory_format(model: nn.Module):
@@ -202,9 +174,8 @@ def optimize(model: nn.Module, mode: str = "inference", *, compile: Optional[boo
         fold_bn: fold batch norm into the convs (``inference`` only).
         precision: ``train`` on CPU: ``auto`` (bf16 autocast only when :func:`choose_train_precision`
             says so: native bf16, faster, converging), ``fp32`` or ``bf16`` (forced).
-        engine: ``inference`` only: return :func:`caer_fast.serving.engines.build_engine`'s engine
-            instead (``auto`` measures ONNX Runtime and eager PyTorch and keeps the fastest correct one,
-            ``onnxruntime``, ``eager``, …); same call, default input sizes of the model.
+        engine: no longer taken here (the library's models sit below its serving layer): build an
+            engine with :func:`caer_fast.serving.engines.build_engine` (``build_engine(model, "auto")``).
 
     Example:
         >>> fast = optimize(CAERSNet(), "inference", compile=False)
@@ -216,11 +187,8 @@ def optimize(model: nn.Module, mode: str = "inference", *, compile: Optional[boo
     if precision not in PRECISIONS:
         raise ValueError(f"optimize: precision must be one of {PRECISIONS}, got {precision!r}")
     if engine is not None:
-        if mode != "inference":
-            raise ValueError("optimize: engine= is for mode='inference'")
-        from ..serving.engines import build_engine
-
-        return build_engine(model, engine)
+        raise ValueError(f"optimize: engine={engine!r} moved to caer_fast.serving.engines.build_engine(model, "
+                         f"{engine!r}) (same engines, same call)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
     compile = True if compile is None else bool(compile)
@@ -298,9 +266,7 @@ def choose_train_precision(model: nn.Module, face: torch.Tensor, context: torch.
     forward+backward+SGD step on ``face`` / ``context`` with fixed random labels, then trains each copy
     ``GUARD_STEPS`` steps on that batch and compares the losses. Nothing is measured on CPUs without
     native bf16."""
-    from ..serving.engines import has_native_bf16
-
-    native = has_native_bf16() if native_bf16 is None else bool(native_bf16)
+    native = devices.has_native_bf16() if native_bf16 is None else bool(native_bf16)
     if not native or face.device.type != "cpu":
         return decide_precision(native and face.device.type == "cpu")
     import torch.nn.functional as F

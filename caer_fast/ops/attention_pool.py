@@ -56,7 +56,7 @@ def attention_pool_reference(features: torch.Tensor, logits: torch.Tensor, retur
 def _attention_pool_over_axes(features: torch.Tensor, logits: torch.Tensor, return_attention: bool):
     """The reference with reductions over the position axes instead of a flattening Reshape, for ONNX
     graphs: OpenVINO 2026.4 computes a dynamic-batch Reshape → ReduceMean → BatchNormalization wrongly
-    at batch ≥ 2 (bench/openvino_repro.py). Eager, its backward is slower than the reference's."""
+    at batch ≥ 2 (tools/openvino_repro.py). Eager, its backward is slower than the reference's."""
     dims = tuple(range(2, features.dim()))
     x = logits.reshape(logits.shape[0], 1, *features.shape[2:]) if logits.dim() == 2 else logits
     x = x.to(torch.promote_types(logits.dtype, torch.float32))

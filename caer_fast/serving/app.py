@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 
 from ..data.video import MediaDecodeError, MediaTooLargeError, sniff_media
 from .inference import Predictor
+from .timeline import timeline_rows
 
 
 def machine_memory_bytes() -> int:
@@ -453,8 +454,6 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
             except (MediaDecodeError, ValueError, RuntimeError) as exc:
                 return media_error(exc, path)
             if timeline:
-                from ..predict import timeline_rows
-
                 result["timeline"] = timeline_rows(result)
             counters["200"] += 1
             return result

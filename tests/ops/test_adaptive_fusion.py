@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import caer_fast.ops as ops
-from op_checks import aot_recorder, check_adaptive_fusion, junk_filled_allocations
+from caer_fast.testing.op_checks import aot_recorder, check_adaptive_fusion, junk_filled_allocations
 
 from .conftest import interpreted
 

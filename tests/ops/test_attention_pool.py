@@ -8,7 +8,7 @@ import torch
 
 import caer_fast.ops as ops
 from caer_fast.ops.attention_pool import attention_pool_reference
-from op_checks import aot_recorder, check_attention_pool, junk_filled_allocations
+from caer_fast.testing.op_checks import aot_recorder, check_attention_pool, junk_filled_allocations
 
 from .conftest import interpreted
 

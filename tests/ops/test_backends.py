@@ -9,7 +9,7 @@ import torch
 import caer_fast.ops as ops
 from caer_fast.ops import BackendUnavailableError, _dispatch
 from caer_fast.ops.attention_pool import attention_pool_reference
-from op_checks import ops_called
+from caer_fast.testing.op_checks import ops_called
 
 needs_ext = pytest.mark.skipif(not _dispatch.HAS_OPS, reason="caer_fast._C not built (see test_extension_is_built)")
 

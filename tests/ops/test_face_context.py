@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import caer_fast.ops as ops
 from caer_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from caer_fast.ops.face_context import clip_boxes, face_context_reference
-from op_checks import junk_filled_allocations
+from caer_fast.testing.op_checks import junk_filled_allocations
 
 from .conftest import interpreted
 
