@@ -39,6 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(host:port of `ray start --head`, or auto)")
     p.add_argument("--workers", type=int, default=2,
                    help="decode + detect processes (embedded) or Ray decode actors")
+    p.add_argument("--model-actors", type=int, default=1,
+                   help="with --ray: model actors (one GPU each where the cluster has GPUs, else one CPU each); "
+                        "the stage to widen on a CPU cluster, where the model is the slow stage")
     p.add_argument("--batch-size", type=int, default=16, help="model inputs per model call, across videos")
     p.add_argument("--part-videos", type=int, default=16,
                    help="videos per part file (the unit that a killed job redoes)")
@@ -49,8 +52,8 @@ def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_int8_arguments(parser, args)
-    if args.workers < 1 or args.batch_size < 1 or args.part_videos < 1:
-        parser.error("--workers, --batch-size and --part-videos must be >= 1")
+    if min(args.workers, args.batch_size, args.part_videos, args.model_actors) < 1:
+        parser.error("--workers, --model-actors, --batch-size and --part-videos must be >= 1")
     from .data.detectors import DetectorUnavailable
     from .devices import DeviceError, resolve_device
     from .models.checkpoint import CheckpointError
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
                        detect_every=args.detect_every, boxes=args.boxes, engine=args.engine,
                        calibrate=None if args.calibrate is None else str(args.calibrate),
                        calibrate_samples=args.calibrate_samples, batch_size=args.batch_size)
-        s = annotate(args.inputs, args.out, opts, ray=args.ray, workers=args.workers,
+        s = annotate(args.inputs, args.out, opts, ray=args.ray, workers=args.workers, model_actors=args.model_actors,
                      progress=not args.no_progress, part_videos=args.part_videos)
     except (AnnotateError, CheckpointError, DetectorUnavailable, DeviceError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,11 +27,11 @@ class Summary:
 
 
 def annotate(inputs: Iterable, out, opts: Options, ray: Union[bool, str, None] = None, workers: int = 2,
-             progress: bool = False, part_videos: int = 16) -> Summary:
+             progress: bool = False, part_videos: int = 16, model_actors: int = 1) -> Summary:
     """Annotate ``inputs`` (files, folders, manifests) into ``out``.
 
     ``ray``: None/False runs embedded; True starts a local Ray for the job; a string is a cluster address.
-    ``workers``: decode processes (embedded) or decode actors (Ray).
+    ``workers``: decode processes (embedded) or decode actors (Ray); ``model_actors``: Ray model actors.
     """
     from ._predictor import make_predictor
 
@@ -55,7 +55,8 @@ def annotate(inputs: Iterable, out, opts: Options, ray: Union[bool, str, None] =
         if todo and ray:
             from .ray_run import run_ray
 
-            run_ray(opts, todo, collector, address=ray if isinstance(ray, str) else None, workers=workers)
+            run_ray(opts, todo, collector, address=ray if isinstance(ray, str) else None, workers=workers,
+                    model_actors=model_actors)
         elif todo:
             run_embedded(opts, todo, collector, workers=workers)
     finally:

@@ -60,10 +60,16 @@ def run_ray(opts: "adapter.Options", todo: Sequence[str], collector: Collector, 
         raise AnnotateError("--ray needs Ray Data: pip install 'caer_fast[ray]'") from None
     started = not ray.is_initialized()
     if started:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            from .core import AnnotateError
+
+            where = f"the Ray cluster at {address}" if address else "a local Ray"
+            raise AnnotateError(f"--ray: could not start or reach {where}: {exc}") from None
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours counts videos
