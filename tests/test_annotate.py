@@ -181,6 +181,26 @@ def test_inputs_from_folders_files_and_manifests(corpus, tmp_path):
     assert proc.returncode == 2 and "no such file or folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_an_image_and_a_missing_file_from_a_manifest(corpus, tmp_path):
+    from serving_helpers import write_png
+
+    image = write_png(tmp_path / "still.png", seed=4)
+    video = corpus["videos"] / "Surprise" / "0003.avi"
+    man = tmp_path / "m.txt"
+    man.write_text(f"{image}\n{video}\ngone.avi\n")
+    proc = run_annotate(man, "--checkpoint", corpus["ckpt"], "--out", tmp_path / "o", "--detector", "none")
+    assert proc.returncode == 0, proc.stderr
+    videos, clips = read(tmp_path / "o")
+    assert videos[str(tmp_path / "gone.avi")]["error"].endswith("gone.avi: no such file")
+    p = Predictor(corpus["ckpt"], device="cpu", detector=None)
+    for path in (image, video):
+        row, ref = videos[str(path)], p.predict_file(path)
+        assert (row["status"], row["kind"], row["emotion"], row["clips"]) == ("ok", ref.kind, ref.emotion, len(ref.clips))
+        np.testing.assert_allclose([row[f"p_{k}"] for k in ref.probabilities], list(ref.probabilities.values()),
+                                   atol=1e-5)
+    assert videos[str(image)]["seconds"] == 0 and not videos[str(image)]["face_found"]
+
+
 # -- Ray ------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
