@@ -36,6 +36,9 @@ PER_CLASS = int(os.environ.get("CAER_BENCH_ANNOTATE_VIDEOS", "6"))
 ROUNDS = int(os.environ.get("CAER_BENCH_ANNOTATE_ROUNDS", "2"))
 RAY_CLI = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 RESULTS = {}
+# no token auth on this loopback cluster (else ray-local's ray.init writes ~/.ray/auth_token and later heads
+# and drivers must agree on it)
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def head():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, **RAY_ENV)
     subprocess.run([*RAY_CLI, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                     "--include-dashboard=false", f"--temp-dir={temp}", "--object-store-memory=300000000",
                     "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=180)
@@ -97,7 +100,7 @@ def _job_rss(proc: psutil.Process) -> int:
 
 def run_once(corpus, out: Path, extra) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CAER_FAST_ENGINE="eager")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CAER_FAST_ENGINE="eager", **RAY_ENV)
     cmd = [sys.executable, "-m", "caer_fast.annotate", str(corpus["videos"]), "--checkpoint", str(corpus["ckpt"]),
            "--out", str(out), "--boxes", str(corpus["boxes"]), "--no-progress", *extra]
     t0 = time.perf_counter()

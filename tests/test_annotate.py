@@ -33,8 +33,13 @@ def run_annotate(*args, timeout=300, **kw):
                           capture_output=True, text=True, env=env, timeout=timeout, **kw)
 
 
+# A loopback test cluster without token auth: Ray 2.60 turns it on once ~/.ray/auth_token exists (any local
+# ray.init writes one), and a head and a driver that disagree about it cannot talk.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
 def popen_annotate(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **RAY_ENV)
     return subprocess.Popen([sys.executable, "-m", "caer_fast.annotate", *map(str, args), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -195,7 +200,8 @@ def test_an_image_and_a_missing_file_from_a_manifest(corpus, tmp_path):
     p = Predictor(corpus["ckpt"], device="cpu", detector=None)
     for path in (image, video):
         row, ref = videos[str(path)], p.predict_file(path)
-        assert (row["status"], row["kind"], row["emotion"], row["clips"]) == ("ok", ref.kind, ref.emotion, len(ref.clips))
+        assert (row["status"], row["kind"], row["emotion"]) == ("ok", ref.kind, ref.emotion)
+        assert row["clips"] == len(ref.clips)
         np.testing.assert_allclose([row[f"p_{k}"] for k in ref.probabilities], list(ref.probabilities.values()),
                                    atol=1e-5)
     assert videos[str(image)]["seconds"] == 0 and not videos[str(image)]["face_found"]
@@ -214,7 +220,7 @@ def ray_head():
     ray_cli = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]  # this venv's ray
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     port = _free_port()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, **RAY_ENV)
     cmd = [*ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
            "--include-dashboard=false", f"--temp-dir={temp}", "--object-store-memory=300000000",
            "--disable-usage-stats"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 from ._predictor import Options
 from .core import AnnotateError, Collector, Progress, Store, find_inputs, run_embedded

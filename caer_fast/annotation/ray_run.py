@@ -7,6 +7,7 @@ video ends up in the output exactly once.
 """
 from __future__ import annotations
 
+import os
 import pickle
 from typing import Optional, Sequence
 
@@ -52,6 +53,10 @@ def run_ray(opts: "adapter.Options", todo: Sequence[str], collector: Collector, 
             workers: int = 2, model_actors: int = 1) -> None:
     """``address``: a running cluster (``ray start --head`` prints it; "auto" finds the local one), or None
     for a Ray started for this job on this machine (stopped at the end)."""
+    if address and address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]"):
+        # Ray swaps a loopback address for this machine's network address, where a head started with
+        # --node-ip-address=127.0.0.1 does not listen; this (misnamed) switch keeps loopback as given.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
