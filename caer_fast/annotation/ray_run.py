@@ -17,6 +17,7 @@ from . import _predictor as adapter
 from .core import Collector
 
 RETRIES = {"max_restarts": -1, "max_task_retries": -1}
+VIDEOS_PER_BLOCK = 4
 
 
 class _Decode:
@@ -80,7 +81,9 @@ def run_ray(opts: "adapter.Options", todo: Sequence[str], collector: Collector, 
         ctx.enable_progress_bars = False  # ours counts videos
         gpus = ray.cluster_resources().get("GPU", 0) if opts.device != "cpu" else 0
         per_chunk = collector.p.stream_chunk  # model inputs per chunk: a model batch is batch_size inputs
-        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=len(todo))
+        # a few videos per block: fewer tasks to schedule than one per video, and a dead actor redoes few
+        blocks = max(1, -(-len(todo) // VIDEOS_PER_BLOCK))
+        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
         # decode actors scale between 1 and ``workers`` with the CPUs the model actors leave free
         ds = ds.flat_map(_Decode, fn_constructor_kwargs={"opts": opts}, num_cpus=1,
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)), **RETRIES)
