@@ -61,6 +61,8 @@ setup(
         "int8": ["torchao==0.18.0"],
         # the openvino serving engine (also in requirements.txt; `auto` measures it where installed)
         "openvino": ["openvino==2026.4.1"],
+        # python -m caer_fast.annotate: Parquet output (pyarrow) and --ray (Ray Data); also in requirements-dev.txt
+        "ray": ["ray[data]==2.60.0", "pyarrow==26.0.1"],
     },
     zip_safe=False,
 )
