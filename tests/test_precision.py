@@ -227,3 +227,34 @@ def test_optimize_train_records_its_precision(monkeypatch):
     assert caer_fast.optimize(model, "inference", compile=False).info["precision"] == "fp32"
     with pytest.raises(ValueError, match="precision"):
         caer_fast.optimize(model, "train", precision="fp16")
+
+
+def test_train_cli_prints_records_and_keeps_its_precision(demo_root, tmp_path):
+    """train --precision auto: the choice and its reason printed at start, recorded in checkpoint.pth and
+    metrics.json; --resume without --precision keeps the run's precision."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CAER_FAST_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    common = [sys.executable, "-m", "caer_fast.train", "--data", str(demo_root / "CAER-S"), "--model", "caers",
+              "-b", "4", "--face-size", "48", "--context-size", "64x86", "--crop", "56", "-j", "0", "--no-progress",
+              "--output-dir", str(out)]
+    first = subprocess.run(common + ["--epochs", "1", "--precision", "auto"], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    line = next(ln for ln in first.stdout.splitlines() + first.stderr.splitlines() if ln.startswith("precision: "))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    chosen = ckpt["precision"]["precision"]
+    assert chosen in ("fp32", "bf16") and line.startswith(f"precision: {chosen} (--precision auto")
+    assert metrics["precision"] == ckpt["precision"]
+    from caer_fast.data.calibration import load_calibration_sample  # for a later predict --engine int8
+
+    sample = load_calibration_sample(out / "calibration.pt")
+    assert sample[0][0].shape[1:] == (3, 48, 48) and sample[0][1].shape[1:] == (3, 56, 56)
+    if not engines.has_native_bf16():
+        assert chosen == "fp32" and "no native bf16" in line
+    resumed = subprocess.run(common + ["--epochs", "2", "--resume", str(out / "checkpoint.pth")], capture_output=True,
+                             text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"precision: {chosen} (kept from" in resumed.stdout + resumed.stderr
+    again = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert again["epoch"] == 1 and again["precision"]["precision"] == chosen
