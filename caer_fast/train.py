@@ -554,8 +554,8 @@ def resolve_precision(args, device, model, ckpt, train_set) -> dict:
     if was is not None and want in ("fp32", "bf16") and want != was.get("precision"):
         _log(f"warning: resuming {args.resume}, trained in {was.get('precision')}, with --precision {want}")
     if want is None:
-        if args.amp and device.type == "cpu":
-            return {"precision": "bf16", "reason": "--amp on CPU"}
+        if args.amp:
+            return {"precision": "bf16" if device.type == "cpu" else "fp16", "reason": f"--amp on {device.type}"}
         return {"precision": "fp32", "reason": "default (--precision auto measures bf16 on this CPU)"}
     if want != "auto":
         return {"precision": want, "reason": "--precision " + want}
