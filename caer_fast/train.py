@@ -91,6 +91,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (first compile takes a while)")
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="fp32; bf16 (autocast); auto: bf16 only where the CPU has it natively and a measured step "
+                        "(after warm-up, cached per machine and model) is faster and converges like fp32. "
+                        "Default: the resumed run's precision, else bf16 with --amp on CPU, else fp32")
     p.add_argument("--loader", choices=("torch", "dali"), default="torch",
                    help="torch: PyAV decoding in DataLoader workers; dali: NVIDIA DALI (needs nvidia-dali)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/latest"))
@@ -439,11 +443,14 @@ def main(args, keep_process_group: bool = False) -> dict:
         from .models.optimize import optimize
 
         t = time.perf_counter()
-        train_model = optimize(train_model, mode="train")
+        train_model = optimize(train_model, mode="train", precision="fp32")  # autocast: the engine's, below
         _log(f"compiled (first step pays the compile time; set up in {time.perf_counter() - t:.1f}s)")
+    precision = resolve_precision(args, device, model, ckpt if args.resume else None, train_set)
+    _log(f"precision: {precision['precision']} ({precision['reason']})")
+    amp = "bf16" if precision["precision"] == "bf16" else args.amp
     progress = not args.no_progress and dist_utils.is_main_process()
     num_classes = len(CLASSES)
-    eval_kw = dict(amp=args.amp, progress=progress)
+    eval_kw = dict(amp=amp, progress=progress)
 
     saved_epochs = []
     if not args.test_only:
@@ -451,7 +458,7 @@ def main(args, keep_process_group: bool = False) -> dict:
             torch.manual_seed(args.seed * 1000 + epoch)  # augmentation and dropout: same on resume
             skips = SkipLog()
             loader = make_loader(train_set, args, train=True, epoch=epoch, distributed=distributed)
-            stats = train_one_epoch(train_model, criterion, optimizer, loader, device, epoch, amp=args.amp,
+            stats = train_one_epoch(train_model, criterion, optimizer, loader, device, epoch, amp=amp,
                                     scaler=scaler, progress=progress, skip_log=skips,
                                     desc=f"train [{args.streams}]")
             scheduler.step()
@@ -470,7 +477,7 @@ def main(args, keep_process_group: bool = False) -> dict:
                 ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars_for_checkpoint(args),
                         "model_type": args.model, "model_args": model_args(args), "classes": list(CLASSES),
-                        "best_acc": best, "history": history}
+                        "best_acc": best, "history": history, "precision": precision}
                 if scaler is not None:
                     ckpt["scaler"] = scaler.state_dict()
                 save_checkpoint(ckpt, out_dir / "checkpoint.pth")
@@ -486,6 +493,8 @@ def main(args, keep_process_group: bool = False) -> dict:
                     write_json({"epoch": epoch, "skipped": skips.items}, out_dir / "skipped.json")
             dist_utils.barrier()
 
+    if saved_epochs and dist_utils.is_main_process():
+        save_calibration(args, out_dir)
     result = {}
     if dist_utils.is_main_process():
         skips = SkipLog()
@@ -498,7 +507,7 @@ def main(args, keep_process_group: bool = False) -> dict:
             _log(f"test: {skips.summary()}")
         _save_eval(test, out_dir, "test", f"{args.model} [{args.streams}] test")
         result = {"model": args.model, "streams": args.streams, "test": test, "history": history,
-                  "skipped_test": skips.items}
+                  "skipped_test": skips.items, "precision": precision}
         write_json(result, out_dir / "metrics.json")
         wrote = [str(out_dir / "metrics.json"), str(out_dir / "confusion_test.png")]
         if saved_epochs:  # only what this run wrote
@@ -510,6 +519,53 @@ def main(args, keep_process_group: bool = False) -> dict:
     if not keep_process_group:
         dist_utils.cleanup()
     return result
+
+
+CALIBRATION_SAMPLES = 32
+
+
+def save_calibration(args, out_dir: Path) -> None:
+    """``calibration.pt`` beside the checkpoint: a few dozen training clips (images) preprocessed as at
+    test time, so ``predict --engine int8`` can calibrate later without the training data."""
+    from .data import calibration as cal
+
+    kw = dict(face_size=tuple(args.face_size), context_size=tuple(args.context_size), crop=args.crop)
+    try:
+        if args.model == "caer":
+            batches = cal.video_calibration_batches(args.data, CALIBRATION_SAMPLES, clip_frames=args.clip_frames, **kw)
+        else:
+            batches = cal.calibration_batches(args.data, CALIBRATION_SAMPLES, **kw)
+        cal.save_calibration_sample(out_dir / cal.CALIBRATION_FILE, batches)
+    except (OSError, ValueError, RuntimeError) as exc:  # int8 later needs --calibrate; training is done
+        _log(f"warning: no {cal.CALIBRATION_FILE} written ({exc})")
+
+
+def resolve_precision(args, device, model, ckpt, train_set) -> dict:
+    """``{"precision": "fp32"|"bf16", "reason": ...}`` for this run (``--precision``; see its help).
+
+    A resumed run keeps its checkpoint's precision unless ``--precision`` names another (then: a
+    warning). ``auto`` on CPU measures on the first training batch (:func:`choose_train_precision`)."""
+    from .models.optimize import choose_train_precision
+
+    was = ckpt.get("precision") if isinstance(ckpt, dict) and isinstance(ckpt.get("precision"), dict) else None
+    want = args.precision
+    if want is None and was is not None and was.get("precision") in ("fp32", "bf16"):
+        return {"precision": was["precision"], "reason": f"kept from {args.resume} ({was.get('reason', '')})"}
+    if was is not None and want in ("fp32", "bf16") and want != was.get("precision"):
+        _log(f"warning: resuming {args.resume}, trained in {was.get('precision')}, with --precision {want}")
+    if want is None:
+        if args.amp:
+            return {"precision": "bf16" if device.type == "cpu" else "fp16", "reason": f"--amp on {device.type}"}
+        return {"precision": "fp32", "reason": "default (--precision auto measures bf16 on this CPU)"}
+    if want != "auto":
+        return {"precision": want, "reason": "--precision " + want}
+    if device.type != "cpu":
+        return {"precision": "fp32", "reason": f"--precision auto measures CPUs only; on {device.type} use --amp"}
+    batch = next((b for b in make_loader(train_set, args, train=True, epoch=0) if len(b["label"])), None)
+    if batch is None:
+        return {"precision": "fp32", "reason": "--precision auto: no training batch to measure on"}
+    d = choose_train_precision(model, batch["face"].to(device), batch["context"].to(device))
+    return {"precision": d["precision"], "reason": f"--precision auto, {d['source']}: {d['reason']}"}
 
 
 def _report_index_problems(datasets) -> None:
