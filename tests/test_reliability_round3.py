@@ -1,0 +1,109 @@
+"""Issue 25 (reliability, round 3): a finished run survives ``--overwrite`` until the new run has a checkpoint,
+one training per output folder, box files with non-finite numbers, media FFmpeg opens but cannot decode, output
+names checked before the work, CLI limits, crafted checkpoint sizes. Real subprocesses of the commands."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train import SMALL, run_train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _caers(root):
+    return ["--data", Path(root), "--model", "caers", "-b", "4", *SMALL]
+
+
+def _one_error_line(proc):
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-1500:], proc.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+def _train_popen(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "caer_fast.train", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_line(proc, prefix: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line
+        assert time.monotonic() < deadline, f"no {prefix!r} line in {timeout}s"
+    raise AssertionError(f"train ended ({proc.wait()}) before a {prefix!r} line: {proc.stderr.read()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "done"
+    run_train(*_caers(Path(demo_root) / "CAER-S"), "--epochs", "1", "--output-dir", out)
+    (out / "skipped.json").write_text("{}")  # a file of the old run a new one might not rewrite
+    return out
+
+
+# ---------------------------------------------------------------- item 4: --overwrite keeps the run until replaced
+
+def test_overwrite_killed_before_its_first_checkpoint_leaves_the_old_run_whole(demo_root, finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = _snapshot(run)
+    proc = _train_popen(*_caers(Path(demo_root) / "CAER-S"), "--epochs", "3", "--output-dir", run, "--overwrite")
+    try:
+        _wait_for_line(proc, "data:")  # indexing done, epoch 0 starting: SIGKILL now
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert _snapshot(run) == before  # not a byte of the finished run changed
+    # the next --overwrite run replaces it once it has a checkpoint, and says what it removed
+    out = run_train(*_caers(Path(demo_root) / "CAER-S"), "--epochs", "1", "--output-dir", run, "--overwrite").stdout
+    assert "--overwrite: removed the earlier run's" in out and "skipped.json" in out, out
+    assert not (run / "skipped.json").exists()
+    assert _snapshot(run)["checkpoint.pth"] != before["checkpoint.pth"]
+
+
+def test_overwrite_with_a_strict_data_error_leaves_the_old_run_whole(demo_root, finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = _snapshot(run)
+    data = tmp_path / "CAER-S"
+    shutil.copytree(Path(demo_root) / "CAER-S", data)
+    shutil.copytree(data / "train" / "Happy", data / "train" / "Contempt")  # --strict refuses it at the data scan
+    proc = run_train(*_caers(data), "--epochs", "1", "--output-dir", run, "--overwrite", "--strict", check=False)
+    assert "Contempt" in _one_error_line(proc)
+    assert _snapshot(run) == before
+    # a new folder created for a run that fails at the data scan is not left behind (empty)
+    fresh = tmp_path / "fresh"
+    proc = run_train(*_caers(data), "--epochs", "1", "--output-dir", fresh, "--strict", check=False)
+    assert "Contempt" in _one_error_line(proc)
+    assert not fresh.exists()
+
+
+def test_two_trainings_into_one_folder_the_second_is_refused_and_a_killed_lock_does_not_block(demo_root, tmp_path):
+    out = tmp_path / "new"
+    first = _train_popen(*_caers(Path(demo_root) / "CAER-S"), "--epochs", "50", "--output-dir", out)
+    try:
+        _wait_for_line(first, "data:")
+        second = run_train(*_caers(Path(demo_root) / "CAER-S"), "--epochs", "1", "--output-dir", out, check=False)
+        line = _one_error_line(second)
+        assert "in use by another training" in line and str(first.pid) in line, line
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    # the killed run's lock is gone with it: a new run goes ahead (with --overwrite if it had saved a checkpoint)
+    proc = run_train(*_caers(Path(demo_root) / "CAER-S"), "--epochs", "0", "--output-dir", out, "--overwrite")
+    assert json.loads((out / "metrics.json").read_text())["history"] == []
