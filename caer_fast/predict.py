@@ -200,15 +200,16 @@ def boxes_for(path: Path, box_file: Path) -> dict:
     text = box_file.read_text(encoding="utf-8", errors="replace")
     target = path.resolve().as_posix()
     if text.startswith(",".join(boxes_io.VIDEO_HEADER)):
-        per_file, _ = boxes_io.parse_video_boxes(text, str(box_file))
+        per_file, bad = boxes_io.parse_video_boxes(text, str(box_file))
         entries = {k: {f: box for f, (box, _) in frames.items()} for k, frames in per_file.items()}
     else:
-        per_image, _ = boxes_io.parse_image_boxes(text, str(box_file))
+        per_image, bad = boxes_io.parse_image_boxes(text, str(box_file))
         entries = {k: {0: box} for k, (_, box) in per_image.items()}
     for key, frames in entries.items():
         if target.endswith("/" + key.lstrip("/")):
             return frames
-    raise LookupError(f"{box_file} has no boxes for {path}")
+    skipped = f" ({len(bad)} malformed line{'s' if len(bad) > 1 else ''} skipped, first {bad[0]})" if bad else ""
+    raise LookupError(f"{box_file} has no boxes for {path}{skipped}")
 
 
 def _atomic_write(path: Path, text: str) -> None:

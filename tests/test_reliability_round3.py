@@ -107,3 +107,59 @@ def test_two_trainings_into_one_folder_the_second_is_refused_and_a_killed_lock_d
     # the killed run's lock is gone with it: a new run goes ahead (with --overwrite if it had saved a checkpoint)
     proc = run_train(*_caers(Path(demo_root) / "CAER-S"), "--epochs", "0", "--output-dir", out, "--overwrite")
     assert json.loads((out / "metrics.json").read_text())["history"] == []
+
+
+# ---------------------------------------------------------------- box files with non-finite or huge numbers
+
+HOSTILE_NUMBERS = ["inf", "-inf", "nan", "1e30", "-1e30", "1e308"]
+
+
+def _poison_image_boxes(root: Path) -> None:
+    """Each test image's box line gets a hostile number in a different place (x1, y1, x2, y2 in turn)."""
+    lines = (root / "test.txt").read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        f = line.split(",")
+        f[2 + i % 4] = HOSTILE_NUMBERS[i % len(HOSTILE_NUMBERS)]
+        out.append(",".join(f))
+    (root / "test.txt").write_text("\n".join(out) + "\n")
+
+
+def test_non_finite_and_huge_box_numbers_are_bad_lines_in_train(demo_root, tmp_path):
+    data = tmp_path / "CAER-S"
+    shutil.copytree(Path(demo_root) / "CAER-S", data)
+    _poison_image_boxes(data)
+    proc = run_train(*_caers(data), "--epochs", "0", "--output-dir", tmp_path / "out", check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "test.txt" in proc.stdout and "not a finite number" in proc.stdout and "out of range" in proc.stdout, \
+        proc.stdout
+    strict = run_train(*_caers(data), "--epochs", "0", "--output-dir", tmp_path / "strict", "--strict", check=False)
+    line = _one_error_line(strict)
+    assert "test.txt:1" in line and "inf" in line, line
+
+
+def test_non_finite_and_huge_video_box_numbers_are_bad_lines(demo_root, tmp_path):
+    from caer_fast.data.boxes import parse_video_boxes
+
+    text = (Path(demo_root) / "CAER" / "test.faces.csv").read_text().splitlines()
+    path = text[1].split(",")[0]
+    hostile = [f"{path},0,{v},19,142,73,1.0" for v in HOSTILE_NUMBERS] + [
+        f"{path},1,96,19,142,73,{v}" for v in ("inf", "nan")] + [f"{path},99999999999999999999,96,19,142,73,1.0"]
+    boxes, bad = parse_video_boxes("\n".join([text[0], *hostile, text[1]]), "f.csv")
+    assert [b.line for b in bad] == list(range(2, 2 + len(hostile)))
+    assert boxes == {path: {0: ((96, 19, 142, 73), 1.0)}}  # only the good last line
+
+
+def test_predict_boxes_with_non_finite_numbers_is_one_error_line(demo_root, tmp_path):
+    from serving_helpers import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "caers.pth", "caers")
+    image = Path(demo_root) / "CAER-S" / "test" / "Anger" / "0000.png"
+    for v in ("inf", "1e30", "nan"):
+        boxes = tmp_path / "boxes.txt"
+        boxes.write_text(f"Anger/0000.png,0,{v},33,88,78\n")
+        proc = subprocess.run([sys.executable, "-m", "caer_fast.predict", str(image), "--checkpoint", str(ckpt),
+                               "--boxes", str(boxes), "--engine", "eager", "--no-progress"], capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        line = _one_error_line(proc)
+        assert "boxes.txt:1" in line and v in line, line
