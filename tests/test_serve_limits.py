@@ -103,6 +103,46 @@ def test_hostile_uploads_are_4xx_and_rss_stays_under_budget(server):
     print(f"server peak RSS {peak:.0f} MiB, budget {BUDGET_MB} MiB, base {health['memory']['base_bytes'] / 2**20:.0f} MiB")
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_frames_that_grow_after_the_header_stay_under_the_budget(server):
+    """Issue 25 item 3: a stream that starts at 64×64 and switches to 4096×4096 (two MPEG-TS streams
+    concatenated, ~100 KB) reserved for the small size, then decoded the large frames: 7 at once took a
+    1300 MiB server to 2161 MiB, and 1.58 GiB stayed resident after every one got its 413."""
+    if not Path(f"/proc/{server.proc.pid}/status").exists():
+        pytest.skip("no /proc")
+    grows = encode(10, (64, 64), fmt="mpegts") + encode(20, (4096, 4096), fmt="mpegts")  # over --max-pixels
+    too_big = encode(10, (64, 64), fmt="mpegts") + encode(4, (4112, 4096), fmt="mpegts")  # over --max-frame-pixels
+    assert len(grows) < 200_000 and len(too_big) < 200_000
+    uploads = [grows] * 5 + [too_big] * 2
+    results = [None] * len(uploads)
+
+    def send(i):
+        results[i] = post(server.url, uploads[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(uploads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert all(r is not None and r.status_code == 413 for r in results), [r and r.text[:300] for r in results]
+    assert all("budget" in r.json()["detail"] for r in results[:5]), [r.text for r in results[:5]]
+    assert all(r.json()["error"] == "media too large" and "4096×4112" in r.json()["detail"] for r in results[5:]), \
+        [r.text for r in results[5:]]
+    health = httpx.get(server.url + "/health", timeout=30).json()
+    peak, now = peak_rss_mb(server.proc.pid), rss_mb(server.proc.pid)
+    base = health["memory"]["base_bytes"] / 2**20
+    print(f"growing frames: server peak RSS {peak:.0f} MiB, after {now:.0f} MiB, base {base:.0f} MiB, "
+          f"budget {BUDGET_MB} MiB")
+    assert peak <= BUDGET_MB, (peak, health["memory"])
+    assert now <= base + 256, (now, base)  # the decoders' memory went back to the system
+
+
 def test_truncated_uploads_are_200_with_a_note_or_422(server, files):
     video = write_video(files["dir"] / "t.avi", frames=120, fps=20, codec="mpeg4", size=(64, 96)).read_bytes()
     r = post(server.url, video[: len(video) // 2])  # AVI cut in the middle: the first half decodes

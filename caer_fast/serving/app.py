@@ -11,8 +11,10 @@ Videos stream through :mod:`.stream` (the ``predict`` pipeline): a worker thread
 one chunk of clips at a time while the previous chunk waits for the model; each chunk goes onto an
 asyncio queue. One batching task takes what is queued (up to ``max_batch`` inputs, waiting at most
 ``max_wait_ms`` after the first) and runs one model call for all of them, so concurrent requests share
-a forward pass. Memory: a request reserves an estimate of its peak (from the frame size in the stream
-header) against ``memory_budget`` before it decodes anything. Uploads are written to a private temp
+a forward pass. Memory: a request reserves an estimate of its peak against ``memory_budget`` before it
+decodes anything: the decoder's part by the largest frame the server accepts (a stream may switch to larger
+frames after its header; FFmpeg refuses frames over that size before allocating them), the rest by the
+header's frame size (every frame is rescaled to it). Uploads are written to a private temp
 directory under a fixed name: nothing from the request (file name, path) is ever used as a path.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ..data.video import MediaDecodeError, MediaTooLargeError, sniff_media
+from ..data.video import DECODER_MAX_FRAMES, MediaDecodeError, MediaTooLargeError, sniff_media
 from .inference import MediaTooLongError, Predictor, is_image_file
 from .stream import Accumulator, iter_chunks
 
@@ -70,18 +72,36 @@ def rss_bytes() -> int:
         return 0
 
 
-# Peak bytes one streaming request adds, by decoded frame size: decoder frame pool and threads (≈ 16 YUV
-# frames at 1.5 B/px), RGB frames of one preprocessing group (3 B/px, 8 frames at most) and the float copy
-# face_context makes of them (12 B/px); plus a fixed part for the chunk's clips and the model's activations
-# at the largest batch. Measured on this machine: tests/test_serve_limits.py keeps RSS under the budget.
-STREAM_BYTES_PER_PIXEL = 16 * 1.5 + 8 * 3 + 8 * 12
+# Peak bytes one streaming request adds: the decoder's frame pool and threads (DECODER_MAX_FRAMES YUV frames
+# at 1.5 B/px, at the largest frame size the decoder accepts), RGB frames of one preprocessing group (3 B/px,
+# 8 frames at most) and the float copy face_context makes of them (12 B/px) at the header's size; plus a fixed
+# part for the chunk's clips and the model's activations at the largest batch. tests/test_serve_limits.py
+# measures RSS under the budget, also for a stream whose frames grow after the header.
+STREAM_BYTES_PER_PIXEL = DECODER_MAX_FRAMES * 1.5 + 8 * 3 + 8 * 12
 STREAM_FIXED_BYTES = 96 * 2**20
 
 
-def request_memory_estimate(width: int, height: int, model_batch_bytes: int = 0) -> int:
-    px = max(1, int(width)) * max(1, int(height))
+def request_memory_estimate(width: int, height: int, model_batch_bytes: int = 0,
+                            max_frame_pixels: Optional[int] = None) -> int:
+    """Peak bytes of one streamed video whose header says ``width``×``height``; ``max_frame_pixels``: the
+    largest frame the decoder accepts (frames may grow after the header: the decoder is sized for that)."""
+    known = int(width) > 0 and int(height) > 0
+    px = int(width) * int(height) if known else int(max_frame_pixels or 1)
+    decoder_px = max(px, int(max_frame_pixels or 0))
     group = max(1, min(8, (8 * 640 * 360) // px))  # frames preprocessed together (stream.GROUP_PIXELS)
-    return int(px * (16 * 1.5 + group * 3 + group * 12) + STREAM_FIXED_BYTES + model_batch_bytes)
+    return int(decoder_px * DECODER_MAX_FRAMES * 1.5 + px * (group * 3 + group * 12) + STREAM_FIXED_BYTES
+               + model_batch_bytes)
+
+
+def trim_heap() -> None:
+    """Give freed heap back to the system (glibc keeps a decoder's large frames in its arenas otherwise, and
+    resident memory stays high after the request)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class MemoryBudget:
@@ -386,7 +406,7 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
         video = await loop.run_in_executor(pool, predictor.open_video, path)  # header checks: size, frames
         gen = fut = None
         try:
-            need = request_memory_estimate(video.width, video.height)
+            need = request_memory_estimate(video.width, video.height, max_frame_pixels=predictor.max_frame_pixels)
             await memory.acquire(need)
             try:
                 acc = Accumulator(predictor, kind="video", fps=video.fps)
@@ -410,11 +430,13 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
             finally:
                 if fut is not None:  # a chunk still decoding: let it end before the decoder is closed
                     await asyncio.wait([fut])
+                    fut = None  # its exception's traceback holds this frame: no cycle keeping decoded frames alive
                 await memory.release(need)
         finally:
             if gen is not None:
                 gen.close()
             video.close()
+            trim_heap()
 
     def predict_image(path: str):
         prep = predictor.prepare_file(path)
