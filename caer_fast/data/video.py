@@ -37,6 +37,22 @@ class DecodedVideo:
     codec: str
 
 
+def _check_decodable(container, name) -> None:
+    """FFmpeg opens some formats it has no decoder for (an SVG is an "svg_pipe" video stream without a
+    codec): refuse those as not a video, with the format's name, instead of failing on the missing codec."""
+    stream = container.streams.video[0]
+    try:
+        cc = stream.codec_context
+        ok = cc is not None and cc.codec is not None and cc.name
+    except Exception:  # PyAV raises on a stream whose codec it cannot open
+        ok = False
+    if not ok:
+        fmt = getattr(container.format, "name", None) or "unknown"
+        container.close()
+        raise MediaDecodeError(name, f"not a readable video container (FFmpeg opens it as {fmt!r} but has no "
+                                     f"decoder for its stream)")
+
+
 def _open(path):
     import av
 
@@ -52,6 +68,7 @@ def _open(path):
     if not container.streams.video:
         container.close()
         raise MediaDecodeError(path, "no video stream")
+    _check_decodable(container, path)
     return container
 
 
@@ -276,15 +293,17 @@ def open_source(source, follow: bool = False, idle_s: float = 5.0, timeout_s: fl
     if not container.streams.video:
         container.close()
         raise MediaDecodeError(name, "no video stream")
+    _check_decodable(container, name)
     return container
 
 
-# Decoder threads of a streamed video: each frame thread holds its own frame, so the decoder's memory grows
+# Decoder threads of a streamed video: each frame thread holds its own frames, so the decoder's memory grows
 # with them (measured on a 4096×4096 H.264 stream: +73 MB at 1 thread, +120 MB at 2, +170 MB at FFmpeg's
 # automatic 3 on a 2-core machine, more on bigger machines). The server's memory estimate counts on this bound.
 DECODER_THREADS = 2
-# Frames the decoder may hold at once: H.264's 16 reference frames, one per thread, the current and one spare.
-DECODER_MAX_FRAMES = 16 + DECODER_THREADS + 2
+# Frames the decoder may hold at once, for the server's memory estimate: H.264's 16 reference frames plus the
+# threads' frames (measured: 24.6 frames' worth at 2 threads on a 4096×4096 stream encoded with ref=16).
+DECODER_MAX_FRAMES = 25
 
 
 class VideoStream:
