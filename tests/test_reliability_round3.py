@@ -163,3 +163,25 @@ def test_predict_boxes_with_non_finite_numbers_is_one_error_line(demo_root, tmp_
                               text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
         line = _one_error_line(proc)
         assert "boxes.txt:1" in line and v in line, line
+
+
+# ---------------------------------------------------------------- media FFmpeg opens but cannot decode
+
+def _predict(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "caer_fast.predict", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="module")
+def caers_ckpt(tmp_path_factory):
+    from serving_helpers import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ck") / "caers.pth", "caers")
+
+
+def test_predict_of_an_svg_is_one_error_line(caers_ckpt, tmp_path):
+    svg = tmp_path / "drawing.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="9" height="9"/></svg>')
+    proc = _predict(svg, "--checkpoint", caers_ckpt, "--engine", "eager", "--no-progress")
+    line = _one_error_line(proc)
+    assert "drawing.svg" in line and "no decoder" in line, line
