@@ -185,3 +185,29 @@ def test_predict_of_an_svg_is_one_error_line(caers_ckpt, tmp_path):
     proc = _predict(svg, "--checkpoint", caers_ckpt, "--engine", "eager", "--no-progress")
     line = _one_error_line(proc)
     assert "drawing.svg" in line and "no decoder" in line, line
+
+
+# ---------------------------------------------------------------- crafted checkpoint sizes
+
+@pytest.mark.parametrize("field,value,words", [
+    ("model_args", {"use_face": True, "use_context": True, "frames": 10**9}, "frames=1000000000"),
+    ("args", {"face_size": [10**6, 10**6]}, "face_size"),
+    ("args", {"context_size": 10**6}, "context_size"),
+    ("args", {"clip_frames": 10**7}, "clip_frames"),
+    ("args", {"crop": 10**6}, "crop"),
+])
+def test_checkpoint_asking_for_huge_allocations_is_one_error_line(tmp_path, field, value, words):
+    import torch
+    from serving_helpers import make_checkpoint, write_png
+
+    ckpt_path = make_checkpoint(tmp_path / "caer.pth", "caer")
+    ck = torch.load(ckpt_path, weights_only=True)
+    ck[field] = {**ck[field], **value}
+    torch.save(ck, ckpt_path)
+    image = write_png(tmp_path / "x.png")
+    t0 = time.monotonic()
+    proc = _predict(image, "--checkpoint", ckpt_path, "--engine", "eager", "--no-progress", "--detector", "none",
+                    timeout=240)
+    line = _one_error_line(proc)
+    assert words in line and "caer.pth" in line and any(w in line for w in ("at most", "up to", "more than")), line
+    assert time.monotonic() - t0 < 200
