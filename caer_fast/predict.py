@@ -213,14 +213,24 @@ def boxes_for(path: Path, box_file: Path) -> dict:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, like a plain write would: through a symlink (its target is
+    replaced, the link kept), with the old file's mode, or a new file's (0666 less the umask)."""
     import os
     import tempfile
 
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+        os.chmod(tmp, mode)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -372,14 +382,47 @@ class _Progress:
             self.bar.close()
 
 
+def check_output_paths(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse --save-viz / --timeline / --timeline-plot names that could not be written, before any work:
+    an unknown extension (matplotlib would fail, or silently add .png), a folder, a missing or read-only
+    folder to write in."""
+    import os
+
+    outputs = [("--timeline", args.timeline, (".csv", ".json")), ("--save-viz", args.save_viz, None),
+               ("--timeline-plot", args.timeline_plot, None)]
+    for flag, path, suffixes in outputs:
+        if path is None:
+            continue
+        if suffixes is None:  # a picture: the formats matplotlib writes
+            try:
+                from matplotlib.figure import Figure
+
+                suffixes = tuple("." + k for k in Figure().canvas.get_supported_filetypes())
+            except ImportError:
+                parser.error(f"{flag} needs matplotlib (pip install matplotlib)")
+        if path.is_dir():
+            parser.error(f"{flag} {path}: is a folder; give a file name ending in {', '.join(suffixes[:4])}")
+        if path.suffix.lower() not in suffixes:
+            parser.error(f"{flag} {path}: the file name must end in {', '.join(suffixes[:-1])} or {suffixes[-1]}")
+        folder = Path(os.path.realpath(path)).parent
+        while not folder.exists() and folder != folder.parent:  # --timeline creates missing folders
+            if flag != "--timeline":
+                parser.error(f"{flag} {path}: the folder {folder} does not exist")
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            parser.error(f"{flag} {path}: cannot write in {folder}")
+    named = [str(Path(p).resolve()) for _, p, _ in outputs if p is not None]
+    if len(set(named)) < len(named):
+        parser.error("--save-viz, --timeline and --timeline-plot must name different files")
+
+
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     from .serve import check_int8_arguments
 
     check_int8_arguments(parser, args)
-    if args.timeline is not None and args.timeline.suffix.lower() not in (".csv", ".json"):
-        parser.error(f"--timeline {args.timeline}: the file name must end in .csv or .json")
+    check_output_paths(parser, args)
     from .data.detectors import DetectorUnavailable
     from .data.video import MediaDecodeError, is_url
     from .devices import DeviceError, resolve_device

@@ -211,3 +211,75 @@ def test_checkpoint_asking_for_huge_allocations_is_one_error_line(tmp_path, fiel
     line = _one_error_line(proc)
     assert words in line and "caer.pth" in line and any(w in line for w in ("at most", "up to", "more than")), line
     assert time.monotonic() - t0 < 200
+
+
+# ---------------------------------------------------------------- output names checked before the work; CLI minors
+
+@pytest.fixture(scope="module")
+def video_job(tmp_path_factory):
+    from serving_helpers import make_checkpoint, write_video
+
+    d = tmp_path_factory.mktemp("vid")
+    return make_checkpoint(d / "caer.pth", "caer"), write_video(d / "clip.mp4", frames=40, fps=20, size=(64, 96))
+
+
+@pytest.mark.parametrize("flag,name,words", [
+    ("--timeline-plot", "x.xyz", "must end in"),
+    ("--save-viz", "x.xyz", "must end in"),
+    ("--save-viz", "viz", "must end in"),  # wrote viz.png and printed "viz"
+    ("--save-viz", "a_folder", "is a folder"),
+    ("--timeline", "t.txt", "must end in .csv or .json"),
+    ("--timeline-plot", "missing/t.png", "does not exist"),
+])
+def test_bad_output_names_are_refused_before_the_prediction(video_job, tmp_path, flag, name, words):
+    ckpt, video = video_job
+    (tmp_path / "a_folder").mkdir()
+    out = tmp_path / name
+    proc = _predict(video, "--checkpoint", ckpt, "--engine", "eager", "--detector", "none", "--no-progress",
+                    flag, out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1, proc.stderr
+    line = errors[0]
+    assert flag in line and words in line, line
+    assert proc.stdout == ""  # refused before the prediction ran
+    assert not Path(str(out) + ".png").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a_folder"]
+
+
+def test_timeline_writes_through_a_symlink_with_normal_permissions(video_job, tmp_path):
+    ckpt, video = video_job
+    target = tmp_path / "real" / "t.csv"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    target.chmod(0o644)
+    link = tmp_path / "t.csv"
+    link.symlink_to(target)
+    fresh = tmp_path / "new.json"
+    for out in (link, fresh):
+        proc = _predict(video, "--checkpoint", ckpt, "--engine", "eager", "--detector", "none", "--no-progress",
+                        "--timeline", out)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert link.is_symlink() and link.resolve() == target
+    assert target.read_text().startswith("clip,start_s,end_s") and (target.stat().st_mode & 0o777) == 0o644
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (fresh.stat().st_mode & 0o777) == 0o666 & ~umask and json.loads(fresh.read_text())["clips"]
+
+
+@pytest.mark.parametrize("flags,option", [
+    (["--port", "99999"], "--port"), (["--port", "-1"], "--port"), (["--max-connections", "0"], "--max-connections"),
+    (["--max-batch", "0"], "--max-batch"), (["--max-upload-mb", "-5"], "--max-upload-mb"),
+    (["--memory-budget-mb", "nan"], "--memory-budget-mb"), (["--max-frames", "0"], "--max-frames"),
+    (["--max-frame-pixels", "-1"], "--max-frame-pixels"), (["--header-timeout", "0"], "--header-timeout"),
+    (["--body-timeout", "inf"], "--body-timeout"), (["--max-wait-ms", "-1"], "--max-wait-ms"),
+    (["--threads", "0"], "--threads"),
+])
+def test_serve_refuses_nonsense_limits(caers_ckpt, flags, option):
+    try:
+        proc = subprocess.run([sys.executable, "-m", "caer_fast.serve", "--checkpoint", str(caers_ckpt), *flags],
+                              capture_output=True, text=True, timeout=90, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve {' '.join(flags)} started serving instead of refusing the option")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and option in errors[0], proc.stderr
