@@ -120,10 +120,29 @@ def main(argv=None) -> int:
     from .models.checkpoint import CheckpointError
 
     out = args.output or args.checkpoint.with_suffix(".onnx")
+    if out.is_dir():
+        ap.error(f"--output {out}: is a folder; give a file name ending in .onnx")
+    if args.opset is not None:
+        try:  # the exporters' range (a private table: fall back to torch 2.13's numbers)
+            from torch.onnx import _constants as c
+
+            top = c.ONNX_MAX_OPSET if args.dynamo else c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+        except (ImportError, AttributeError):
+            top = 23 if args.dynamo else 20
+        if not 7 <= args.opset <= top:
+            ap.error(f"--opset {args.opset}: this exporter writes opsets 7 to {top}")
     try:
         info = export_onnx(args.checkpoint, out, args.opset, dynamo=args.dynamo)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the output's folder cannot be created or written
+        print(f"error: --output {out}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    except (RuntimeError, ValueError, ImportError) as exc:  # an opset the exporter lacks; --dynamo without onnxscript
+        what = f"--opset {args.opset}" if args.opset is not None and "opset" in str(exc).lower() else "export failed"
+        print(f"error: {what}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__}",
+              file=sys.stderr)
         return 2
     print(f"wrote {info['output']}: {info['model']}, inputs face N×{'×'.join(map(str, info['face']))}, "
           f"context N×{'×'.join(map(str, info['context']))}; outputs logits N×{len(info['classes'])}, "

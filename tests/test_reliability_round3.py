@@ -283,3 +283,17 @@ def test_serve_refuses_nonsense_limits(caers_ckpt, flags, option):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1 and option in errors[0], proc.stderr
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--opset", "99"], "--opset 99"), (["--opset", "3"], "--opset 3"), (["--opset", "x"], "--opset"),
+    (["--output", "{tmp}"], "is a folder"), (["--output", "/proc/nope/x.onnx"], "cannot write"),
+])
+def test_export_bad_options_are_one_error_line(caers_ckpt, tmp_path, flags, words):
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    proc = subprocess.run([sys.executable, "-m", "caer_fast.export", "--checkpoint", str(caers_ckpt), *flags],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and words in errors[0], proc.stderr[-2000:]
+    assert len(proc.stderr.splitlines()) <= 8  # the usage and one line, no graph dump
