@@ -175,6 +175,45 @@ def test_truncated_uploads_are_200_with_a_note_or_422(server, files):
     assert set(r.json()["timeline"][0]) >= {"start_s", "end_s", "emotion", "lambda_face", "face_found", "p_Happy"}
 
 
+@pytest.fixture(scope="module")
+def image_server(files):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to measure the server's memory")
+    srv = Server(files["ckpt"], "--memory-budget-mb", BUDGET_MB, "--max-frame-pixels", 4096 * 4096,
+                 "--max-upload-mb", 5, "--threads", 6, "--max-batch", 8, cwd=files["dir"])
+    yield srv
+    srv.close()
+
+
+def test_large_images_count_against_the_budget(image_server):
+    """Issue 25 hostile pass: images bypassed the budget (≈ 220 MB each for a 50 KB 4096×4096 PNG): six at
+    once with six preprocessing threads went over it."""
+    from PIL import Image
+
+    a = np.zeros((4096, 4096, 3), np.uint8)
+    a[1000:2000, 1200:2400] = 200
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    png = buf.getvalue()
+    assert len(png) < 200_000
+    results = [None] * 6
+
+    def send(i):
+        results[i] = post(image_server.url, png)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert all(r is not None and r.status_code in (200, 503) for r in results), [r and r.text[:300] for r in results]
+    ok = [r.json() for r in results if r.status_code == 200]
+    assert len(ok) >= 3 and all(r["probabilities"] == ok[0]["probabilities"] for r in ok)  # same image, same answer
+    peak = peak_rss_mb(image_server.proc.pid)
+    print(f"large images: server peak RSS {peak:.0f} MiB, budget {BUDGET_MB} MiB")
+    assert peak <= BUDGET_MB, peak
+
+
 # Files FFmpeg opens (as a demuxer) but cannot decode: an SVG (svg_pipe, no decoder in PyAV's FFmpeg), a
 # JPEG XL signature, a DDS / OpenEXR / JPEG 2000 / MNG header with no picture after it.
 OPENS_BUT_NO_DECODE = {

@@ -93,6 +93,19 @@ def request_memory_estimate(width: int, height: int, model_batch_bytes: int = 0,
                + model_batch_bytes)
 
 
+# An image's peak: PIL's decoded copy and our RGB array (3-4 B/px each) and the float copies preprocessing
+# makes (measured: 13 B/px over the process's base for a 4096×4096 PNG).
+IMAGE_BYTES_PER_PIXEL = 16
+
+
+def image_memory_estimate(path) -> int:
+    """Peak bytes of one image upload, from its header (the fixed part alone when PIL cannot tell its size)."""
+    from ..data.video import image_size
+
+    size = image_size(path)
+    return int((size[0] * size[1] if size else 0) * IMAGE_BYTES_PER_PIXEL + STREAM_FIXED_BYTES)
+
+
 def trim_heap() -> None:
     """Give freed heap back to the system (glibc keeps a decoder's large frames in its arenas otherwise, and
     resident memory stays high after the request)."""
@@ -471,9 +484,16 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
             loop = asyncio.get_running_loop()
             try:
                 if await loop.run_in_executor(pool, is_image_file, path):
-                    prep = await loop.run_in_executor(pool, predict_image, path)
-                    probs, att, weights = await batcher.submit(prep.face, prep.context)
-                    result = predictor.finish(prep, probs, att, weights)
+                    need = await loop.run_in_executor(pool, image_memory_estimate, path)
+                    await memory.acquire(need)  # images count against the budget as videos do
+                    try:
+                        prep = await loop.run_in_executor(pool, predict_image, path)
+                        probs, att, weights = await batcher.submit(prep.face, prep.context)
+                        result = predictor.finish(prep, probs, att, weights)
+                    finally:
+                        prep = None
+                        await memory.release(need)
+                        trim_heap()
                 else:
                     result = await predict_video(path, loop)
             except MemoryError as exc:
