@@ -297,3 +297,16 @@ def test_export_bad_options_are_one_error_line(caers_ckpt, tmp_path, flags, word
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1 and words in errors[0], proc.stderr[-2000:]
     assert len(proc.stderr.splitlines()) <= 8  # the usage and one line, no graph dump
+
+
+def test_training_tree_with_an_svg_named_avi_skips_and_names_it(demo_root, tmp_path):
+    data = tmp_path / "CAER"
+    shutil.copytree(Path(demo_root) / "CAER", data)
+    (data / "test" / "Anger" / "zz_drawing.avi").write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="9" height="9"/></svg>')
+    common = ["--data", data, "--model", "caer", "-b", "2", *SMALL, "--epochs", "0"]
+    proc = run_train(*common, "--output-dir", tmp_path / "out", check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "zz_drawing.avi" in proc.stdout and "no decoder" in proc.stdout, proc.stdout
+    strict = run_train(*common, "--output-dir", tmp_path / "strict", "--strict", check=False)
+    assert "zz_drawing.avi" in _one_error_line(strict)
