@@ -166,8 +166,8 @@ def _same_folder(a: Path, b: Path) -> bool:
 
 
 def _lock_output_dir(out_dir: Path) -> None:
-    """Take this folder's training lock (``flock`` on ``LOCK_FILE``) for the rest of this process, or
-    raise :class:`UsageError` if another process holds it. A killed run's lock is gone with it."""
+    """Take this folder's training lock (``flock`` on ``LOCK_FILE``) until the run ends, or raise
+    :class:`UsageError` if another process holds it. A killed run's lock is gone with it."""
     key = str(out_dir.resolve())
     if key in _LOCKS:
         return
