@@ -98,7 +98,9 @@ def test_two_trainings_into_one_folder_the_second_is_refused_and_a_killed_lock_d
     first = _train_popen(*_caers(Path(demo_root) / "CAER-S"), "--epochs", "50", "--output-dir", out)
     try:
         _wait_for_line(first, "data:")
-        second = run_train(*_caers(Path(demo_root) / "CAER-S"), "--epochs", "1", "--output-dir", out, check=False)
+        # --overwrite: refused for the lock whether or not the first has saved its first checkpoint yet
+        second = run_train(*_caers(Path(demo_root) / "CAER-S"), "--epochs", "1", "--output-dir", out, "--overwrite",
+                           check=False)
         line = _one_error_line(second)
         assert "in use by another training" in line and str(first.pid) in line, line
     finally:
