@@ -65,11 +65,13 @@ def main(argv=None) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"error: could not write {out}: {exc.strerror or exc}", file=sys.stderr)
+    except OSError as exc:  # the output's folder cannot be created or written
+        print(f"error: --output {out}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
         return 2
-    except ImportError as exc:  # --dynamo without onnxscript, or onnx missing
-        print(f"error: the ONNX export needs {exc.name or 'a missing package'}: {exc}", file=sys.stderr)
+    except (RuntimeError, ValueError, ImportError) as exc:  # an opset the exporter lacks; --dynamo without onnxscript
+        what = f"--opset {args.opset}" if args.opset is not None and "opset" in str(exc).lower() else "export failed"
+        print(f"error: {what}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__}",
+              file=sys.stderr)
         return 2
     print(f"wrote {info['output']}: {info['model']}, inputs face N×{'×'.join(map(str, info['face']))}, "
           f"context N×{'×'.join(map(str, info['context']))}; outputs logits N×{len(info['classes'])}, "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -204,15 +205,16 @@ def boxes_for(path: Path, box_file: Path) -> dict:
     text = box_file.read_text(encoding="utf-8", errors="replace")
     target = path.resolve().as_posix()
     if text.startswith(",".join(boxes_io.VIDEO_HEADER)):
-        per_file, _ = boxes_io.parse_video_boxes(text, str(box_file))
+        per_file, bad = boxes_io.parse_video_boxes(text, str(box_file))
         entries = {k: {f: box for f, (box, _) in frames.items()} for k, frames in per_file.items()}
     else:
-        per_image, _ = boxes_io.parse_image_boxes(text, str(box_file))
+        per_image, bad = boxes_io.parse_image_boxes(text, str(box_file))
         entries = {k: {0: box} for k, (_, box) in per_image.items()}
     for key, frames in entries.items():
         if target.endswith("/" + key.lstrip("/")):
             return frames
-    raise LookupError(f"{box_file} has no boxes for {path}")
+    skipped = f" ({len(bad)} malformed line{'s' if len(bad) > 1 else ''} skipped, first {bad[0]})" if bad else ""
+    raise LookupError(f"{box_file} has no boxes for {path}{skipped}")
 
 
 class _Progress:
@@ -242,12 +244,43 @@ class _Progress:
             self.bar.close()
 
 
+def check_output_paths(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse --save-viz / --timeline / --timeline-plot names that could not be written, before any work:
+    an unknown extension (matplotlib would fail, or silently add .png), a folder, a missing or read-only
+    folder to write in."""
+    outputs = [("--timeline", args.timeline, (".csv", ".json")), ("--save-viz", args.save_viz, None),
+               ("--timeline-plot", args.timeline_plot, None)]
+    for flag, path, suffixes in outputs:
+        if path is None:
+            continue
+        if suffixes is None:  # a picture: the formats matplotlib writes
+            try:
+                from matplotlib.figure import Figure
+
+                suffixes = tuple("." + k for k in Figure().canvas.get_supported_filetypes())
+            except ImportError:
+                parser.error(f"{flag} needs matplotlib (pip install matplotlib)")
+        if path.is_dir():
+            parser.error(f"{flag} {path}: is a folder; give a file name ending in {', '.join(suffixes[:4])}")
+        if path.suffix.lower() not in suffixes:
+            parser.error(f"{flag} {path}: the file name must end in {', '.join(suffixes[:-1])} or {suffixes[-1]}")
+        folder = Path(os.path.realpath(path)).parent
+        while not folder.exists() and folder != folder.parent:  # --timeline creates missing folders
+            if flag != "--timeline":
+                parser.error(f"{flag} {path}: the folder {folder} does not exist")
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            parser.error(f"{flag} {path}: cannot write in {folder}")
+    named = [str(Path(p).resolve()) for _, p, _ in outputs if p is not None]
+    if len(set(named)) < len(named):
+        parser.error("--save-viz, --timeline and --timeline-plot must name different files")
+
+
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_engine_arguments(parser, args)
-    if args.timeline is not None and args.timeline.suffix.lower() not in (".csv", ".json"):
-        parser.error(f"--timeline {args.timeline}: the file name must end in .csv or .json")
+    check_output_paths(parser, args)
     source = args.path
     local = source != "-" and not is_url(source)
     path = Path(source) if local else None

@@ -12,8 +12,10 @@ authentication in front before exposing it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
+from typing import Optional
 
 from .data.detectors import DETECTORS, DetectorUnavailable
 from .devices import DeviceError, resolve_device
@@ -24,37 +26,71 @@ from .serving.engines.cli import add_engine_arguments, check_engine_arguments, e
 from .serving.inference import Predictor, set_threads_from_env
 
 
+def _int_in(lo: int, hi: Optional[int] = None):
+    """argparse type: an integer in [lo, hi] (a nonsense limit is refused at the command line)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {f'between {lo} and {hi}' if hi is not None else f'at least {lo}'}"
+                                             f", got {v}")
+        return v
+    return parse
+
+
+def _float_above(lo: float, allow_equal: bool = False):
+    """argparse type: a finite number above ``lo`` (or equal to it with ``allow_equal``)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(v) and (v >= lo if allow_equal else v > lo)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'≥' if allow_equal else 'above'} {lo:g}, "
+                                             f"got {text}")
+        return v
+    return parse
+
+
+_positive_float = _float_above(0.0)
+_non_negative_float = _float_above(0.0, allow_equal=True)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m caer_fast.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="our checkpoint.pth or a community CAER-S checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="most model inputs (clips or frames) per model call")
-    p.add_argument("--max-wait-ms", type=float, default=10.0,
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="TCP port (0: any free port)")
+    p.add_argument("--max-batch", type=_int_in(1), default=8, help="most model inputs (clips or frames) per model call")
+    p.add_argument("--max-wait-ms", type=_non_negative_float, default=10.0,
                    help="how long the first queued request waits for others to share its model call")
-    p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload")
-    p.add_argument("--max-frames", type=int, default=3000,
+    p.add_argument("--max-upload-mb", type=_positive_float, default=50.0, help="largest accepted upload")
+    p.add_argument("--max-frames", type=_int_in(1), default=3000,
                    help="longest accepted video, in decoded frames (3000 = 100 s at 30 fps)")
-    p.add_argument("--max-frame-pixels", type=int, default=3840 * 2160,
-                   help="largest accepted frame or image, width × height (default 4K UHD)")
-    p.add_argument("--max-pixels", type=int, default=3000 * 1920 * 1080,
+    p.add_argument("--max-frame-pixels", type=_int_in(1), default=3840 * 2160,
+                   help="largest accepted frame or image, width × height (default 4K UHD); each video upload "
+                        "reserves memory for its decoder at this size (a stream may grow after its header)")
+    p.add_argument("--max-pixels", type=_int_in(1), default=3000 * 1920 * 1080,
                    help="decoded-pixel budget of one video (frames × width × height), checked from the stream "
                         "header and while decoding (default: 3000 frames of 1080p)")
-    p.add_argument("--memory-budget-mb", type=float, default=None,
+    p.add_argument("--memory-budget-mb", type=_positive_float, default=None,
                    help="resident memory the server stays under: each request reserves its estimated peak "
                         "before decoding; one that never fits is refused (413), others wait (then 503). "
                         "Default: half the machine's memory (the cgroup limit if lower)")
-    p.add_argument("--max-connections", type=int, default=64,
+    p.add_argument("--max-connections", type=_int_in(1), default=64,
                    help="open connections served at once; more are answered 503 at once")
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send its headers")
-    p.add_argument("--body-timeout", type=float, default=30.0,
+    p.add_argument("--header-timeout", type=_positive_float, default=10.0,
+                   help="seconds a client has to send its headers")
+    p.add_argument("--body-timeout", type=_positive_float, default=30.0,
                    help="longest pause, in seconds, while a client sends its body (slower clients get 408)")
     p.add_argument("--detector", default="haar", choices=DETECTORS + ("none",))
-    p.add_argument("--detect-every", type=int, default=4, help="detect faces on every k-th sampled frame")
+    p.add_argument("--detect-every", type=_int_in(1), default=4, help="detect faces on every k-th sampled frame")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=2, help="threads decoding and preprocessing uploads")
+    p.add_argument("--threads", type=_int_in(1, 256), default=2, help="threads decoding and preprocessing uploads")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     add_engine_arguments(p)
     return p

@@ -11,13 +11,16 @@ Each epoch writes ``checkpoint.pth`` atomically (model, optimizer, lr_scheduler,
 …); ``--resume`` continues from it exactly: data order and augmentation are seeded per epoch.
 A folder that already holds a run (``checkpoint.pth``, ``model_best.pth`` or ``metrics.json``) is refused
 unless ``--resume`` continues that run or ``--overwrite`` replaces it. The output folder is checked
-(a folder, writable) before the first step.
+(a folder, writable) before the first step, and locked (one training per folder). ``--overwrite`` removes
+nothing up front: the old run stays whole until the new one has written its first checkpoint, so a new run
+that fails or is killed before that leaves the old one as it was.
 Evaluation reports clip and video top-1 (video = mean of its clips' probabilities), per-class
 accuracy, ``metrics.json`` and confusion-matrix PNGs in ``--output-dir``.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -37,8 +40,11 @@ DEMO_SETTINGS = dict(clip_frames=8, face_size=(48, 48), context_size=(64, 86), c
                      lr=0.01)
 # Files that make a folder "hold a run": a new run there needs --resume or --overwrite.
 RUN_FILES = ("checkpoint.pth", "model_best.pth", "metrics.json")
-# Everything a run writes (removed by --overwrite before the new run starts).
+# Everything a run writes (--overwrite removes the old run's once the new run has written its first checkpoint).
 RUN_OUTPUTS = RUN_FILES + ("skipped.json", "confusion_test.png")
+LOCK_FILE = ".train.lock"  # flock'ed while a training writes the folder (the kernel drops it when the process dies)
+_LOCKS: dict = {}  # resolved folder → open lock fd, held by this process
+_CREATED: set = set()  # folders this process created (removed again if a run fails before writing anything)
 # Settings that change what a resumed run trains on: a resume with other values warns.
 RESUME_CHECKED = ("streams", "clip_frames", "face_size", "context_size", "crop")
 
@@ -163,18 +169,66 @@ def _same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-def prepare_output_dir(out_dir: Path, args) -> list:
-    """Check ``--output-dir`` before any work: a writable folder that holds no other run.
+def _lock_output_dir(out_dir: Path) -> None:
+    """Take this folder's training lock (``flock`` on ``LOCK_FILE``) until the run ends, or raise
+    :class:`UsageError` if another process holds it. A killed run's lock is gone with it."""
+    key = str(out_dir.resolve())
+    if key in _LOCKS:
+        return
+    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise UsageError(f"--output-dir {out_dir} is in use by another training (process {holder or '?'}): wait "
+                         f"for it to end, or choose another --output-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[key] = fd
 
-    Creates the folder. Returns the files of an earlier run removed by ``--overwrite``. Raises
-    :class:`UsageError` for a file at that path, a folder that cannot be created or written, and a
-    folder holding a run that ``--resume`` does not continue (unless ``--overwrite``).
+
+def _unlock_output_dir(out_dir: Path, failed: bool = False) -> None:
+    """Release the lock; after a failure, remove the folder again if this process created it and it
+    holds nothing but the lock file."""
+    key = str(Path(out_dir).resolve())
+    fd = _LOCKS.pop(key, None)
+    if fd is None:
+        return
+    try:
+        if failed and key in _CREATED and {p.name for p in Path(key).iterdir()} <= {LOCK_FILE}:
+            os.unlink(Path(key) / LOCK_FILE)
+            os.rmdir(key)
+    finally:
+        _CREATED.discard(key)
+        os.close(fd)
+
+
+def release_output_dirs(failed: bool = False) -> None:
+    """Release every output-folder lock this process holds (see :func:`_unlock_output_dir`)."""
+    for key in list(_LOCKS):
+        try:
+            _unlock_output_dir(Path(key), failed=failed)
+        except OSError:
+            pass
+
+
+def prepare_output_dir(out_dir: Path, args) -> list:
+    """Check ``--output-dir`` before any work: a writable folder that holds no other run, not in use.
+
+    Creates the folder and takes its lock (one training per folder). Returns the files of an earlier run
+    that ``--overwrite`` replaces: nothing is removed here; :func:`_replace_old_run` removes them once the
+    new run has written its first output. Raises :class:`UsageError` for a file at that path, a folder
+    that cannot be created or written, one another training holds, and a folder holding a run that
+    ``--resume`` does not continue (unless ``--overwrite``).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output-dir {out_dir}: is a file, not a folder")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if not out_dir.exists():
+            out_dir.mkdir(parents=True)
+            _CREATED.add(str(out_dir.resolve()))
     except OSError as exc:
         raise UsageError(f"--output-dir {out_dir}: cannot create the folder ({exc.strerror or exc})") from None
     try:  # a read-only mount or missing permission shows here, not after a whole epoch
@@ -186,26 +240,45 @@ def prepare_output_dir(out_dir: Path, args) -> list:
             os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"--output-dir {out_dir}: cannot write there ({exc.strerror or exc})") from None
-    held = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if not held:
-        return []
     resuming_here = args.resume is not None and _same_folder(Path(args.resume).parent, out_dir)
-    if resuming_here:
+
+    def refuse_a_held_run():
+        held = [name for name in RUN_FILES if (out_dir / name).exists()]
+        if held and not resuming_here and not args.overwrite:
+            what = ", ".join(held)
+            if args.resume is not None:
+                raise UsageError(f"--output-dir {out_dir} holds another run ({what}); --resume {args.resume} is not "
+                                 f"from that folder: choose an empty --output-dir, or pass --overwrite to replace it")
+            raise UsageError(f"--output-dir {out_dir} already holds a run ({what}): continue it with --resume "
+                             f"{out_dir / 'checkpoint.pth'}, replace it with --overwrite, or choose another "
+                             f"--output-dir")
+        return held
+
+    refuse_a_held_run()  # before the lock file is created: a refused folder is left as it was
+    _lock_output_dir(out_dir)
+    try:
+        held = refuse_a_held_run()  # again: a run that ended just before we took the lock
+    except UsageError:
+        _unlock_output_dir(out_dir)
+        raise
+    if not held or resuming_here:
         return []
-    if not args.overwrite:
-        what = ", ".join(held)
-        if args.resume is not None:
-            raise UsageError(f"--output-dir {out_dir} holds another run ({what}); --resume {args.resume} is not "
-                             f"from that folder: choose an empty --output-dir, or pass --overwrite to replace it")
-        raise UsageError(f"--output-dir {out_dir} already holds a run ({what}): continue it with --resume "
-                         f"{out_dir / 'checkpoint.pth'}, replace it with --overwrite, or choose another --output-dir")
-    removed = []
-    for name in RUN_OUTPUTS:
-        f = out_dir / name
-        if f.is_file():
-            f.unlink()
-            removed.append(name)
-    return removed
+    return [name for name in RUN_OUTPUTS if (out_dir / name).is_file()]
+
+
+def _replace_old_run(out_dir: Path, old: list, written: tuple) -> None:
+    """--overwrite: the new run has written ``written`` (atomically, over the old files of those names);
+    now remove the rest of the old run's files, and say so."""
+    if not old:
+        return
+    gone = []
+    for name in old:
+        if name not in written:
+            (out_dir / name).unlink(missing_ok=True)
+        gone.append(name)
+    old.clear()
+    _log(f"--overwrite: removed the earlier run's {', '.join(gone)} from {out_dir} (replaced by this run's "
+         f"{', '.join(written)})")
 
 
 def _best_in(path: Path) -> float:
@@ -376,9 +449,9 @@ def main(args, keep_process_group: bool = False) -> dict:
     except DeviceError as exc:
         raise UsageError(str(exc)) from None
     out_dir = Path(args.output_dir)
-    removed = []
+    old_run = []  # --overwrite: the earlier run's files, kept until this run has written its first checkpoint
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; the other ranks stop with it
-        removed = prepare_output_dir(out_dir, args)
+        old_run = prepare_output_dir(out_dir, args)
     distributed = dist_utils.init_distributed(device)
     if distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -386,8 +459,6 @@ def main(args, keep_process_group: bool = False) -> dict:
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     _seed_everything(args.seed)
-    if removed:
-        _log(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out_dir}")
 
     model = build_model(args).to(device)
     criterion = torch.nn.CrossEntropyLoss()
@@ -481,6 +552,7 @@ def main(args, keep_process_group: bool = False) -> dict:
                 if scaler is not None:
                     ckpt["scaler"] = scaler.state_dict()
                 save_checkpoint(ckpt, out_dir / "checkpoint.pth")
+                _replace_old_run(out_dir, old_run, ("checkpoint.pth",))
                 saved_epochs.append(epoch)
                 if is_best:
                     save_checkpoint(ckpt, out_dir / "model_best.pth")
@@ -509,6 +581,7 @@ def main(args, keep_process_group: bool = False) -> dict:
         result = {"model": args.model, "streams": args.streams, "test": test, "history": history,
                   "skipped_test": skips.items, "precision": precision}
         write_json(result, out_dir / "metrics.json")
+        _replace_old_run(out_dir, old_run, ("confusion_test.png", "metrics.json"))
         wrote = [str(out_dir / "metrics.json"), str(out_dir / "confusion_test.png")]
         if saved_epochs:  # only what this run wrote
             span = f"epoch {saved_epochs[0]}" if len(saved_epochs) == 1 else \
@@ -518,6 +591,7 @@ def main(args, keep_process_group: bool = False) -> dict:
     dist_utils.barrier()
     if not keep_process_group:
         dist_utils.cleanup()
+    _unlock_output_dir(out_dir)
     return result
 
 
@@ -694,6 +768,7 @@ def cli(argv=None) -> int:
     from .training.engine import TrainingDiverged
 
     args = get_args_parser().parse_args(argv)
+    failed = True
     try:
         if args.demo:
             run_demo(args)
@@ -703,6 +778,7 @@ def cli(argv=None) -> int:
             if args.test_only and args.resume is None:
                 raise UsageError("--test-only needs --resume CHECKPOINT")
             main(args)
+        failed = False
     except (UsageError, DatasetError, CheckpointError, TrainingDiverged, MediaDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -714,6 +790,8 @@ def cli(argv=None) -> int:
         print("interrupted: the last completed epoch's checkpoint.pth is intact; continue with --resume",
               file=sys.stderr)
         return 130
+    finally:
+        release_output_dirs(failed=failed)  # a run that failed before writing leaves no folder it created
     return 0
 
 

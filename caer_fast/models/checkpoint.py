@@ -148,11 +148,17 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# Bounds of what a checkpoint may ask the predictor to allocate (the same as train's option checks): a crafted
+# frames=10**9 or face_size 10**6 would otherwise build a model or buffers of terabytes.
+MAX_CLIP_FRAMES = 512
+MAX_SIDE = 2048
+
+
 def _check_size(v) -> bool:
-    """A size as stored in ``args``: an int or a pair of ints, all ≥ 1."""
+    """A size as stored in ``args``: an int or a pair of ints, all in [1, MAX_SIDE]."""
     if _is_int(v):
-        return v >= 1
-    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v)
+        return 1 <= v <= MAX_SIDE
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and 1 <= x <= MAX_SIDE for x in v)
 
 
 def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> str:
@@ -192,6 +198,8 @@ def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source
                 bad(f"model_args {k}={v!r}, expected a positive integer")
         if "num_classes" in margs and margs["num_classes"] != num_classes:
             bad(f"model_args num_classes={margs['num_classes']} but the classifier has {num_classes} outputs")
+        if "frames" in margs and margs["frames"] > MAX_CLIP_FRAMES:
+            bad(f"model_args frames={margs['frames']}: more than {MAX_CLIP_FRAMES} frames per clip")
         if kind == "caer" and "frames" in margs and margs["frames"] < 8:
             bad(f"model_args frames={margs['frames']}: the video model needs clips of at least 8 frames")
     args = ckpt.get("args")
@@ -200,13 +208,13 @@ def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source
             bad(f"args is {_a(args)}, expected a dict of the training options")
         for k in ("face_size", "context_size"):
             if args.get(k) is not None and not _check_size(args[k]):
-                bad(f"args {k}={args[k]!r}, expected a positive int or [height, width]")
+                bad(f"args {k}={args[k]!r}, expected a positive int or [height, width], sides at most {MAX_SIDE}")
         crop = args.get("crop")
-        if crop is not None and not (_is_int(crop) and crop >= 1):
-            bad(f"args crop={crop!r}, expected a positive integer or null")
+        if crop is not None and not (_is_int(crop) and 1 <= crop <= MAX_SIDE):
+            bad(f"args crop={crop!r}, expected a positive integer up to {MAX_SIDE} or null")
         cf = args.get("clip_frames")
-        if cf is not None and not (_is_int(cf) and cf >= 1):
-            bad(f"args clip_frames={cf!r}, expected a positive integer")
+        if cf is not None and not (_is_int(cf) and 1 <= cf <= MAX_CLIP_FRAMES):
+            bad(f"args clip_frames={cf!r}, expected a positive integer up to {MAX_CLIP_FRAMES}")
     classes = ckpt.get("classes")
     if classes is not None:
         if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) and c for c in classes):
