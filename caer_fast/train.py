@@ -34,6 +34,19 @@ from pathlib import Path
 import torch
 
 from .constants import CLASSES, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE
+from .data import calibration as cal
+from .data.dali_loader import dali_available, make_dali_loader
+from .data.datasets import CAERSImageDataset, CAERVideoDataset, DatasetError, collate
+from .data.synthetic import make_demo_dataset
+from .data.video import IMAGE_EXTENSIONS, MediaDecodeError, VIDEO_EXTENSIONS
+from .devices import DeviceError, resolve_device
+from .models import CAERNet, CAERSNet
+from .models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from .models.optimize import choose_train_precision, optimize
+from .training import distributed as dist_utils
+from .training.distributed import is_main_process, rank, world_size
+from .training.engine import SkipLog, TrainingDiverged, evaluate, skip_kind, train_one_epoch
+from .training.metrics import save_confusion_png, write_json
 
 # The demo trains on small inputs so two trainings finish in minutes on a 2-core CPU.
 DEMO_SETTINGS = dict(clip_frames=8, face_size=(48, 48), context_size=(64, 86), crop=56, epochs=6, batch_size=8,
@@ -283,7 +296,6 @@ def _replace_old_run(out_dir: Path, old: list, written: tuple) -> None:
 
 def _best_in(path: Path) -> float:
     """The best validation score stored in ``path`` (a model_best.pth), or -1 if none can be read."""
-    from .models.checkpoint import CheckpointError, read_checkpoint
 
     if not path.is_file():
         return -1.0
@@ -295,7 +307,6 @@ def _best_in(path: Path) -> float:
 
 
 def _log(*a):
-    from .training.distributed import is_main_process
 
     if is_main_process():
         print(*a, flush=True)
@@ -327,8 +338,6 @@ def build_datasets(args):
 
 
 def _build_datasets(args):
-    from .data.datasets import DatasetError
-    from .data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
     try:
         return _make_datasets(args)
@@ -344,7 +353,6 @@ def _build_datasets(args):
 
 
 def _make_datasets(args):
-    from .data.datasets import CAERSImageDataset, CAERVideoDataset
 
     root = Path(args.data)
     if not root.is_dir():
@@ -372,7 +380,6 @@ def _make_datasets(args):
 
 
 def build_model(args):
-    from .models import CAERNet, CAERSNet
 
     streams = dict(use_face=args.streams != "context", use_context=args.streams != "face")
     if args.model == "caer":
@@ -389,12 +396,9 @@ def model_args(args) -> dict:
 
 
 def make_loader(dataset, args, train: bool, epoch: int = 0, distributed: bool = False):
-    from .data.datasets import collate
 
     if getattr(args, "loader", "torch") == "dali":  # DALI decoding (GPU: NVDEC; CPU: VP8/VP9/MJPEG)
-        from .data.dali_loader import make_dali_loader
         return make_dali_loader(dataset, args, train, epoch, distributed)
-    from .training.distributed import rank, world_size
 
     sampler = None
     generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # worker seeds: same on resume
@@ -419,27 +423,20 @@ def _metrics_line(name, m):
 
 
 def _save_eval(m, out_dir: Path, tag: str, title: str):
-    from .training.metrics import save_confusion_png
 
     save_confusion_png(torch.tensor(m["video"]["confusion_matrix"]), out_dir / f"confusion_{tag}.png",
                        f"{title} — video top-1 {m['video']['top1']:.1f}%")
 
 
 def main(args, keep_process_group: bool = False) -> dict:
-    from .models.checkpoint import read_checkpoint, save_checkpoint
-    from .training import distributed as dist_utils
-    from .training.engine import SkipLog, evaluate, train_one_epoch
-    from .training.metrics import write_json
 
     if args.loader == "dali":  # --loader dali: make_loader hands CAER clips to caer_fast.data.dali_loader
         if args.model != "caer":
             raise UsageError("--loader dali reads videos (--model caer); CAER-S images use --loader torch")
-        from .data.dali_loader import dali_available
         if not dali_available():
             raise UsageError("--loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
                              "(or use --loader torch, which decodes every codec with PyAV)")
 
-    from .devices import DeviceError, resolve_device
 
     check_args(args)
     if not Path(args.data).is_dir():
@@ -469,7 +466,6 @@ def main(args, keep_process_group: bool = False) -> dict:
     start_epoch, best = 0, -1.0
     history = []
     if args.resume:
-        from .models.checkpoint import CheckpointError, load_checkpoint
 
         ckpt = read_checkpoint(args.resume)
         load_checkpoint(ckpt, model)
@@ -511,7 +507,6 @@ def main(args, keep_process_group: bool = False) -> dict:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        from .models.optimize import optimize
 
         t = time.perf_counter()
         train_model = optimize(train_model, mode="train", precision="fp32")  # autocast: the engine's, below
@@ -601,7 +596,6 @@ CALIBRATION_SAMPLES = 32
 def save_calibration(args, out_dir: Path) -> None:
     """``calibration.pt`` beside the checkpoint: a few dozen training clips (images) preprocessed as at
     test time, so ``predict --engine int8`` can calibrate later without the training data."""
-    from .data import calibration as cal
 
     kw = dict(face_size=tuple(args.face_size), context_size=tuple(args.context_size), crop=args.crop)
     try:
@@ -619,7 +613,6 @@ def resolve_precision(args, device, model, ckpt, train_set) -> dict:
 
     A resumed run keeps its checkpoint's precision unless ``--precision`` names another (then: a
     warning). ``auto`` on CPU measures on the first training batch (:func:`choose_train_precision`)."""
-    from .models.optimize import choose_train_precision
 
     was = ckpt.get("precision") if isinstance(ckpt, dict) and isinstance(ckpt.get("precision"), dict) else None
     want = args.precision
@@ -644,7 +637,6 @@ def resolve_precision(args, device, model, ckpt, train_set) -> dict:
 
 def _report_index_problems(datasets) -> None:
     """Log what indexing skipped or found damaged, by kind, once per file (rank 0)."""
-    from .training.engine import skip_kind
 
     seen, by_kind = set(), {}
     for ds in datasets:
@@ -699,9 +691,6 @@ def run_demo(args) -> None:
     Under torchrun the process group is joined once for both trainings; rank 0 writes the demo data
     while the others wait at a barrier, and only rank 0 prints and writes the summary.
     """
-    from .data.synthetic import make_demo_dataset
-    from .devices import DeviceError, resolve_device
-    from .training import distributed as dist_utils
 
     check_args(args)
     out = Path(args.output_dir if args.output_dir != Path("runs/latest") else "runs/demo")
@@ -762,10 +751,6 @@ def run_demo(args) -> None:
 
 
 def cli(argv=None) -> int:
-    from .data.datasets import DatasetError
-    from .data.video import MediaDecodeError
-    from .models.checkpoint import CheckpointError
-    from .training.engine import TrainingDiverged
 
     args = get_args_parser().parse_args(argv)
     failed = True

@@ -486,6 +486,7 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
                 return error(400, "empty upload", "the file has 0 bytes")
             loop = asyncio.get_running_loop()
             try:
+                result = await predict_source(path, loop)
             except MemoryError as exc:
                 return error(413, "media too large", str(exc))
             except TimeoutError as exc:
