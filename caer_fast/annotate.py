@@ -15,8 +15,12 @@ import sys
 from pathlib import Path
 
 from .annotation import AnnotateError, Options, annotate
+from .data.detectors import DetectorUnavailable
+from .devices import DeviceError, resolve_device
+from .models.checkpoint import CheckpointError
 from .predict import get_args_parser as predict_parser
-from .serve import add_int8_arguments, check_int8_arguments
+from .serving.engines import EngineError
+from .serving.engines.cli import add_engine_arguments, check_engine_arguments
 
 # predict's options that mean the same here (taken from its parser, not copied)
 SHARED = ("checkpoint", "detector", "detect_every", "boxes", "device", "no_progress")
@@ -33,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     for action in predict_parser()._actions:
         if action.dest in SHARED:
             p._add_action(action)
-    add_int8_arguments(p)
+    add_engine_arguments(p)  # --engine, --int8 (= --engine int8), --calibrate…
     p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
                    help="run on Ray Data: a Ray started for the job on this machine, or the cluster at ADDRESS "
                         "(host:port of `ray start --head`, or auto)")
@@ -51,14 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    check_int8_arguments(parser, args)
+    check_engine_arguments(parser, args)
     if min(args.workers, args.batch_size, args.part_videos, args.model_actors) < 1:
         parser.error("--workers, --model-actors, --batch-size and --part-videos must be >= 1")
-    from .data.detectors import DetectorUnavailable
-    from .devices import DeviceError, resolve_device
-    from .models.checkpoint import CheckpointError
-    from .serving.engines import EngineError
-
     try:
         device = None if args.device is None else str(resolve_device(args.device))
         opts = Options(str(args.checkpoint), device=device, detector=None if args.detector == "none" else args.detector,
