@@ -26,9 +26,18 @@ from .serving.engines.cli import add_engine_arguments, check_engine_arguments
 SHARED = ("checkpoint", "detector", "detect_every", "boxes", "device", "no_progress")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where there is one to show (not for required options, flags, or None)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m caer_fast.annotate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Help)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="video or image files, folders (searched recursively for .avi, .mp4, …, .png, .jpg, …) "
                         "or manifests (.txt / .csv / .lst: one path a line, or a 'path' column)")
