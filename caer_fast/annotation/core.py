@@ -17,6 +17,8 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import torch
+
 from ..data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from ._predictor import BoxIndex, Item, Options, error_row, finish, make_predictor, preprocess
 from ._predictor import model as run_model
@@ -256,8 +258,6 @@ class Progress:
 # -- the embedded run -------------------------------------------------------------------------------
 def _worker(opts: "Options", conn_in, conn_out) -> None:
     """A decode worker: paths in, items out, until it reads None."""
-    import torch
-
     torch.set_num_threads(1)  # the model process owns the cores' thread pools
     p = make_predictor(opts, for_model=False)
     boxes = BoxIndex(opts.boxes) if opts.boxes else None

@@ -12,6 +12,7 @@ import pickle
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
 from ._predictor import BoxIndex, Options, make_predictor, preprocess, strip
 from ._predictor import model as run_model
@@ -25,8 +26,6 @@ class _Decode:
     """Ray CPU stage: one path → its items (pickled)."""
 
     def __init__(self, opts: "Options"):
-        import torch
-
         torch.set_num_threads(1)
         self.p = make_predictor(opts, for_model=False)
         self.boxes = BoxIndex(opts.boxes) if opts.boxes else None
