@@ -15,16 +15,29 @@ import sys
 from pathlib import Path
 
 from .annotation import AnnotateError, Options, annotate
+from .data.detectors import DetectorUnavailable
+from .devices import DeviceError, resolve_device
+from .models.checkpoint import CheckpointError
 from .predict import get_args_parser as predict_parser
-from .serve import add_int8_arguments, check_int8_arguments
+from .serving.engines import EngineError
+from .serving.engines.cli import add_engine_arguments, check_engine_arguments
 
 # predict's options that mean the same here (taken from its parser, not copied)
 SHARED = ("checkpoint", "detector", "detect_every", "boxes", "device", "no_progress")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where there is one to show (not for required options, flags, or None)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m caer_fast.annotate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Help)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="video or image files, folders (searched recursively for .avi, .mp4, …, .png, .jpg, …) "
                         "or manifests (.txt / .csv / .lst: one path a line, or a 'path' column)")
@@ -33,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     for action in predict_parser()._actions:
         if action.dest in SHARED:
             p._add_action(action)
-    add_int8_arguments(p)
+    add_engine_arguments(p)  # --engine, --int8 (= --engine int8), --calibrate…
     p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
                    help="run on Ray Data: a Ray started for the job on this machine, or the cluster at ADDRESS "
                         "(host:port of `ray start --head`, or auto)")
@@ -51,14 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    check_int8_arguments(parser, args)
+    check_engine_arguments(parser, args)
     if min(args.workers, args.batch_size, args.part_videos, args.model_actors) < 1:
         parser.error("--workers, --model-actors, --batch-size and --part-videos must be >= 1")
-    from .data.detectors import DetectorUnavailable
-    from .devices import DeviceError, resolve_device
-    from .models.checkpoint import CheckpointError
-    from .serving.engines import EngineError
-
     try:
         device = None if args.device is None else str(resolve_device(args.device))
         opts = Options(str(args.checkpoint), device=device, detector=None if args.detector == "none" else args.detector,

@@ -20,7 +20,7 @@ import pytest
 from caer_fast.annotation import AnnotateError, find_inputs
 from caer_fast.predict import boxes_for
 from caer_fast.serving.inference import Predictor
-from serving_helpers import make_checkpoint
+from caer_fast.testing.serving import make_checkpoint, write_png
 
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -187,8 +187,6 @@ def test_inputs_from_folders_files_and_manifests(corpus, tmp_path):
 
 
 def test_an_image_and_a_missing_file_from_a_manifest(corpus, tmp_path):
-    from serving_helpers import write_png
-
     image = write_png(tmp_path / "still.png", seed=4)
     video = corpus["videos"] / "Surprise" / "0003.avi"
     man = tmp_path / "m.txt"

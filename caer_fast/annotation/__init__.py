@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Union
 
-from ._predictor import Options
+from ._predictor import BoxIndex, Options, make_predictor
 from .core import AnnotateError, Collector, Progress, Store, find_inputs, run_embedded
+from .ray_run import run_ray
 
 __all__ = ["AnnotateError", "Options", "Summary", "annotate", "find_inputs"]
 
@@ -33,16 +34,12 @@ def annotate(inputs: Iterable, out, opts: Options, ray: Union[bool, str, None] =
     ``ray``: None/False runs embedded; True starts a local Ray for the job; a string is a cluster address.
     ``workers``: decode processes (embedded) or decode actors (Ray); ``model_actors``: Ray model actors.
     """
-    from ._predictor import make_predictor
-
     paths = find_inputs(inputs)
     if not paths:
         raise AnnotateError("no inputs: the folders hold no video or image files "
                             "(.avi, .mp4, … / .png, .jpg, …) and no files were listed")
     opts.boxes = None if opts.boxes is None else str(opts.boxes)
     if opts.boxes:
-        from ._predictor import BoxIndex
-
         BoxIndex(opts.boxes)  # a missing box file is the job's error, not 10,000 error rows
     # the model process's predictor (embedded); with Ray the driver only finishes rows with it
     predictor = make_predictor(opts, for_model=not ray)
@@ -53,8 +50,6 @@ def annotate(inputs: Iterable, out, opts: Options, ray: Union[bool, str, None] =
     collector = Collector(predictor, store, detector, on_video=bar.video)
     try:
         if todo and ray:
-            from .ray_run import run_ray
-
             run_ray(opts, todo, collector, address=ray if isinstance(ray, str) else None, workers=workers,
                     model_actors=model_actors)
         elif todo:

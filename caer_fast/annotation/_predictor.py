@@ -2,25 +2,32 @@
 
 Three steps, split so decoding runs in worker processes / Ray CPU stages and the model batches across videos:
 
-- :func:`preprocess` (worker): decode + detect + ``face_context`` → picklable :class:`Item` objects, one per
-  chunk of model inputs, the last one marked ``last`` (or a single ``error`` item);
+- :func:`preprocess` (worker): open + decode + detect + ``face_context`` → picklable :class:`Item` objects, one
+  per chunk of model inputs, the last one marked ``last`` (or a single ``error`` item);
 - :func:`model` (the model process / actor): the outputs of chunks from any number of videos, in one batch;
 - :func:`finish` (wherever the outputs meet): one video's items and outputs → (video row, clip rows).
 
-Today they wrap :func:`caer_fast.serving.stream.iter_chunks`, ``Predictor.forward`` and
-:class:`caer_fast.serving.stream.Accumulator`.
+They wrap ``Predictor.open`` + ``Predictor.preprocessor().chunks``, ``Predictor.forward`` and
+:class:`caer_fast.serving.stream.Accumulator`; the engine comes from
+:func:`caer_fast.serving.engines.cli.engine_from_args`, fed by :class:`Options` (it has the flags' fields).
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..constants import CLIP_FPS
-from ..data.video import MediaDecodeError, read_image
-from ..serving.inference import Predictor, _existing_file, is_image_file
-from ..serving.stream import Accumulator, Chunk, iter_chunks
+from ..data import boxes as boxes_io
+from ..data.video import MediaDecodeError
+from ..serving.clips import Chunk
+from ..serving.engines.cli import engine_from_args
+from ..serving.inference import Predictor
+from ..serving.stream import Accumulator
 
 
 @dataclass
@@ -32,8 +39,8 @@ class Options:
     detector: Optional[str] = "haar"  # None: no detection (context only)
     detect_every: int = 4
     boxes: Optional[str] = None  # a box file (predict --boxes): skips the detector
-    engine: str = "eager"
-    calibrate: Optional[str] = None  # --int8 calibration tree
+    engine: str = "eager"  # a registered engine name (--engine; int8 needs ``calibrate``)
+    calibrate: Optional[str] = None  # the int8 engine's calibration tree (--calibrate)
     calibrate_samples: int = 64
     batch_size: int = 16  # model inputs per model call (across videos)
 
@@ -61,27 +68,18 @@ Output = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # probabilities, atten
 
 
 def make_predictor(opts: Options, for_model: bool) -> Predictor:
-    """A predictor for the model stage (``for_model``: device, engine) or for preprocessing (CPU, eager:
-    only its preprocessing settings and detector are used)."""
-    p = Predictor(opts.checkpoint, device=opts.device if for_model else "cpu", batch_size=opts.batch_size,
-                  detector=None if (opts.detector in (None, "none") or opts.boxes) else opts.detector,
-                  detect_every=opts.detect_every)
-    if for_model:
-        if opts.engine == "int8":
-            import sys
-
-            from ..models.quantize import quantize_predictor
-
-            quantize_predictor(p, opts.calibrate, opts.calibrate_samples,
-                               warmup_batch_sizes={1, p.stream_chunk, p.batch_size}, out=sys.stderr)
-            p.engine_name = "int8"
-        elif opts.engine != "eager":
-            import sys
-
-            from ..serving.engines import use_engine
-
-            use_engine(p, opts.engine, out=sys.stderr, batch_sizes=(1, p.batch_size))
-    return p
+    """A predictor for the model stage (``for_model``: device, ``opts.engine``) or for preprocessing and
+    finishing rows (CPU, eager: only its preprocessing settings, limits and detector are used)."""
+    detector = None if (opts.detector in (None, "none") or opts.boxes) else opts.detector
+    if not for_model:
+        return Predictor(opts.checkpoint, device="cpu", batch_size=opts.batch_size, detector=detector,
+                         detect_every=opts.detect_every)
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # model calls run up to batch_size inputs (chunks of several videos), the rest of a batch may be 1
+    ckpt, engine = engine_from_args(opts, opts.checkpoint, device=device, batch_sizes=(1, opts.batch_size),
+                                    out=sys.stderr)
+    return Predictor(ckpt, device=device, batch_size=opts.batch_size, detector=detector,
+                     detect_every=opts.detect_every, engine=engine)
 
 
 def _reason(exc: BaseException) -> str:
@@ -95,29 +93,19 @@ def preprocess(p: Predictor, path: str, boxes: Optional["BoxIndex"] = None) -> I
     """Items of one file, in order; never raises for a bad file (its last item carries ``error``)."""
     seq = 0
     try:
-        f = _existing_file(path)
-        if is_image_file(f):
-            rgb = read_image(f, max_pixels=p.max_frame_pixels)
-            kind, fps, video, frames = "image", None, None, iter([(0, 0, rgb)])
-        else:
-            video = p.open_video(str(f))  # reads the header: a garbage file fails here, before any box lookup
-            kind, fps, frames = "video", float(video.fps), p.sampled_frames(video)
-        try:
-            known = None if boxes is None else boxes.lookup(f)
+        # opening reads the header (or the image): a garbage file fails here, before any box lookup
+        with p.open(path) as source:
+            known = None if boxes is None else boxes.lookup(Path(path))
             pending = None
-            for chunk in iter_chunks(p, frames, p.stream_chunk, known_boxes=known):
+            for chunk in p.preprocessor().chunks(source.frames, known_boxes=known):
                 if pending is not None:
                     yield pending
                     seq += 1
-                pending = Item(path, seq, chunk, last=chunk.last, kind=kind, fps=fps)
+                pending = Item(path, seq, chunk, last=chunk.last, kind=source.kind, fps=source.fps)
             if pending is None or pending.chunk.total == 0:
                 raise MediaDecodeError(path, "no frames could be decoded")
-            if video is not None:  # notes are complete once the stream is read
-                pending.notes, pending.truncated = list(video.notes), bool(video.truncated)
+            pending.notes, pending.truncated = source.notes, source.truncated  # final once the stream is read
             yield pending
-        finally:
-            if video is not None:
-                video.close()
     except Exception as exc:  # a bad file is a row with its reason, never the end of the job
         yield Item(path, seq, last=True, error=_reason(exc))
 
@@ -139,9 +127,7 @@ def model(p: Predictor, chunks: Sequence[Chunk]) -> List[Output]:
 def strip(item: Item) -> Item:
     """The item without its model inputs (what :func:`finish` needs), so outputs travel light."""
     if item.chunk is not None:
-        c = item.chunk
-        item.chunk = Chunk(torch.empty(c.n, 0), torch.empty(0), c.clips, c.first_input, c.frames, c.mid_frames,
-                           c.last, c.total)
+        item.chunk = dataclasses.replace(item.chunk, face=torch.empty(item.chunk.n, 0), context=torch.empty(0))
     return item
 
 
@@ -163,7 +149,7 @@ def finish(p: Predictor, items: Sequence[Item], outputs: Sequence[Output], engin
     bad = next((it for it in items if it.error), None)
     if bad is not None:
         return error_row(p, first.path, bad.error), []
-    acc = Accumulator(p, kind=first.kind, fps=first.fps)
+    acc = Accumulator(p, kind=first.kind, fps=first.fps, detector=detector)
     try:
         for it, out in zip(items, outputs):
             acc.add(it.chunk, *out)
@@ -192,10 +178,6 @@ class BoxIndex:
     up by path suffix like :func:`caer_fast.predict.boxes_for` (which parses the file on every call)."""
 
     def __init__(self, box_file):
-        from pathlib import Path
-
-        from ..data import boxes as boxes_io
-
         box_file = Path(box_file)
         if not box_file.is_file():
             raise LookupError(f"{box_file}: no such box file")

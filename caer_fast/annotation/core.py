@@ -17,8 +17,11 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import torch
+
 from ..data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
-from . import _predictor as adapter
+from ._predictor import BoxIndex, Item, Options, error_row, finish, make_predictor, preprocess
+from ._predictor import model as run_model
 
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".lst", ".list")
@@ -200,7 +203,7 @@ class Collector:
         self.pending: Dict[str, Dict[int, tuple]] = {}
         self.count: Dict[str, int] = {}
 
-    def add(self, item: "adapter.Item", output, engine: str) -> None:
+    def add(self, item: "Item", output, engine: str) -> None:
         if item.path in self.store.done:
             return
         got = self.pending.setdefault(item.path, {})
@@ -210,14 +213,14 @@ class Collector:
         n = self.count.get(item.path)
         if n is not None and len(got) >= n and all(k in got for k in range(n)):
             seq = [got[k] for k in range(n)]
-            self.finish_rows(*adapter.finish(self.p, [s[0] for s in seq], [s[1] for s in seq], engine, self.detector))
+            self.finish_rows(*finish(self.p, [s[0] for s in seq], [s[1] for s in seq], engine, self.detector))
             del self.pending[item.path], self.count[item.path]
 
     def error(self, path: str, reason: str) -> None:
         self.pending.pop(path, None)
         self.count.pop(path, None)
         if path not in self.store.done:
-            self.finish_rows(adapter.error_row(self.p, path, reason), [])
+            self.finish_rows(error_row(self.p, path, reason), [])
 
     def finish_rows(self, row: dict, clips: List[dict]) -> None:
         self.store.add(row, clips)
@@ -253,18 +256,16 @@ class Progress:
 
 
 # -- the embedded run -------------------------------------------------------------------------------
-def _worker(opts: "adapter.Options", conn_in, conn_out) -> None:
+def _worker(opts: "Options", conn_in, conn_out) -> None:
     """A decode worker: paths in, items out, until it reads None."""
-    import torch
-
     torch.set_num_threads(1)  # the model process owns the cores' thread pools
-    p = adapter.make_predictor(opts, for_model=False)
-    boxes = adapter.BoxIndex(opts.boxes) if opts.boxes else None
+    p = make_predictor(opts, for_model=False)
+    boxes = BoxIndex(opts.boxes) if opts.boxes else None
     while True:
         path = conn_in.recv()
         if path is None:
             return
-        for item in adapter.preprocess(p, path, boxes):
+        for item in preprocess(p, path, boxes):
             conn_out.send(item)
 
 
@@ -291,7 +292,7 @@ class _Slot:
             pass
 
 
-def run_embedded(opts: "adapter.Options", todo: Sequence[str], collector: Collector, workers: int = 2,
+def run_embedded(opts: "Options", todo: Sequence[str], collector: Collector, workers: int = 2,
                  prefetch: int = 2) -> None:
     """Decode + detect in ``workers`` processes, the model here, batched across videos. A worker that
     dies takes only its current video with it: it is tried once more, then it is an error row."""
@@ -305,7 +306,7 @@ def run_embedded(opts: "adapter.Options", todo: Sequence[str], collector: Collec
     slots = [_Slot(ctx, opts) for _ in range(max(1, min(workers, len(todo))))]
     predictor = collector.p
     engine = getattr(predictor, "engine_name", "eager")
-    batch: List["adapter.Item"] = []
+    batch: List["Item"] = []
     left = len(todo)
 
     def refill(s: _Slot) -> None:
@@ -316,7 +317,7 @@ def run_embedded(opts: "adapter.Options", todo: Sequence[str], collector: Collec
         nonlocal batch
         if not batch:
             return
-        outs = adapter.model(predictor, [it.chunk for it in batch if it.chunk is not None])
+        outs = run_model(predictor, [it.chunk for it in batch if it.chunk is not None])
         k = 0
         for it in batch:
             out = None

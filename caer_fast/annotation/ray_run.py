@@ -12,9 +12,11 @@ import pickle
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
-from . import _predictor as adapter
-from .core import Collector
+from ._predictor import BoxIndex, Options, make_predictor, preprocess, strip
+from ._predictor import model as run_model
+from .core import AnnotateError, Collector
 
 RETRIES = {"max_restarts": -1, "max_task_retries": -1}
 VIDEOS_PER_BLOCK = 4
@@ -23,34 +25,32 @@ VIDEOS_PER_BLOCK = 4
 class _Decode:
     """Ray CPU stage: one path → its items (pickled)."""
 
-    def __init__(self, opts: "adapter.Options"):
-        import torch
-
+    def __init__(self, opts: "Options"):
         torch.set_num_threads(1)
-        self.p = adapter.make_predictor(opts, for_model=False)
-        self.boxes = adapter.BoxIndex(opts.boxes) if opts.boxes else None
+        self.p = make_predictor(opts, for_model=False)
+        self.boxes = BoxIndex(opts.boxes) if opts.boxes else None
 
     def __call__(self, row: dict) -> list:
         return [{"path": it.path, "seq": it.seq, "payload": pickle.dumps(it, protocol=pickle.HIGHEST_PROTOCOL)}
-                for it in adapter.preprocess(self.p, row["path"], self.boxes)]
+                for it in preprocess(self.p, row["path"], self.boxes)]
 
 
 class _Model:
     """Ray model stage: a batch of items, from any videos → the same rows with the outputs attached."""
 
-    def __init__(self, opts: "adapter.Options"):
-        self.p = adapter.make_predictor(opts, for_model=True)
+    def __init__(self, opts: "Options"):
+        self.p = make_predictor(opts, for_model=True)
         self.engine = getattr(self.p, "engine_name", "eager")
 
     def __call__(self, batch: dict) -> dict:
         items = [pickle.loads(b) for b in batch["payload"]]
-        outs = iter(adapter.model(self.p, [it.chunk for it in items if it.chunk is not None]))
-        payload = [pickle.dumps((adapter.strip(it), None if it.chunk is None else next(outs), self.engine),
+        outs = iter(run_model(self.p, [it.chunk for it in items if it.chunk is not None]))
+        payload = [pickle.dumps((strip(it), None if it.chunk is None else next(outs), self.engine),
                                 protocol=pickle.HIGHEST_PROTOCOL) for it in items]
         return {"path": batch["path"], "seq": batch["seq"], "payload": np.array(payload, dtype=object)}
 
 
-def run_ray(opts: "adapter.Options", todo: Sequence[str], collector: Collector, address: Optional[str] = None,
+def run_ray(opts: "Options", todo: Sequence[str], collector: Collector, address: Optional[str] = None,
             workers: int = 2, model_actors: int = 1) -> None:
     """``address``: a running cluster (``ray start --head`` prints it; "auto" finds the local one), or None
     for a Ray started for this job on this machine (stopped at the end)."""
@@ -61,8 +61,6 @@ def run_ray(opts: "adapter.Options", todo: Sequence[str], collector: Collector, 
     try:
         import ray
     except ImportError:
-        from .core import AnnotateError
-
         raise AnnotateError("--ray needs Ray Data: pip install 'caer_fast[ray]'") from None
     started = not ray.is_initialized()
     if started:
@@ -72,8 +70,6 @@ def run_ray(opts: "adapter.Options", todo: Sequence[str], collector: Collector, 
             else:
                 ray.init(include_dashboard=False, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            from .core import AnnotateError
-
             where = f"the Ray cluster at {address}" if address else "a local Ray"
             raise AnnotateError(f"--ray: could not start or reach {where}: {exc}") from None
     try:
