@@ -5,7 +5,7 @@ import torch
 
 from caer_fast.data import calibration as cal
 from caer_fast.models import CAERNet
-from community_model import randomize_bn_
+from caer_fast.testing.community_model import randomize_bn_
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf", reason="nncf is not installed (pip install 'caer_fast[openvino-int8]')")
