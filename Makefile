@@ -34,17 +34,17 @@ bench: setup
 # builds the extension there, runs the gpu-marked tests and the GPU benchmarks, writes JSON + markdown to OUT.
 OUT ?= gpu-check-out
 gpu-check:
-	$(PYTHON) bench/gpu_check.py $(OUT) $(ARGS)
+	$(PYTHON) tools/gpu_check.py $(OUT) $(ARGS)
 
 # Its plumbing on this CPU (what CI runs, via tests/test_gpu_check.py).
 gpu-check-dry: setup
-	$(PY) bench/gpu_check.py $(OUT) --dry-run $(ARGS)
+	$(PY) tools/gpu_check.py $(OUT) --dry-run $(ARGS)
 
 # The CUDA extension built against a CUDA torch from PyPI in its own venv, no GPU needed (see docs/gpu.md).
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH ?= 2.13.0
 cuda-build-check:
-	$(PYTHON) bench/cuda_build_check.py --venv $(CUDA_VENV) --torch $(CUDA_TORCH) --json $(CUDA_VENV)/check.json
+	$(PYTHON) tools/cuda_build_check.py --venv $(CUDA_VENV) --torch $(CUDA_TORCH) --json $(CUDA_VENV)/check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info caer_fast/_C*.so

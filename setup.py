@@ -61,6 +61,12 @@ setup(
         "int8": ["torchao==0.18.0"],
         # the openvino serving engine (also in requirements.txt; `auto` measures it where installed)
         "openvino": ["openvino==2026.4.1"],
+        # python -m caer_fast.annotate: Parquet output (pyarrow) and --ray (Ray Data); also in requirements-dev.txt
+        "ray": ["ray[data]==2.60.0", "pyarrow==26.0.1"],
+        # int8 video CAER-Net (caer_fast.models.openvino_int8): NNCF post-training quantization. An extra, not
+        # requirements.txt: nncf pulls scikit-learn, joblib, narwhals, pydot, psutil, safetensors (~70 MB
+        # installed, plus scipy) for one optional engine
+        "openvino-int8": ["openvino==2026.4.1", "nncf==3.4.0"],
     },
     zip_safe=False,
 )

@@ -8,21 +8,11 @@ import time
 
 import torch
 
+from caer_fast.testing.timing import matmul_gflops
+
 
 def _median(b):
     return getattr(b.stats, "stats", b.stats).median  # Metadata wraps Stats
-
-
-def matmul_gflops(size=2048, rounds=5):
-    """Best fp32 matmul rate at the current thread count: the limit the models are measured against."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * size ** 3 / best / 1e9
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -17,8 +17,6 @@ per-core rate is what scales with workers). Implementations:
 Each one checks its batches against the torch loader's (same labels; pixels within decoder/resizer
 tolerance), so a fast-but-wrong path fails.
 """
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,9 +26,7 @@ from caer_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from caer_fast.data import boxes as boxes_io
 from caer_fast.data.datasets import NO_FACE, CAERVideoDataset, collate
 from caer_fast.data.video import decode_video
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from media import write_clip  # noqa: E402
+from caer_fast.testing.media import write_clip
 
 H, W, N_FRAMES, FPS, BATCH = 360, 640, 40, 25, 3
 FILES = [("train/Anger/0000.webm", "libvpx-vp9"), ("train/Happy/0001.avi", "mjpeg"),

@@ -10,9 +10,6 @@ Frames are 400×712 PNGs like CAER-S's, written by the demo generator; one timed
 batch of 32 images loaded and trained on. Each pipeline first checks its batch is the one the other
 pipeline builds (same labels, faces close), so a fast-but-wrong loader cannot win.
 """
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from caer_fast.constants import IMAGENET_MEAN, IMAGENET_STD
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from community_model import CommunityCAERSNet  # noqa: E402
+from caer_fast.testing.community_model import CommunityCAERSNet
 
 BATCH = 32
 _rates = {}

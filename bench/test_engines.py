@@ -29,15 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
-
-from caer_fast.models import CAERNet, CAERSNet  # noqa: E402
-from caer_fast.serving import engines  # noqa: E402
-from community_model import CommunityCAERSNet, randomize_bn_  # noqa: E402
-from conftest import matmul_gflops  # noqa: E402
+from caer_fast.models import CAERNet, CAERSNet
+from caer_fast.serving import engines
+from caer_fast.testing.community_model import CommunityCAERSNet, randomize_bn_
+from caer_fast.testing.timing import matmul_gflops, median_time
 
 
 def _env_list(name, default):
@@ -159,7 +154,7 @@ def contenders(case, community, ours, threads, work):
 
     def export():
         if not onnx_path.is_file():
-            from caer_fast.export import export_model_onnx
+            from caer_fast.serving.onnx import export_model_onnx
 
             export_model_onnx(ours, fs, cs, onnx_path)
         return onnx_path
@@ -215,15 +210,6 @@ def check(ref, fn, case):
         agree += int((rl.argmax(-1) == gl.argmax(-1)).sum())
         n += b
     return dl, dw, agree / n
-
-
-def median_time(fn, face, context, rounds):
-    ts = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn(face, context)
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
 
 
 def run_case(case, threads, work, lines):

@@ -52,7 +52,7 @@ def test_detector_fps(benchmark, name, detect_height):
 # Issue 26: several people per frame, so recall over many faces matters more than one big face.
 # Frames: 640×360, scikit-image's brick texture with 8 real LFW faces (skimage.data.lfw_subset, 25×25 grey,
 # upscaled to 40-120 px) and 2 LFW non-face patches each, plus frames of the multi-person test video
-# (tests/people_media.py: astronaut, Grace Hopper, an LFW face over bricks).
+# (caer_fast/testing/people.py: astronaut, Grace Hopper, an LFW face over bricks).
 # Run: PYTHONPATH=tests pytest bench/test_faces.py -k every_face -s
 RECALL_DETECTORS = ["haar", "mtcnn", "dlib-hog", "dlib-cnn"]
 SIZES = (40, 56, 72, 88, 104, 120)
@@ -60,7 +60,9 @@ MIN_SIZE = 24  # the same smallest face for every detector
 
 
 def _people_media():
-    return pytest.importorskip("people_media", reason="the test video lives in tests/: run with PYTHONPATH=tests")
+    from caer_fast.testing import people
+
+    return people
 
 
 def _lfw_frames(n_frames=4, seed=0):

@@ -13,9 +13,7 @@ high-water mark of tensor bytes allocated during one call above what existed bef
 profiler's allocator events, so oneDNN's private scratch buffers are not included).
 """
 import copy
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,9 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import caer_fast
 from caer_fast.models import CAERNet, CAERSNet
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from community_model import CommunityCAERSNet, randomize_bn_  # noqa: E402  (the reference re-statement)
+from caer_fast.testing.community_model import CommunityCAERSNet, randomize_bn_  # the reference re-statement
 
 CASES = {  # name: (batch, face shape, context shape)
     "caers-b32": (32, (3, 96, 96), (3, 112, 112)),
@@ -203,9 +199,13 @@ def test_train_step(benchmark, case, impl, request):
     t = time.perf_counter()
     got = step().item()
     first = time.perf_counter() - t
-    assert got == pytest.approx(want, rel=1e-4, abs=1e-4), (got, want)
     info = {}
     if impl == "ours-optimize":
-        info = {k: v for k, v in call_model.info.items() if k in ("compiled", "fullgraph", "memory_format")}
+        info = {k: v for k, v in call_model.info.items()
+                if k in ("compiled", "fullgraph", "memory_format", "precision")}
+    # precision="auto" trains bf16 where the CPU has it natively: a bf16 forward's loss is ~1-3 % off
+    # fp32's (measured 1.969 vs 1.925 on an AVX-512 BF16 EPYC); fp32 paths differ by summation order only
+    tol = 5e-2 if info.get("precision") == "bf16" else 1e-4
+    assert got == pytest.approx(want, rel=tol, abs=tol), (got, want, info.get("precision"))
     _record(benchmark, case, "train", impl, flops, step, first, info)
     _run(benchmark, step, case)

@@ -8,7 +8,6 @@ clients, and reports requests/s and p50/p99 latency. Each run also checks every 
 probabilities, and that batching happened only where it was allowed.
 """
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,8 +16,7 @@ import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from serving_helpers import Server, make_checkpoint, write_png  # noqa: E402
+from caer_fast.testing.serving import Server, make_checkpoint, write_png
 
 CLIENTS = 8
 REQUESTS = 64  # bounded: 8 clients × 8 requests

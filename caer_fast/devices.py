@@ -1,10 +1,11 @@
-"""One place that turns a ``--device`` value into a ``torch.device`` the commands can use.
-
-Shared by ``train``, ``predict`` and ``serve`` so they accept and refuse the same values with the same words.
+"""The machine: one place that turns a ``--device`` value into a ``torch.device`` the commands can use
+(shared by ``train``, ``predict`` and ``serve`` so they accept and refuse the same values with the same
+words), and what this CPU can do (:func:`cpu_flags`, :func:`has_native_bf16`, :func:`has_vnni`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
 import torch
 
@@ -46,3 +47,36 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
             raise DeviceError(f"--device {text}: Apple MPS is not available here; use --device cpu")
         return dev
     raise DeviceError(f"--device {text}: {dev.type} devices are not supported (use cpu, cuda or cuda:N)")
+
+
+# -- what this CPU can do --------------------------------------------------------------------------------
+
+def cpu_flags() -> List[str]:
+    """The vector-ISA flags torch sees on this CPU (``torch.cpu.get_capabilities()``), sorted."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except Exception:  # older torch: fall back to the kernel's list
+        caps = {}
+    flags = sorted(k for k, v in caps.items() if v is True)
+    if not flags:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+            line = next(ln for ln in text.splitlines() if ln.startswith("flags"))
+            flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "amx", "sse4")))
+        except Exception:  # no /proc (not Linux): no flags known
+            flags = []
+    return flags
+
+
+def has_native_bf16() -> bool:
+    """Does this CPU compute bf16 natively (AVX-512 BF16 or AMX-BF16)? AVX2-only CPUs emulate it."""
+    return bool(set(cpu_flags()) & {"avx512_bf16", "amx_bf16"})
+
+
+def has_vnni() -> bool:
+    """Does this CPU have int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX)?"""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except Exception:  # older torch, unknown CPU: assume not (reduce_range is the safe choice)
+        return False
+    return any(caps.get(k, False) for k in ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8"))

@@ -17,10 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .data.detectors import DETECTORS
+from .data import boxes as boxes_io
+from .data.detectors import DETECTORS, DetectorUnavailable
+from .data.video import MediaDecodeError, is_url
+from .devices import DeviceError, resolve_device
+from .models.checkpoint import CheckpointError
+from .serving.engines import EngineError
+from .serving.engines.cli import add_engine_arguments, check_engine_arguments, engine_from_args
+from .serving.inference import Predictor, is_image_file
+from .serving.stream import parse_people
+from .serving.timeline import save_timeline_plot, write_timeline
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -58,9 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-idle", type=float, default=5.0, metavar="S",
                    help="with --follow on a file: it is complete once it has not grown for this many seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on a terminal only)")
-    from .serve import add_int8_arguments
-
-    add_int8_arguments(p)
+    add_engine_arguments(p)
     return p
 
 
@@ -216,177 +224,21 @@ def boxes_for(path: Path, box_file: Path) -> dict:
     Entries are matched by the path they hold (relative to the data or split root) being a suffix of
     ``path``; a file with no entry raises ``LookupError`` naming both.
     """
-    from .data import boxes as boxes_io
-
     if not box_file.is_file():
         raise LookupError(f"{box_file}: no such box file")
     text = box_file.read_text(encoding="utf-8", errors="replace")
     target = path.resolve().as_posix()
     if text.startswith(",".join(boxes_io.VIDEO_HEADER)):
-        per_file, _ = boxes_io.parse_video_boxes(text, str(box_file))
+        per_file, bad = boxes_io.parse_video_boxes(text, str(box_file))
         entries = {k: {f: box for f, (box, _) in frames.items()} for k, frames in per_file.items()}
     else:
-        per_image, _ = boxes_io.parse_image_boxes(text, str(box_file))
+        per_image, bad = boxes_io.parse_image_boxes(text, str(box_file))
         entries = {k: {0: box} for k, (_, box) in per_image.items()}
     for key, frames in entries.items():
         if target.endswith("/" + key.lstrip("/")):
             return frames
-    raise LookupError(f"{box_file} has no boxes for {path}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def person_clips(r: dict) -> list:
-    """(person id, clip dict) of every person's clips (the main answer's clips as person 0 without a
-    ``people`` list)."""
-    people = r.get("people") or [{"id": 0, "clips": r["clips"]}]
-    return [(p["id"], c) for p in people for c in p["clips"]]
-
-
-def timeline_rows(r: dict) -> list:
-    """One flat row per clip and person (the CSV's columns)."""
-    rows = []
-    for person, c in person_clips(r):
-        row = {"person": person, "clip": c["clip"], "start_s": c["start_s"], "end_s": c["end_s"],
-               "first_frame": c["first_frame"],
-               "last_frame": c["last_frame"], "emotion": c["emotion"]}
-        row.update({f"p_{k}": v for k, v in c["probabilities"].items()})
-        row.update({"lambda_face": c["fusion_weights"]["face"], "lambda_context": c["fusion_weights"]["context"],
-                    "face_found": int(c["face_found"])})
-        rows.append(row)
-    return rows
-
-
-def write_timeline(r: dict, out: Path, source: str = "") -> Path:
-    """The per-clip timeline as CSV (by the suffix .csv) or JSON (anything else), written atomically."""
-    import csv
-    import io
-
-    out = Path(out)
-    if out.suffix.lower() == ".csv":
-        rows = timeline_rows(r)
-        buf = io.StringIO()
-        fields = list(rows[0]) if rows else ["person", "clip", "start_s", "end_s"]
-        w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        _atomic_write(out, buf.getvalue())
-    else:
-        doc = {"source": source, "kind": r["kind"], "fps": r["fps"], "emotion": r["emotion"],
-               "probabilities": r["probabilities"], "note": r["note"], "truncated": r.get("truncated", False),
-               "clip_seconds": None, "clips": [{"person": pid, **c} for pid, c in person_clips(r)],
-               "people": [{k: v for k, v in p.items() if k not in ("clips", "face_boxes")}
-                          for p in r.get("people", [])]}
-        if r["clips"]:
-            doc["clip_seconds"] = round(r["clips"][0]["end_s"] - r["clips"][0]["start_s"], 3)
-        _atomic_write(out, json.dumps(doc, indent=1))
-    return out
-
-
-EMOTION_COLORS = {"Anger": "#d32f2f", "Disgust": "#7b1fa2", "Fear": "#455a64", "Happy": "#fbc02d",
-                  "Neutral": "#9e9e9e", "Sad": "#1976d2", "Surprise": "#f57c00"}
-
-
-def save_timeline_plot(r: dict, out: Path, title: str = "") -> Path:
-    """Probabilities over time (stacked, so they read as shares even for thousands of clips), the
-    dominant emotion as a colour strip, λ face, and the spans where a face was found."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.patches import Patch
-
-    clips = r["clips"]
-    classes = list(r["probabilities"])
-    t0 = np.array([c["start_s"] for c in clips])
-    t1 = np.array([c["end_s"] for c in clips])
-    mid = (t0 + t1) / 2
-    probs = np.array([[c["probabilities"][k] for k in classes] for c in clips]).reshape(-1, len(classes))
-    people = r.get("people") or []
-    lanes = people if len(people) > 1 else []  # one lane per person: their dominant emotion over their span
-    span = max([float(t1.max()) if len(clips) else 1.0] + [c["end_s"] for p in lanes for c in p["clips"]])
-    unit, scale = ("min", 60.0) if span > 600 else ("s", 1.0)
-    x = mid / scale
-    colors = [EMOTION_COLORS.get(k, f"C{i}") for i, k in enumerate(classes)]
-    fig = plt.figure(figsize=(14, 6.2 + 0.35 * len(lanes)), dpi=110, constrained_layout=True)
-    grid = fig.add_gridspec(4 + len(lanes), 1, height_ratios=[4, 0.45, 1.2, 0.45] + [0.45] * len(lanes))
-    ax = fig.add_subplot(grid[0])
-    if len(clips) > 1:
-        ax.stackplot(x, probs.T, colors=colors, labels=classes, alpha=0.9, linewidth=0)
-    else:
-        bottom = 0.0
-        for j, k in enumerate(classes):
-            ax.bar(x, probs[:, j], bottom=bottom, color=colors[j], label=k, width=max(span / scale, 1e-3))
-            bottom = bottom + probs[:, j]
-    ax.set_ylim(0, 1)
-    ax.set_xlim(0, span / scale)
-    ax.set_ylabel("probability (stacked)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, title="emotion")
-    ax.set_title(title or f"emotion timeline: overall {r['emotion']} ({r['confidence']:.0%})"
-                 + (" — the person seen longest; one lane per person below" if lanes else ""), fontsize=11)
-    ax.tick_params(labelbottom=False)
-
-    def strip(a, values, label):
-        for lo, hi, col in values:
-            a.axvspan(lo / scale, hi / scale, color=col, lw=0)
-        a.set_xlim(0, span / scale)
-        a.set_yticks([])
-        a.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-
-    def runs(keys, starts=t0, ends=t1):  # merge consecutive clips with the same key: thousands → a few hundred
-        out = []
-        for lo, hi, k in zip(starts, ends, keys):
-            if out and out[-1][2] == k and lo <= out[-1][1] + 1e-9:
-                out[-1][1] = max(out[-1][1], hi)
-            else:
-                out.append([lo, hi, k])
-        return out
-
-    ax_e = fig.add_subplot(grid[1], sharex=ax)
-    strip(ax_e, [(lo, hi, EMOTION_COLORS.get(k, "k")) for lo, hi, k in runs([c["emotion"] for c in clips])],
-          "dominant")
-    ax_e.tick_params(labelbottom=False)
-    ax_l = fig.add_subplot(grid[2], sharex=ax)
-    lam = np.array([c["fusion_weights"]["face"] for c in clips])
-    ax_l.plot(x, lam, color="#00897b", lw=1)
-    ax_l.axhline(0.5, color="grey", lw=0.6, ls=":")
-    ax_l.set_ylim(0, 1)
-    ax_l.set_ylabel("λ face", fontsize=9)
-    ax_l.tick_params(labelbottom=False)
-    ax_f = fig.add_subplot(grid[3], sharex=ax)
-    strip(ax_f, [(lo, hi, "#43a047" if k else "#e0e0e0") for lo, hi, k in runs([c["face_found"] for c in clips])],
-          "face")
-    last = ax_f
-    for j, p in enumerate(lanes):
-        pc = p["clips"]
-        last.tick_params(labelbottom=False)
-        last = fig.add_subplot(grid[4 + j], sharex=ax)
-        strip(last, [(lo, hi, EMOTION_COLORS.get(k, "k") if k else "#e0e0e0") for lo, hi, k in  # grey: no face
-                     runs([c["emotion"] if c["face_found"] else "" for c in pc], [c["start_s"] for c in pc],
-                          [c["end_s"] for c in pc])],
-              f"person {p['id']}")
-    last.set_xlabel(f"time ({unit})")
-    ax_f.legend(handles=[Patch(color="#43a047", label="face found"), Patch(color="#e0e0e0", label="no face")],
-                loc="upper left", bbox_to_anchor=(1.0, 1.6), fontsize=8)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    skipped = f" ({len(bad)} malformed line{'s' if len(bad) > 1 else ''} skipped, first {bad[0]})" if bad else ""
+    raise LookupError(f"{box_file} has no boxes for {path}{skipped}")
 
 
 class _Progress:
@@ -416,16 +268,43 @@ class _Progress:
             self.bar.close()
 
 
+def check_output_paths(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse --save-viz / --timeline / --timeline-plot names that could not be written, before any work:
+    an unknown extension (matplotlib would fail, or silently add .png), a folder, a missing or read-only
+    folder to write in."""
+    outputs = [("--timeline", args.timeline, (".csv", ".json")), ("--save-viz", args.save_viz, None),
+               ("--timeline-plot", args.timeline_plot, None)]
+    for flag, path, suffixes in outputs:
+        if path is None:
+            continue
+        if suffixes is None:  # a picture: the formats matplotlib writes
+            try:
+                from matplotlib.figure import Figure
+
+                suffixes = tuple("." + k for k in Figure().canvas.get_supported_filetypes())
+            except ImportError:
+                parser.error(f"{flag} needs matplotlib (pip install matplotlib)")
+        if path.is_dir():
+            parser.error(f"{flag} {path}: is a folder; give a file name ending in {', '.join(suffixes[:4])}")
+        if path.suffix.lower() not in suffixes:
+            parser.error(f"{flag} {path}: the file name must end in {', '.join(suffixes[:-1])} or {suffixes[-1]}")
+        folder = Path(os.path.realpath(path)).parent
+        while not folder.exists() and folder != folder.parent:  # --timeline creates missing folders
+            if flag != "--timeline":
+                parser.error(f"{flag} {path}: the folder {folder} does not exist")
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            parser.error(f"{flag} {path}: cannot write in {folder}")
+    named = [str(Path(p).resolve()) for _, p, _ in outputs if p is not None]
+    if len(set(named)) < len(named):
+        parser.error("--save-viz, --timeline and --timeline-plot must name different files")
+
+
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    from .serve import check_int8_arguments
-
-    check_int8_arguments(parser, args)
-    if args.timeline is not None and args.timeline.suffix.lower() not in (".csv", ".json"):
-        parser.error(f"--timeline {args.timeline}: the file name must end in .csv or .json")
-    from .serving.stream import parse_people
-
+    check_engine_arguments(parser, args)
+    check_output_paths(parser, args)
     try:
         parse_people(args.people)
     except ValueError as exc:
@@ -438,13 +317,6 @@ def main(argv=None) -> int:
         args.people = str(args.max_people)
     if args.people != "main" and args.boxes is not None:
         parser.error("--boxes gives one face per frame: it works with --people main only")
-    from .data.detectors import DetectorUnavailable
-    from .data.video import MediaDecodeError, is_url
-    from .devices import DeviceError, resolve_device
-    from .models.checkpoint import CheckpointError
-    from .serving.engines import EngineError
-    from .serving.inference import Predictor
-
     source = args.path
     local = source != "-" and not is_url(source)
     path = Path(source) if local else None
@@ -456,34 +328,19 @@ def main(argv=None) -> int:
             print(json.dumps({"type": "clip", "person": c.person, **c.to_dict()}), flush=True)
 
     try:
-        predictor = Predictor(args.checkpoint, device=resolve_device(args.device), detect_every=args.detect_every,
-                              detector=None if args.detector == "none" else args.detector)
+        device = resolve_device(args.device)
+        image = local and path.is_file() and is_image_file(path)
+        # predict streams: every model call is one chunk (or one image), never a larger batch
+        # several people: a step's model call holds every person's chunk, up to the Predictor's batch size
+        ckpt, engine = engine_from_args(args, args.checkpoint, device=device,
+                                        batch_sizes=None if args.people == "main" else (1, 16),
+                                        warmup_batch_sizes=(1,) if image else None, out=sys.stderr)
+        predictor = Predictor(ckpt, device=device, detect_every=args.detect_every,
+                              detector=None if args.detector == "none" else args.detector, engine=engine)
         if args.boxes is not None and not local:
             raise LookupError(f"--boxes needs a file path, not {source}")
         known = None if args.boxes is None else boxes_for(path, args.boxes)
         with_arrays = args.save_viz is not None
-        if args.int8:
-            from .models.quantize import quantize_predictor
-            from .serving.engines import Int8Engine
-            from .serving.inference import is_image_file
-
-            image = local and path.is_file() and is_image_file(path)
-            sizes = {1} if image else {1, 2, predictor.stream_chunk}  # the streamed chunks' model calls
-            if args.people != "main":
-                sizes.add(predictor.batch_size)
-            fast = quantize_predictor(predictor, args.calibrate, args.calibrate_samples, warmup_batch_sizes=sizes,
-                                      out=sys.stderr)
-            predictor = predictor.with_engine(Int8Engine(fast))
-        else:
-            from .serving.engines import build_engine
-
-            # predict streams: every model call is one chunk (or one image), never a larger batch
-            face_shape, context_shape = predictor.input_shapes
-            predictor = predictor.with_engine(build_engine(
-                predictor.model, args.engine, face_shape=face_shape, context_shape=context_shape,
-                # several people: a step's model call holds every person's chunk, up to batch_size
-                batch_sizes=(1, predictor.stream_chunk if args.people == "main" else predictor.batch_size),
-                out=sys.stderr))
         try:
             result = predictor.predict_file(path if local else source, with_arrays=with_arrays, known_boxes=known,
                                             on_clip=on_clip, follow=args.follow and local, on_start=progress.start,
@@ -498,11 +355,6 @@ def main(argv=None) -> int:
         return 2
     except EngineError as exc:
         print(f"error: --engine {args.engine}: {exc}", file=sys.stderr)
-        return 2
-    except (NotImplementedError, FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
-        if not args.int8:
-            raise
-        print(f"error: --int8: {exc}", file=sys.stderr)
         return 2
     visual = result.pop("_visual", None)
     name = path.name if local else source

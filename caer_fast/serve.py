@@ -12,10 +12,50 @@ authentication in front before exposing it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
+from typing import Optional
 
-from .data.detectors import DETECTORS
+from .data.detectors import DETECTORS, DetectorUnavailable
+from .devices import DeviceError, resolve_device
+from .models.checkpoint import CheckpointError
+from .serving.app import default_memory_budget_mb, run_server
+from .serving.engines import EngineError
+from .serving.engines.cli import add_engine_arguments, check_engine_arguments, engine_from_args
+from .serving.inference import Predictor, set_threads_from_env
+
+
+def _int_in(lo: int, hi: Optional[int] = None):
+    """argparse type: an integer in [lo, hi] (a nonsense limit is refused at the command line)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {f'between {lo} and {hi}' if hi is not None else f'at least {lo}'}"
+                                             f", got {v}")
+        return v
+    return parse
+
+
+def _float_above(lo: float, allow_equal: bool = False):
+    """argparse type: a finite number above ``lo`` (or equal to it with ``allow_equal``)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(v) and (v >= lo if allow_equal else v > lo)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'≥' if allow_equal else 'above'} {lo:g}, "
+                                             f"got {text}")
+        return v
+    return parse
+
+
+_positive_float = _float_above(0.0)
+_non_negative_float = _float_above(0.0, allow_equal=True)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -24,117 +64,63 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="our checkpoint.pth or a community CAER-S checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="most model inputs (clips or frames) per model call")
-    p.add_argument("--max-wait-ms", type=float, default=10.0,
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="TCP port (0: any free port)")
+    p.add_argument("--max-batch", type=_int_in(1), default=8, help="most model inputs (clips or frames) per model call")
+    p.add_argument("--max-wait-ms", type=_non_negative_float, default=10.0,
                    help="how long the first queued request waits for others to share its model call")
-    p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload")
-    p.add_argument("--max-frames", type=int, default=3000,
+    p.add_argument("--max-upload-mb", type=_positive_float, default=50.0, help="largest accepted upload")
+    p.add_argument("--max-frames", type=_int_in(1), default=3000,
                    help="longest accepted video, in decoded frames (3000 = 100 s at 30 fps)")
-    p.add_argument("--max-frame-pixels", type=int, default=3840 * 2160,
-                   help="largest accepted frame or image, width × height (default 4K UHD)")
-    p.add_argument("--max-pixels", type=int, default=3000 * 1920 * 1080,
+    p.add_argument("--max-frame-pixels", type=_int_in(1), default=3840 * 2160,
+                   help="largest accepted frame or image, width × height (default 4K UHD); each video upload "
+                        "reserves memory for its decoder at this size (a stream may grow after its header)")
+    p.add_argument("--max-pixels", type=_int_in(1), default=3000 * 1920 * 1080,
                    help="decoded-pixel budget of one video (frames × width × height), checked from the stream "
                         "header and while decoding (default: 3000 frames of 1080p)")
-    p.add_argument("--memory-budget-mb", type=float, default=None,
+    p.add_argument("--memory-budget-mb", type=_positive_float, default=None,
                    help="resident memory the server stays under: each request reserves its estimated peak "
                         "before decoding; one that never fits is refused (413), others wait (then 503). "
                         "Default: half the machine's memory (the cgroup limit if lower)")
-    p.add_argument("--max-connections", type=int, default=64,
+    p.add_argument("--max-connections", type=_int_in(1), default=64,
                    help="open connections served at once; more are answered 503 at once")
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send its headers")
-    p.add_argument("--body-timeout", type=float, default=30.0,
+    p.add_argument("--header-timeout", type=_positive_float, default=10.0,
+                   help="seconds a client has to send its headers")
+    p.add_argument("--body-timeout", type=_positive_float, default=30.0,
                    help="longest pause, in seconds, while a client sends its body (slower clients get 408)")
     p.add_argument("--detector", default="haar", choices=DETECTORS + ("none",))
-    p.add_argument("--max-people", type=int, default=8, metavar="N",
+    p.add_argument("--max-people", type=_int_in(1), default=8, metavar="N",
                    help="most people one request follows (POST /predict?people=all follows that many, ?people=N at "
                         "most N); the request's memory reservation scales with it")
-    p.add_argument("--detect-every", type=int, default=4, help="detect faces on every k-th sampled frame")
+    p.add_argument("--detect-every", type=_int_in(1), default=4, help="detect faces on every k-th sampled frame")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=2, help="threads decoding and preprocessing uploads")
+    p.add_argument("--threads", type=_int_in(1, 256), default=2, help="threads decoding and preprocessing uploads")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
-    add_int8_arguments(p)
+    add_engine_arguments(p)
     return p
-
-
-def add_int8_arguments(p: argparse.ArgumentParser) -> None:
-    """--engine, --int8 / --calibrate / --calibrate-samples (shared with python -m caer_fast.predict)."""
-    import os
-
-    from .serving.engines import ENGINES
-
-    p.add_argument("--engine", default=os.environ.get("CAER_FAST_ENGINE", "auto"), choices=ENGINES,
-                   help="CPU inference engine: auto measures ONNX Runtime and OpenVINO (if installed) on our ONNX "
-                        "export and eager PyTorch once per "
-                        "model and machine, keeps the fastest whose outputs match the model, and caches the choice "
-                        "and the optimised graphs in $CAER_FAST_CACHE_DIR/engines (default from $CAER_FAST_ENGINE)")
-    g = p.add_argument_group("int8 inference (CPU, image model only)")
-    g.add_argument("--int8", action="store_true",
-                   help="quantise the model to int8 (PT2E + X86InductorQuantizer, oneDNN kernels via torch.compile) "
-                        "before serving: about 2x the fp32 compiled model's speed at batch 32 (4x eager) on an AVX2 CPU, "
-                        "same accuracy on the demo test set. "
-                        "Needs --calibrate. Image model (CAER-Net-S) only: the video model's Conv3d is not "
-                        "quantised by the x86 quantizer. Startup takes longer (calibration, then one compile per "
-                        "batch-size range, about 10 s each)")
-    g.add_argument("--calibrate", type=Path, default=None, metavar="ROOT",
-                   help="CAER-S tree to calibrate --int8 on (ROOT/train/<Emotion>/*.png with ROOT/train.txt face "
-                        "boxes, or a folder holding CAER-S/, e.g. the demo data of python -m caer_fast.data.synthetic)")
-    g.add_argument("--calibrate-samples", type=int, default=64, metavar="N",
-                   help="train-split images used for calibration, spread evenly over the classes")
-
-
-def check_int8_arguments(p: argparse.ArgumentParser, args) -> None:
-    if args.int8:
-        args.engine = "int8"  # --int8 is --engine int8
-    args.int8 = args.engine == "int8"
-    if args.int8 and args.calibrate is None:
-        p.error("--int8 needs --calibrate ROOT (a CAER-S tree whose train split calibrates the int8 ranges)")
-    if args.calibrate is not None and not args.int8:
-        p.error("--calibrate is only used with --int8")
-    if args.calibrate_samples < 1:
-        p.error(f"--calibrate-samples must be >= 1, got {args.calibrate_samples}")
 
 
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    check_int8_arguments(parser, args)
-    from .data.detectors import DetectorUnavailable
-    from .devices import DeviceError, resolve_device
-    from .models.checkpoint import CheckpointError
-    from .serving.app import default_memory_budget_mb, run_server
-    from .serving.inference import Predictor, set_threads_from_env
-
+    check_engine_arguments(parser, args)
     set_threads_from_env()
+    max_batch = max(args.max_batch, 1)
     try:
-        predictor = Predictor(args.checkpoint, device=resolve_device(args.device), detect_every=args.detect_every,
+        device = resolve_device(args.device)
+        ckpt, engine = engine_from_args(args, args.checkpoint, device=device, batch_sizes=(1, max_batch),
+                                        warmup_batch_sizes=(1, min(2, max_batch), max_batch), out=sys.stderr)
+        predictor = Predictor(ckpt, device=device, detect_every=args.detect_every,
                               detector=None if args.detector == "none" else args.detector,
-                              max_frames=args.max_frames, batch_size=max(args.max_batch, 1),
-                              max_frame_pixels=args.max_frame_pixels, max_pixels=args.max_pixels)
+                              max_frames=args.max_frames, batch_size=max_batch,
+                              max_frame_pixels=args.max_frame_pixels, max_pixels=args.max_pixels, engine=engine)
     except (CheckpointError, DetectorUnavailable, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.int8:
-        from .serving.engines import EngineError, use_engine
-
-        try:
-            use_engine(predictor, args.engine, out=sys.stderr)
-        except EngineError as exc:
-            print(f"error: --engine {args.engine}: {exc}", file=sys.stderr)
-            return 2
-    else:
-        from .models.quantize import QuantizationUnavailable, quantize_predictor
-
-        sizes = {1, min(2, args.max_batch), max(args.max_batch, 1)}
-        try:
-            quantize_predictor(predictor, args.calibrate, args.calibrate_samples, warmup_batch_sizes=sizes,
-                               out=sys.stderr)
-        except (QuantizationUnavailable, NotImplementedError, TypeError, ValueError, FileNotFoundError) as exc:
-            print(f"error: --int8: {exc}", file=sys.stderr)
-            return 2
+    except EngineError as exc:
+        print(f"error: --engine {args.engine}: {exc}", file=sys.stderr)
+        return 2
     budget = args.memory_budget_mb or default_memory_budget_mb()
-    predictor.engine_name = getattr(predictor, "engine_name", None) or ("int8" if args.int8 else "eager")
-    print(f"caer_fast serving {predictor.model_type}{' int8' if args.int8 else ''} with engine {predictor.engine_name} "
+    print(f"caer_fast serving {predictor.model_type}{' int8' if args.int8 else ''} with engine {engine.name} "
           f"({args.checkpoint}) on http://{args.host}:{args.port} "
           f"— max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, memory budget {budget:.0f} MiB", flush=True)
     run_server(predictor, args.host, args.port, log_level=args.log_level, max_connections=args.max_connections,

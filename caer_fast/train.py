@@ -11,13 +11,16 @@ Each epoch writes ``checkpoint.pth`` atomically (model, optimizer, lr_scheduler,
 …); ``--resume`` continues from it exactly: data order and augmentation are seeded per epoch.
 A folder that already holds a run (``checkpoint.pth``, ``model_best.pth`` or ``metrics.json``) is refused
 unless ``--resume`` continues that run or ``--overwrite`` replaces it. The output folder is checked
-(a folder, writable) before the first step.
+(a folder, writable) before the first step, and locked (one training per folder). ``--overwrite`` removes
+nothing up front: the old run stays whole until the new one has written its first checkpoint, so a new run
+that fails or is killed before that leaves the old one as it was.
 Evaluation reports clip and video top-1 (video = mean of its clips' probabilities), per-class
 accuracy, ``metrics.json`` and confusion-matrix PNGs in ``--output-dir``.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -31,14 +34,30 @@ from pathlib import Path
 import torch
 
 from .constants import CLASSES, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE
+from .data import calibration as cal
+from .data.dali_loader import dali_available, make_dali_loader
+from .data.datasets import CAERSImageDataset, CAERVideoDataset, DatasetError, collate
+from .data.synthetic import make_demo_dataset
+from .data.video import IMAGE_EXTENSIONS, MediaDecodeError, VIDEO_EXTENSIONS
+from .devices import DeviceError, resolve_device
+from .models import CAERNet, CAERSNet
+from .models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from .models.optimize import choose_train_precision, optimize
+from .training import distributed as dist_utils
+from .training.distributed import is_main_process, rank, world_size
+from .training.engine import SkipLog, TrainingDiverged, evaluate, skip_kind, train_one_epoch
+from .training.metrics import save_confusion_png, write_json
 
 # The demo trains on small inputs so two trainings finish in minutes on a 2-core CPU.
 DEMO_SETTINGS = dict(clip_frames=8, face_size=(48, 48), context_size=(64, 86), crop=56, epochs=6, batch_size=8,
                      lr=0.01)
 # Files that make a folder "hold a run": a new run there needs --resume or --overwrite.
 RUN_FILES = ("checkpoint.pth", "model_best.pth", "metrics.json")
-# Everything a run writes (removed by --overwrite before the new run starts).
+# Everything a run writes (--overwrite removes the old run's once the new run has written its first checkpoint).
 RUN_OUTPUTS = RUN_FILES + ("skipped.json", "confusion_test.png")
+LOCK_FILE = ".train.lock"  # flock'ed while a training writes the folder (the kernel drops it when the process dies)
+_LOCKS: dict = {}  # resolved folder → open lock fd, held by this process
+_CREATED: set = set()  # folders this process created (removed again if a run fails before writing anything)
 # Settings that change what a resumed run trains on: a resume with other values warns.
 RESUME_CHECKED = ("streams", "clip_frames", "face_size", "context_size", "crop")
 
@@ -91,6 +110,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (first compile takes a while)")
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="fp32; bf16 (autocast); auto: bf16 only where the CPU has it natively and a measured step "
+                        "(after warm-up, cached per machine and model) is faster and converges like fp32. "
+                        "Default: the resumed run's precision, else bf16 with --amp on CPU, else fp32")
     p.add_argument("--loader", choices=("torch", "dali"), default="torch",
                    help="torch: PyAV decoding in DataLoader workers; dali: NVIDIA DALI (needs nvidia-dali)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/latest"))
@@ -159,18 +182,66 @@ def _same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-def prepare_output_dir(out_dir: Path, args) -> list:
-    """Check ``--output-dir`` before any work: a writable folder that holds no other run.
+def _lock_output_dir(out_dir: Path) -> None:
+    """Take this folder's training lock (``flock`` on ``LOCK_FILE``) until the run ends, or raise
+    :class:`UsageError` if another process holds it. A killed run's lock is gone with it."""
+    key = str(out_dir.resolve())
+    if key in _LOCKS:
+        return
+    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise UsageError(f"--output-dir {out_dir} is in use by another training (process {holder or '?'}): wait "
+                         f"for it to end, or choose another --output-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[key] = fd
 
-    Creates the folder. Returns the files of an earlier run removed by ``--overwrite``. Raises
-    :class:`UsageError` for a file at that path, a folder that cannot be created or written, and a
-    folder holding a run that ``--resume`` does not continue (unless ``--overwrite``).
+
+def _unlock_output_dir(out_dir: Path, failed: bool = False) -> None:
+    """Release the lock; after a failure, remove the folder again if this process created it and it
+    holds nothing but the lock file."""
+    key = str(Path(out_dir).resolve())
+    fd = _LOCKS.pop(key, None)
+    if fd is None:
+        return
+    try:
+        if failed and key in _CREATED and {p.name for p in Path(key).iterdir()} <= {LOCK_FILE}:
+            os.unlink(Path(key) / LOCK_FILE)
+            os.rmdir(key)
+    finally:
+        _CREATED.discard(key)
+        os.close(fd)
+
+
+def release_output_dirs(failed: bool = False) -> None:
+    """Release every output-folder lock this process holds (see :func:`_unlock_output_dir`)."""
+    for key in list(_LOCKS):
+        try:
+            _unlock_output_dir(Path(key), failed=failed)
+        except OSError:
+            pass
+
+
+def prepare_output_dir(out_dir: Path, args) -> list:
+    """Check ``--output-dir`` before any work: a writable folder that holds no other run, not in use.
+
+    Creates the folder and takes its lock (one training per folder). Returns the files of an earlier run
+    that ``--overwrite`` replaces: nothing is removed here; :func:`_replace_old_run` removes them once the
+    new run has written its first output. Raises :class:`UsageError` for a file at that path, a folder
+    that cannot be created or written, one another training holds, and a folder holding a run that
+    ``--resume`` does not continue (unless ``--overwrite``).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output-dir {out_dir}: is a file, not a folder")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if not out_dir.exists():
+            out_dir.mkdir(parents=True)
+            _CREATED.add(str(out_dir.resolve()))
     except OSError as exc:
         raise UsageError(f"--output-dir {out_dir}: cannot create the folder ({exc.strerror or exc})") from None
     try:  # a read-only mount or missing permission shows here, not after a whole epoch
@@ -182,31 +253,49 @@ def prepare_output_dir(out_dir: Path, args) -> list:
             os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"--output-dir {out_dir}: cannot write there ({exc.strerror or exc})") from None
-    held = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if not held:
-        return []
     resuming_here = args.resume is not None and _same_folder(Path(args.resume).parent, out_dir)
-    if resuming_here:
+
+    def refuse_a_held_run():
+        held = [name for name in RUN_FILES if (out_dir / name).exists()]
+        if held and not resuming_here and not args.overwrite:
+            what = ", ".join(held)
+            if args.resume is not None:
+                raise UsageError(f"--output-dir {out_dir} holds another run ({what}); --resume {args.resume} is not "
+                                 f"from that folder: choose an empty --output-dir, or pass --overwrite to replace it")
+            raise UsageError(f"--output-dir {out_dir} already holds a run ({what}): continue it with --resume "
+                             f"{out_dir / 'checkpoint.pth'}, replace it with --overwrite, or choose another "
+                             f"--output-dir")
+        return held
+
+    refuse_a_held_run()  # before the lock file is created: a refused folder is left as it was
+    _lock_output_dir(out_dir)
+    try:
+        held = refuse_a_held_run()  # again: a run that ended just before we took the lock
+    except UsageError:
+        _unlock_output_dir(out_dir)
+        raise
+    if not held or resuming_here:
         return []
-    if not args.overwrite:
-        what = ", ".join(held)
-        if args.resume is not None:
-            raise UsageError(f"--output-dir {out_dir} holds another run ({what}); --resume {args.resume} is not "
-                             f"from that folder: choose an empty --output-dir, or pass --overwrite to replace it")
-        raise UsageError(f"--output-dir {out_dir} already holds a run ({what}): continue it with --resume "
-                         f"{out_dir / 'checkpoint.pth'}, replace it with --overwrite, or choose another --output-dir")
-    removed = []
-    for name in RUN_OUTPUTS:
-        f = out_dir / name
-        if f.is_file():
-            f.unlink()
-            removed.append(name)
-    return removed
+    return [name for name in RUN_OUTPUTS if (out_dir / name).is_file()]
+
+
+def _replace_old_run(out_dir: Path, old: list, written: tuple) -> None:
+    """--overwrite: the new run has written ``written`` (atomically, over the old files of those names);
+    now remove the rest of the old run's files, and say so."""
+    if not old:
+        return
+    gone = []
+    for name in old:
+        if name not in written:
+            (out_dir / name).unlink(missing_ok=True)
+        gone.append(name)
+    old.clear()
+    _log(f"--overwrite: removed the earlier run's {', '.join(gone)} from {out_dir} (replaced by this run's "
+         f"{', '.join(written)})")
 
 
 def _best_in(path: Path) -> float:
     """The best validation score stored in ``path`` (a model_best.pth), or -1 if none can be read."""
-    from .models.checkpoint import CheckpointError, read_checkpoint
 
     if not path.is_file():
         return -1.0
@@ -218,7 +307,6 @@ def _best_in(path: Path) -> float:
 
 
 def _log(*a):
-    from .training.distributed import is_main_process
 
     if is_main_process():
         print(*a, flush=True)
@@ -250,8 +338,6 @@ def build_datasets(args):
 
 
 def _build_datasets(args):
-    from .data.datasets import DatasetError
-    from .data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
     try:
         return _make_datasets(args)
@@ -267,7 +353,6 @@ def _build_datasets(args):
 
 
 def _make_datasets(args):
-    from .data.datasets import CAERSImageDataset, CAERVideoDataset
 
     root = Path(args.data)
     if not root.is_dir():
@@ -295,7 +380,6 @@ def _make_datasets(args):
 
 
 def build_model(args):
-    from .models import CAERNet, CAERSNet
 
     streams = dict(use_face=args.streams != "context", use_context=args.streams != "face")
     if args.model == "caer":
@@ -312,12 +396,9 @@ def model_args(args) -> dict:
 
 
 def make_loader(dataset, args, train: bool, epoch: int = 0, distributed: bool = False):
-    from .data.datasets import collate
 
     if getattr(args, "loader", "torch") == "dali":  # DALI decoding (GPU: NVDEC; CPU: VP8/VP9/MJPEG)
-        from .data.dali_loader import make_dali_loader
         return make_dali_loader(dataset, args, train, epoch, distributed)
-    from .training.distributed import rank, world_size
 
     sampler = None
     generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # worker seeds: same on resume
@@ -342,27 +423,20 @@ def _metrics_line(name, m):
 
 
 def _save_eval(m, out_dir: Path, tag: str, title: str):
-    from .training.metrics import save_confusion_png
 
     save_confusion_png(torch.tensor(m["video"]["confusion_matrix"]), out_dir / f"confusion_{tag}.png",
                        f"{title} — video top-1 {m['video']['top1']:.1f}%")
 
 
 def main(args, keep_process_group: bool = False) -> dict:
-    from .models.checkpoint import read_checkpoint, save_checkpoint
-    from .training import distributed as dist_utils
-    from .training.engine import SkipLog, evaluate, train_one_epoch
-    from .training.metrics import write_json
 
     if args.loader == "dali":  # --loader dali: make_loader hands CAER clips to caer_fast.data.dali_loader
         if args.model != "caer":
             raise UsageError("--loader dali reads videos (--model caer); CAER-S images use --loader torch")
-        from .data.dali_loader import dali_available
         if not dali_available():
             raise UsageError("--loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
                              "(or use --loader torch, which decodes every codec with PyAV)")
 
-    from .devices import DeviceError, resolve_device
 
     check_args(args)
     if not Path(args.data).is_dir():
@@ -372,9 +446,9 @@ def main(args, keep_process_group: bool = False) -> dict:
     except DeviceError as exc:
         raise UsageError(str(exc)) from None
     out_dir = Path(args.output_dir)
-    removed = []
+    old_run = []  # --overwrite: the earlier run's files, kept until this run has written its first checkpoint
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; the other ranks stop with it
-        removed = prepare_output_dir(out_dir, args)
+        old_run = prepare_output_dir(out_dir, args)
     distributed = dist_utils.init_distributed(device)
     if distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -382,8 +456,6 @@ def main(args, keep_process_group: bool = False) -> dict:
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     _seed_everything(args.seed)
-    if removed:
-        _log(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out_dir}")
 
     model = build_model(args).to(device)
     criterion = torch.nn.CrossEntropyLoss()
@@ -394,7 +466,6 @@ def main(args, keep_process_group: bool = False) -> dict:
     start_epoch, best = 0, -1.0
     history = []
     if args.resume:
-        from .models.checkpoint import CheckpointError, load_checkpoint
 
         ckpt = read_checkpoint(args.resume)
         load_checkpoint(ckpt, model)
@@ -436,14 +507,16 @@ def main(args, keep_process_group: bool = False) -> dict:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        from .models.optimize import optimize
 
         t = time.perf_counter()
-        train_model = optimize(train_model, mode="train")
+        train_model = optimize(train_model, mode="train", precision="fp32")  # autocast: the engine's, below
         _log(f"compiled (first step pays the compile time; set up in {time.perf_counter() - t:.1f}s)")
+    precision = resolve_precision(args, device, model, ckpt if args.resume else None, train_set)
+    _log(f"precision: {precision['precision']} ({precision['reason']})")
+    amp = "bf16" if precision["precision"] == "bf16" else args.amp
     progress = not args.no_progress and dist_utils.is_main_process()
     num_classes = len(CLASSES)
-    eval_kw = dict(amp=args.amp, progress=progress)
+    eval_kw = dict(amp=amp, progress=progress)
 
     saved_epochs = []
     if not args.test_only:
@@ -451,7 +524,7 @@ def main(args, keep_process_group: bool = False) -> dict:
             torch.manual_seed(args.seed * 1000 + epoch)  # augmentation and dropout: same on resume
             skips = SkipLog()
             loader = make_loader(train_set, args, train=True, epoch=epoch, distributed=distributed)
-            stats = train_one_epoch(train_model, criterion, optimizer, loader, device, epoch, amp=args.amp,
+            stats = train_one_epoch(train_model, criterion, optimizer, loader, device, epoch, amp=amp,
                                     scaler=scaler, progress=progress, skip_log=skips,
                                     desc=f"train [{args.streams}]")
             scheduler.step()
@@ -470,10 +543,11 @@ def main(args, keep_process_group: bool = False) -> dict:
                 ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars_for_checkpoint(args),
                         "model_type": args.model, "model_args": model_args(args), "classes": list(CLASSES),
-                        "best_acc": best, "history": history}
+                        "best_acc": best, "history": history, "precision": precision}
                 if scaler is not None:
                     ckpt["scaler"] = scaler.state_dict()
                 save_checkpoint(ckpt, out_dir / "checkpoint.pth")
+                _replace_old_run(out_dir, old_run, ("checkpoint.pth",))
                 saved_epochs.append(epoch)
                 if is_best:
                     save_checkpoint(ckpt, out_dir / "model_best.pth")
@@ -486,6 +560,8 @@ def main(args, keep_process_group: bool = False) -> dict:
                     write_json({"epoch": epoch, "skipped": skips.items}, out_dir / "skipped.json")
             dist_utils.barrier()
 
+    if saved_epochs and dist_utils.is_main_process():
+        save_calibration(args, out_dir)
     result = {}
     if dist_utils.is_main_process():
         skips = SkipLog()
@@ -498,8 +574,9 @@ def main(args, keep_process_group: bool = False) -> dict:
             _log(f"test: {skips.summary()}")
         _save_eval(test, out_dir, "test", f"{args.model} [{args.streams}] test")
         result = {"model": args.model, "streams": args.streams, "test": test, "history": history,
-                  "skipped_test": skips.items}
+                  "skipped_test": skips.items, "precision": precision}
         write_json(result, out_dir / "metrics.json")
+        _replace_old_run(out_dir, old_run, ("confusion_test.png", "metrics.json"))
         wrote = [str(out_dir / "metrics.json"), str(out_dir / "confusion_test.png")]
         if saved_epochs:  # only what this run wrote
             span = f"epoch {saved_epochs[0]}" if len(saved_epochs) == 1 else \
@@ -509,12 +586,57 @@ def main(args, keep_process_group: bool = False) -> dict:
     dist_utils.barrier()
     if not keep_process_group:
         dist_utils.cleanup()
+    _unlock_output_dir(out_dir)
     return result
+
+
+CALIBRATION_SAMPLES = 32
+
+
+def save_calibration(args, out_dir: Path) -> None:
+    """``calibration.pt`` beside the checkpoint: a few dozen training clips (images) preprocessed as at
+    test time, so ``predict --engine int8`` can calibrate later without the training data."""
+
+    kw = dict(face_size=tuple(args.face_size), context_size=tuple(args.context_size), crop=args.crop)
+    try:
+        if args.model == "caer":
+            batches = cal.video_calibration_batches(args.data, CALIBRATION_SAMPLES, clip_frames=args.clip_frames, **kw)
+        else:
+            batches = cal.calibration_batches(args.data, CALIBRATION_SAMPLES, **kw)
+        cal.save_calibration_sample(out_dir / cal.CALIBRATION_FILE, batches)
+    except (OSError, ValueError, RuntimeError) as exc:  # int8 later needs --calibrate; training is done
+        _log(f"warning: no {cal.CALIBRATION_FILE} written ({exc})")
+
+
+def resolve_precision(args, device, model, ckpt, train_set) -> dict:
+    """``{"precision": "fp32"|"bf16", "reason": ...}`` for this run (``--precision``; see its help).
+
+    A resumed run keeps its checkpoint's precision unless ``--precision`` names another (then: a
+    warning). ``auto`` on CPU measures on the first training batch (:func:`choose_train_precision`)."""
+
+    was = ckpt.get("precision") if isinstance(ckpt, dict) and isinstance(ckpt.get("precision"), dict) else None
+    want = args.precision
+    if want is None and was is not None and was.get("precision") in ("fp32", "bf16"):
+        return {"precision": was["precision"], "reason": f"kept from {args.resume} ({was.get('reason', '')})"}
+    if was is not None and want in ("fp32", "bf16") and want != was.get("precision"):
+        _log(f"warning: resuming {args.resume}, trained in {was.get('precision')}, with --precision {want}")
+    if want is None:
+        if args.amp:
+            return {"precision": "bf16" if device.type == "cpu" else "fp16", "reason": f"--amp on {device.type}"}
+        return {"precision": "fp32", "reason": "default (--precision auto measures bf16 on this CPU)"}
+    if want != "auto":
+        return {"precision": want, "reason": "--precision " + want}
+    if device.type != "cpu":
+        return {"precision": "fp32", "reason": f"--precision auto measures CPUs only; on {device.type} use --amp"}
+    batch = next((b for b in make_loader(train_set, args, train=True, epoch=0) if len(b["label"])), None)
+    if batch is None:
+        return {"precision": "fp32", "reason": "--precision auto: no training batch to measure on"}
+    d = choose_train_precision(model, batch["face"].to(device), batch["context"].to(device))
+    return {"precision": d["precision"], "reason": f"--precision auto, {d['source']}: {d['reason']}"}
 
 
 def _report_index_problems(datasets) -> None:
     """Log what indexing skipped or found damaged, by kind, once per file (rank 0)."""
-    from .training.engine import skip_kind
 
     seen, by_kind = set(), {}
     for ds in datasets:
@@ -569,9 +691,6 @@ def run_demo(args) -> None:
     Under torchrun the process group is joined once for both trainings; rank 0 writes the demo data
     while the others wait at a barrier, and only rank 0 prints and writes the summary.
     """
-    from .data.synthetic import make_demo_dataset
-    from .devices import DeviceError, resolve_device
-    from .training import distributed as dist_utils
 
     check_args(args)
     out = Path(args.output_dir if args.output_dir != Path("runs/latest") else "runs/demo")
@@ -632,12 +751,9 @@ def run_demo(args) -> None:
 
 
 def cli(argv=None) -> int:
-    from .data.datasets import DatasetError
-    from .data.video import MediaDecodeError
-    from .models.checkpoint import CheckpointError
-    from .training.engine import TrainingDiverged
 
     args = get_args_parser().parse_args(argv)
+    failed = True
     try:
         if args.demo:
             run_demo(args)
@@ -647,6 +763,7 @@ def cli(argv=None) -> int:
             if args.test_only and args.resume is None:
                 raise UsageError("--test-only needs --resume CHECKPOINT")
             main(args)
+        failed = False
     except (UsageError, DatasetError, CheckpointError, TrainingDiverged, MediaDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -658,6 +775,8 @@ def cli(argv=None) -> int:
         print("interrupted: the last completed epoch's checkpoint.pth is intact; continue with --resume",
               file=sys.stderr)
         return 130
+    finally:
+        release_output_dirs(failed=failed)  # a run that failed before writing leaves no folder it created
     return 0
 
 

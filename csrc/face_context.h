@@ -123,4 +123,18 @@ inline FaceContextArgs check_face_context(const at::Tensor& frames, const at::Te
   return r;
 }
 
+// Boxes come clipped (caer_fast/ops/face_context.py clips them once, for every backend): each row of the
+// int64 N×4 xyxy `b` has 0 <= x1, x2 <= W and 0 <= y1, y2 <= H, and one with no area is (0, 0, 0, 0),
+// "no face". A kernel checks this instead of clipping again: a direct call with boxes outside the frame
+// is an error, never a read out of bounds.
+inline void check_clipped_boxes(const int64_t* b, int64_t n, int64_t H, int64_t W) {
+  for (int64_t i = 0; i < n; ++i, b += 4) {
+    const bool inside = b[0] >= 0 && b[1] >= 0 && b[2] <= W && b[3] <= H;
+    const bool empty_is_zero = (b[2] > b[0] && b[3] > b[1]) || (b[0] == 0 && b[1] == 0 && b[2] == 0 && b[3] == 0);
+    TORCH_CHECK(inside && empty_is_zero, "caer_fast::face_context: boxes must be clipped to the ", W, "×", H,
+                " frame (an empty box as 0, 0, 0, 0; caer_fast.ops.face_context clips them), got box ", i, " = (",
+                b[0], ", ", b[1], ", ", b[2], ", ", b[3], ")");
+  }
+}
+
 }  // namespace caer_fast

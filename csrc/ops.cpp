@@ -11,8 +11,10 @@
 //   attention, out), and returns gradients in the shapes of features and attention.
 // - adaptive_fusion: face N×Cf, context N×Cc, scores N×1, one floating dtype. Returns
 //   (out N×(Cf+Cc), weights N×2). The backward gets (face, context, weights).
-// - face_context: frames uint8 N×H×W×3, boxes integer N×4 xyxy (not clipped), crop = (top, left,
-//   height, width) inside context_size, mean/std 3 values. Returns (face, context) in dtype.
+// - face_context: frames uint8 N×H×W×3, boxes integer N×4 xyxy already clipped to the frame (the
+//   front door clips them once; an empty box is 0, 0, 0, 0, "no face"; kernels check, never clip),
+//   crop = (top, left, height, width) inside context_size, mean/std 3 finite values, std nonzero.
+//   Returns (face, context) in dtype.
 #include <Python.h>
 #include <torch/library.h>
 

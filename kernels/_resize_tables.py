@@ -13,7 +13,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from caer_fast.ops.face_context import clip_boxes
 
 
 def _tables(in_sizes: torch.Tensor, out_size: int, antialias: bool, keep: Optional[Tuple[int, int]] = None):
@@ -55,13 +54,19 @@ def _tables(in_sizes: torch.Tensor, out_size: int, antialias: bool, keep: Option
 def build(frames: torch.Tensor, boxes: torch.Tensor, face_size, context_size, crop, antialias: bool):
     """All tables both kernels need, on ``frames.device``.
 
-    Returns a dict: ``boxes`` (clipped, int32 N×4 xyxy, empty boxes zeroed), ``valid`` (int32 N),
+    ``boxes`` come clipped to the frame (empty ones as zeros), as the op's contract says.
+    Returns a dict: ``boxes`` (int32 N×4 xyxy), ``valid`` (int32 N),
     face tables ``fy0, fyw, fx0, fxw`` (per sample, starts already offset by the box corner) and
     context tables ``cy0, cyw, cx0, cxw`` (shared by all samples, 1×…), plus the output sizes.
     """
     n, h, w, _ = frames.shape
-    b = clip_boxes(boxes.cpu(), h, w)
+    b = boxes.to("cpu", torch.int64)
     valid = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+    # the op's contract (csrc/ops.cpp): boxes come clipped, an empty one as zeros; checked, not redone
+    inside = (b >= 0).all() & (b[:, 0::2] <= w).all() & (b[:, 1::2] <= h).all() & (valid | (b == 0).all(1)).all()
+    if not inside:
+        raise ValueError(f"caer_fast::face_context: boxes must be clipped to the {w}×{h} frame (an empty box as "
+                         f"0, 0, 0, 0; caer_fast.ops.face_context clips them), got {b.tolist()}")
     fh, fw = face_size
     fy0, fyw = _tables(b[:, 3] - b[:, 1], fh, antialias)
     fx0, fxw = _tables(b[:, 2] - b[:, 0], fw, antialias)

@@ -10,8 +10,8 @@ import caer_fast
 from caer_fast.models.caer_net import Encoder, FusionNetwork, TwoStreamNetwork
 from caer_fast.ops import AdaptiveFusion, AttentionPool
 
-from community_model import CommunityCAERSNet, randomize_bn_
-from op_checks import ops_called
+from caer_fast.testing.community_model import CommunityCAERSNet, randomize_bn_
+from caer_fast.testing.op_checks import ops_called
 
 REFERENCE_TSV = next((p for p in (Path(__file__).resolve().parents[1].parent / "shared" / "reference",
                                   Path("/work/shared/reference")) if (p / "caersnet_state_dict.tsv").is_file()),

@@ -1,4 +1,4 @@
-"""The CUDA build of caer_fast._C, verified without a GPU (bench/cuda_build_check.py): against a CUDA
+"""The CUDA build of caer_fast._C, verified without a GPU (tools/cuda_build_check.py): against a CUDA
 build of torch in its own venv, ``pip install --no-build-isolation -e .`` compiles the CPU + CUDA
 extension with nvcc, the .so loads, the dispatcher holds each op's CUDA kernel, and it carries sm_80 and
 sm_90 code. Opt-in (several GB of torch, minutes of nvcc): CAER_FAST_TEST_CUDA_BUILD=1, with
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "bench" / "cuda_build_check.py"
+SCRIPT = ROOT / "tools" / "cuda_build_check.py"
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import nvcc_ptxas
-from op_checks import check_adaptive_fusion, check_attention_pool, check_face_context
+from caer_fast.testing.op_checks import check_adaptive_fusion, check_attention_pool, check_face_context
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 NVCC = shutil.which("nvcc")

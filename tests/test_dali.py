@@ -16,7 +16,7 @@ from caer_fast.data import boxes as boxes_io  # noqa: E402
 from caer_fast.data.dali_loader import DALIVideoLoader, UnsupportedCodecError, clip_pipeline  # noqa: E402
 from caer_fast.data.datasets import CAERVideoDataset, collate  # noqa: E402
 from caer_fast.data.video import decode_video  # noqa: E402
-from media import write_clip  # noqa: E402
+from caer_fast.testing.media import write_clip  # noqa: E402
 
 SMALL = dict(face_size=(24, 24), context_size=(32, 43), crop=28, clip_frames=8)
 # (relative path, PyAV encoder, pix_fmt, options, H, W, frames, fps); odd sizes on purpose

@@ -32,7 +32,7 @@ TINY = ["--clip-frames", "8", "--face-size", "48", "--context-size", "64x86", "-
 
 
 def torchrun(args, cwd, nproc=2, timeout=300):
-    from serving_helpers import free_port
+    from caer_fast.testing.serving import free_port
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     repo = str(Path(__file__).resolve().parents[1])

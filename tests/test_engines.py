@@ -12,11 +12,13 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from caer_fast import devices  # noqa: E402
 from caer_fast.models import CAERNet, CAERSNet  # noqa: E402
 from caer_fast.serving import engines  # noqa: E402
+from caer_fast.serving.engines import auto, cache  # noqa: E402
 from caer_fast.serving.engines import (EngineError, OnnxRuntimeEngine, build_engine, compare,  # noqa: E402
                                        engine_key)
-from serving_helpers import Server, make_checkpoint, write_png  # noqa: E402
+from caer_fast.testing.serving import Server, make_checkpoint, write_png  # noqa: E402
 
 SMALL_VIDEO = ((3, 8, 48, 48), (3, 8, 56, 56))
 IMAGE = ((3, 96, 96), (3, 112, 112))
@@ -56,7 +58,7 @@ def _close(ref, got, atol=1e-4):
 @pytest.mark.parametrize("which", ["caers", "video"])
 def test_onnx_engines_equal_eager_on_fresh_odd_batches(engine, which, caers, video, tmp_path):
     """Batch 1 and batches ≥ 2: OpenVINO 2026.4 was right at 1 and wrong at 2+ on an export that pooled
-    through a Reshape (bench/openvino_repro.py)."""
+    through a Reshape (tools/openvino_repro.py)."""
     if engine == "openvino":
         pytest.importorskip("openvino")
     model, (fs, cs) = (caers, IMAGE) if which == "caers" else (video, SMALL_VIDEO)
@@ -112,13 +114,13 @@ def test_warm_start_loads_the_cached_graph_and_decision(caers, tmp_path, monkeyp
     assert {"onnxruntime", "eager"} <= set(d["candidates"])
     assert all(r["check"]["ok"] for r in d["candidates"].values())
     assert d["chosen"] == min(d["candidates"], key=lambda n: d["candidates"][n]["score"])
-    assert d["cpu_flags"] == engines.cpu_flags()
+    assert d["cpu_flags"] == devices.cpu_flags()
 
     # the second start must neither export, nor optimise, nor measure
     def boom(*a, **k):
         raise AssertionError("a warm start must not do this")
-    monkeypatch.setattr(engines, "time_engine", boom)
-    monkeypatch.setattr("caer_fast.export.export_model_onnx", boom)
+    monkeypatch.setattr(auto, "time_engine", boom)
+    monkeypatch.setattr("caer_fast.serving.onnx.export_model_onnx", boom)
     second = build_engine(caers, "auto", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
     assert second.name == first.name and second.info["decision_cached"] is True
     ort = build_engine(caers, "onnxruntime", face_shape=fs, context_shape=cs, batch_sizes=(1, 2),
@@ -170,12 +172,12 @@ def test_compare_sees_a_poisoned_output(caers):
 def test_cache_key_follows_weights_shapes_batch_range_threads_and_versions(caers, monkeypatch):
     fs, cs = IMAGE
     k = engine_key(caers, fs, cs, (1, 16), threads=2)
-    installed = engines._versions()
+    installed = cache.library_versions()
     assert installed["onnxruntime"] == __import__("onnxruntime").__version__
     for package in ("onnxruntime", "openvino", "torch"):  # a new engine version measures and checks again
-        monkeypatch.setattr(engines, "_versions", lambda: {**installed, package: "0.0.1"})
+        monkeypatch.setattr(cache, "library_versions", lambda: {**installed, package: "0.0.1"})
         assert engine_key(caers, fs, cs, (1, 16), threads=2) != k, package
-    monkeypatch.setattr(engines, "_versions", lambda: installed)
+    monkeypatch.setattr(cache, "library_versions", lambda: installed)
     assert engine_key(caers, fs, cs, (1, 16), threads=2) == k
     assert k == engine_key(caers, fs, cs, (16, 1), threads=2)
     assert k != engine_key(caers, fs, cs, (1, 32), threads=2)
@@ -196,6 +198,49 @@ def test_bad_engine_arguments_are_clear_errors(caers, tmp_path):
         build_engine(caers, "auto", candidates=("int8",), cache_dir=tmp_path)
     with pytest.raises(EngineError, match="calibration"):
         build_engine(caers, "int8")
+
+
+def test_registry_one_module_one_register_call(caers, tmp_path):
+    """An engine is a builder registered under a name: build_engine finds it, checks an fp32 one against
+    eager, `auto` measures it when asked (and rejects it when its outputs differ)."""
+    from caer_fast.serving.engines import base
+
+    assert engines.ENGINES == engines.engine_names()
+    assert set(engines.ENGINES) == {"auto", "eager", "compiled", "onnxruntime", "openvino", "int8"}
+    assert set(engines.FP32_ENGINES) == {"eager", "compiled", "onnxruntime", "openvino"}
+
+    class Doubled(engines.Engine):
+        def __init__(self, model):
+            super().__init__("test-doubled")
+            self.model = model
+
+        def run(self, face, context):
+            logits, d = self.model(face, context, return_details=True)
+            return logits * 2, d["attention"], d["fusion_weights"]
+
+    @engines.register_engine("test-doubled")
+    def build(ctx):
+        assert ctx.options["flavour"] == "x" and ctx.face_shape == IMAGE[0]
+        return Doubled(ctx.model)
+
+    try:
+        assert "test-doubled" in engines.engine_names() and engines.lookup_engine("test-doubled").build is build
+        with pytest.raises(EngineError, match="test-doubled engine's outputs differ"):
+            build_engine(caers, "test-doubled", cache_dir=None, flavour="x")
+        eng = build_engine(caers, "test-doubled", cache_dir=None, check=False, flavour="x")
+        face, context = torch.randn(2, *IMAGE[0]), torch.randn(2, *IMAGE[1])
+        with torch.inference_mode():
+            torch.testing.assert_close(eng(face, context), 2 * caers(face, context))
+        chosen = build_engine(caers, "auto", candidates=("test-doubled", "eager"), cache_dir=tmp_path,
+                              batch_sizes=(1, 2), flavour="x")
+        assert chosen.name == "eager"
+        assert chosen.info["decision"]["candidates"]["test-doubled"]["check"]["ok"] is False
+        with pytest.raises(ValueError, match="already registered"):
+            engines.register_engine("eager", build)
+    finally:
+        base._REGISTRY.pop("test-doubled", None)
+    with pytest.raises(EngineError, match="unknown engine 'test-doubled'"):
+        engines.lookup_engine("test-doubled")
 
 
 def _run(*args, cache):
@@ -232,7 +277,7 @@ def test_predict_cold_then_warm_start_and_engine_in_output(tmp_path):
 def test_predict_measures_the_batches_it_streams(tmp_path):
     """predict on a video model measures `auto` at batch 1 and its stream chunk (the largest batch it runs),
     not at the server's batch size: measuring a batch it never runs cost time and, at full size, ~1 GB."""
-    from serving_helpers import write_video
+    from caer_fast.testing.serving import write_video
 
     ck = make_checkpoint(tmp_path / "ck.pth", "caer", steps=1)
     clip = write_video(tmp_path / "v.avi", frames=40)
@@ -264,3 +309,73 @@ def test_serve_states_its_engine(engine, tmp_path):
         assert f"with engine {engine}" in srv.output()
     finally:
         srv.close()
+
+
+def test_cache_checks_its_files_and_locks_its_entries(tmp_path):
+    """Through the real CLI: two cold starts at once build the entry once (the second waits on the
+    entry's lock and reads the first one's files); another checkpoint's export copied over model.onnx
+    and the optimised graph is found by its digest, rebuilt and named in a warning, and the answer is
+    the model's; an engine cache that is a file is a warning, not a traceback."""
+    ck = make_checkpoint(tmp_path / "ck.pth", "caers", steps=1)
+    other = make_checkpoint(tmp_path / "other.pth", "caers", steps=1, seed=7)
+    img = write_png(tmp_path / "a.png", seed=3)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CAER_FAST_CACHE_DIR=str(cache))
+    env.pop("CAER_FAST_ENGINE", None)
+    cmd = [sys.executable, "-m", "caer_fast.predict", str(img), "--checkpoint", str(ck), "--json", "--detector", "none"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert sum("exporting the model to ONNX" in e for _, e in outs) == 1, [e for _, e in outs]
+    assert sum("engine: measuring" in e for _, e in outs) == 1, [e for _, e in outs]
+    first, second = (json.loads(o) for o, _ in outs)
+    assert first["probabilities"] == second["probabilities"]
+
+    (entry,) = [d for d in (cache / "engines").iterdir() if d.is_dir()]
+    poison = tmp_path / "other.onnx"
+    assert subprocess.run([sys.executable, "-m", "caer_fast.export", "--checkpoint", str(other), "--output",
+                           str(poison)], env=env, capture_output=True, timeout=300).returncode == 0
+    for name in ("model.onnx", "model.ort-optimized.onnx"):
+        (entry / name).write_bytes(poison.read_bytes())
+    warm = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert f"warning: engine cache: {entry / 'model.onnx'} does not match what was built for this model" \
+        in warm.stderr, warm.stderr
+    assert "measuring" not in warm.stderr  # the decision itself was intact
+    fixed = json.loads(warm.stdout)
+    assert fixed["engine"] == first["engine"]
+    for k, v in first["probabilities"].items():
+        assert fixed["probabilities"][k] == pytest.approx(v, abs=1e-4), (k, fixed["probabilities"])
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    bad = subprocess.run(cmd + ["--engine", "eager"], capture_output=True, text=True, timeout=600,
+                         env=dict(env, CAER_FAST_CACHE_DIR=str(not_a_dir)))
+    assert bad.returncode == 0 and "is unusable" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_named_engine_says_the_cache_was_the_cause(caers, tmp_path):
+    """Files whose digests were recorded and still answer wrongly (the record itself rewritten): the
+    named engine's check fails, the entry is rebuilt with a warning saying the cache was the cause."""
+    fs, cs = IMAGE
+    build_engine(caers, "onnxruntime", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
+    (entry,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    other = _randomised(CAERSNet())
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    from caer_fast.serving.onnx import export_model_onnx
+
+    export_model_onnx(other, fs, cs, entry / "model.onnx")
+    (entry / "model.ort-optimized.onnx").unlink()
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["files"] = {"model.onnx": cache.file_digest(entry / "model.onnx")}
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    import io
+
+    out = io.StringIO()
+    eng = build_engine(caers, "onnxruntime", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path,
+                       out=out)
+    assert "the cache was the cause" in out.getvalue() and eng.info["check"]["ok"], out.getvalue()
+    assert eng.info["exported"] is True

@@ -11,8 +11,8 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from caer_fast import load_checkpoint  # noqa: E402
-from caer_fast.export import export_onnx  # noqa: E402
-from serving_helpers import make_checkpoint  # noqa: E402
+from caer_fast.serving.onnx import export_onnx  # noqa: E402
+from caer_fast.testing.serving import make_checkpoint  # noqa: E402
 
 
 def run_both(ckpt, onnx_path, face, context):
@@ -68,3 +68,34 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "caer_fast.export", "--checkpoint", str(bad)], capture_output=True,
                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert proc.returncode == 2 and "error:" in proc.stderr and "bad.pth" in proc.stderr
+
+
+def _export(*args):
+    return subprocess.run([sys.executable, "-m", "caer_fast.export", *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+
+
+def test_bad_options_are_error_lines_not_tracebacks(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "caers.pth", "caers", steps=1)
+    missing = _export("--checkpoint", tmp_path / "nope.pth")
+    assert missing.returncode == 2 and "nope.pth: no such file" in missing.stderr, missing.stderr
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root writes anywhere: nothing to refuse then
+            ro = _export("--checkpoint", ckpt, "--output", locked / "out.onnx")
+            assert ro.returncode == 2 and "is not writable" in ro.stderr and str(locked) in ro.stderr, ro.stderr
+    finally:
+        locked.chmod(0o700)
+    folder = _export("--checkpoint", ckpt, "--output", tmp_path)
+    assert folder.returncode == 2 and "is a folder" in folder.stderr, folder.stderr
+    under_file = _export("--checkpoint", ckpt, "--output", ckpt / "x.onnx")
+    assert under_file.returncode == 2 and "is not a folder" in under_file.stderr, under_file.stderr
+    fmt = _export("--checkpoint", ckpt, "--format", "tflite")
+    assert fmt.returncode == 2 and "invalid choice: 'tflite'" in fmt.stderr
+    opset = _export("--checkpoint", ckpt, "--opset", "3")
+    assert opset.returncode == 2 and "--opset 3" in opset.stderr
+    for proc in (missing, folder, under_file, fmt, opset):
+        assert "Traceback" not in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob("*.onnx"))

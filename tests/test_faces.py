@@ -23,7 +23,7 @@ from caer_fast.data.boxes import read_image_boxes, read_video_boxes  # noqa: E40
 from caer_fast.data.detectors import HaarDetector, best_face  # noqa: E402
 from caer_fast.faces import FacesError, fill_track, run  # noqa: E402
 from caer_fast.faces.__main__ import main  # noqa: E402
-from media import write_clip  # noqa: E402
+from caer_fast.testing.media import write_clip  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 288, 512

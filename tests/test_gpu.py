@@ -1,4 +1,4 @@
-"""GPU tier for the models (skipped without a GPU; run by bench/gpu_check.py on a GPU machine):
+"""GPU tier for the models (skipped without a GPU; run by tools/gpu_check.py on a GPU machine):
 CAERNet / CAERSNet compiled whole with the fused ops inside (fullgraph) on each GPU backend, a bf16-autocast
 train step, and CUDA-graph inference through ``optimize``, each against the eager fp32 torch reference."""
 import pytest

@@ -1,4 +1,4 @@
-"""bench/gpu_check.py --dry-run: the GPU acceptance run's plumbing on the CPU (build command, gpu test
+"""tools/gpu_check.py --dry-run: the GPU acceptance run's plumbing on the CPU (build command, gpu test
 selection, every benchmark step at tiny sizes, JSON + markdown written to the folder given)."""
 import json
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "bench" / "gpu_check.py"
+SCRIPT = ROOT / "tools" / "gpu_check.py"
 
 
 def _run(*args, timeout=1500):

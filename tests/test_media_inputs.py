@@ -11,7 +11,7 @@ from PIL import Image
 
 from caer_fast.data.video import MediaDecodeError, MediaTooLargeError, read_image
 from caer_fast.serving.inference import Predictor, is_image_file
-from serving_helpers import make_checkpoint
+from caer_fast.testing.serving import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

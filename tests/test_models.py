@@ -10,7 +10,7 @@ import caer_fast
 from caer_fast.models import CAERNet, CAERSNet
 from caer_fast.models.checkpoint import CheckpointError
 
-from community_model import CommunityCAERSNet, randomize_bn_
+from caer_fast.testing.community_model import CommunityCAERSNet, randomize_bn_
 
 REFERENCE_TSV = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "caersnet_state_dict.tsv"
 VARIANTS = list(itertools.product([True, False], [True, False], [False, True]))  # use_face, use_context, concat

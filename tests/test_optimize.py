@@ -16,7 +16,7 @@ from caer_fast.models import CAERNet, CAERSNet
 from caer_fast.models.optimize import fold_batch_norm
 from caer_fast.ops import _dispatch
 
-from community_model import randomize_bn_
+from caer_fast.testing.community_model import randomize_bn_
 
 # demo sizes (train.py DEMO_SETTINGS): 8-frame clips, 48×48 faces, 56×56 context crops, batch 8
 DEMO_CLIP = dict(frames=8, face=48, context=56, batch=8)
@@ -173,7 +173,7 @@ def _fast_and_reference_runs(steps, monkeypatch, batches, compile):
     if "cpp" not in _dispatch.available_backends("cpu"):
         pytest.skip(f"cpp backend unavailable: {_dispatch.why_unavailable('cpp')}")
     assert _dispatch.backend("cpu") == "cpp"
-    fast = caer_fast.optimize(fast_model, "train", compile=compile)
+    fast = caer_fast.optimize(fast_model, "train", compile=compile, precision="fp32")  # parity: bf16 has its own tests
     assert fast.info["memory_format"] == "contiguous"  # see optimize(channels_last=...)
     torch.manual_seed(1)
     fast_losses = _train(fast, steps, batches)
@@ -204,7 +204,7 @@ def test_train_one_step_matches_eager(monkeypatch, same_dropout, compile):
     if "cpp" not in _dispatch.available_backends("cpu"):
         pytest.skip(f"cpp backend unavailable: {_dispatch.why_unavailable('cpp')}")
     model = copy.deepcopy(start)
-    fast = caer_fast.optimize(model, "train", compile=compile)
+    fast = caer_fast.optimize(model, "train", compile=compile, precision="fp32")  # bf16: tests/test_precision.py
     torch.manual_seed(1)
     runs["fast"] = (_train(fast, 1, [batch]), model)
     if compile:

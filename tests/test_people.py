@@ -1,6 +1,6 @@
 """Everyone in the scene (issue 26): every face, identities over time, per-person model inputs.
 
-The video is real: three real face photographs moving over a brick texture (tests/people_media.py),
+The video is real: three real face photographs moving over a brick texture (caer_fast/testing/people.py),
 encoded to H.264 with PyAV and decoded back by caer_fast.data.video. Detection runs on every 4th
 sampled frame at 10 fps, as the Predictor does (detect_every=4).
 """
@@ -19,7 +19,7 @@ pytest.importorskip("supervision")
 from caer_fast.data.detectors import faces_by_size, make_detector  # noqa: E402
 from caer_fast.data.tracking import PersonTracker, track_video  # noqa: E402
 from caer_fast.data.video import decode_video  # noqa: E402
-from people_media import FPS, iou, write_people_video  # noqa: E402
+from caer_fast.testing.people import FPS, iou, write_people_video  # noqa: E402
 
 DETECT_EVERY = 4
 DETECTOR = "mtcnn"

@@ -1,4 +1,4 @@
-"""Everyone in the scene, end to end (issue 26 items 3-4): the real-face 3-person video (tests/people_media.py:
+"""Everyone in the scene, end to end (issue 26 items 3-4): the real-face 3-person video (caer_fast/testing/people.py:
 three real faces moving, one entering and leaving, two passing closely) through the real CLI
 (``python -m caer_fast.predict --people all``) and the real server over HTTP (``POST /predict?people=all``),
 scored against the video's ground truth; ``--people main`` keeps the one-face answer."""
@@ -24,8 +24,8 @@ from caer_fast.serving.app import request_memory_estimate  # noqa: E402
 from caer_fast.predict import format_summary  # noqa: E402
 from caer_fast.serving.inference import Predictor  # noqa: E402
 from caer_fast.serving.stream import PERSON_KEYS, RESULT_KEYS, concat_chunks  # noqa: E402
-from people_media import FPS, iou, write_people_video  # noqa: E402
-from serving_helpers import Server, make_checkpoint, write_video  # noqa: E402
+from caer_fast.testing.people import FPS, iou, write_people_video  # noqa: E402
+from caer_fast.testing.serving import Server, make_checkpoint, write_video  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # MTCNN is fastest on one thread (bench/RESULTS.md "Every face")
 
@@ -141,8 +141,10 @@ def test_http_people_all_gives_the_same_json(media):
     assert health["batching"]["model_calls"] <= health["batching"]["requests"] < clips / 2
     # the reservation counted the people allowed (4), not one face
     assert health["limits"]["max_people"] == 4
-    assert health["memory"]["peak_reserved_bytes"] == request_memory_estimate(640, 360, people=4) \
-        > request_memory_estimate(640, 360)
+    frame_pixels = health["limits"]["max_frame_pixels"]
+    assert health["memory"]["peak_reserved_bytes"] == \
+        request_memory_estimate(640, 360, max_frame_pixels=frame_pixels, people=4) > \
+        request_memory_estimate(640, 360, max_frame_pixels=frame_pixels)
 
 
 def test_people_main_is_the_one_face_answer(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from caer_fast.serving.inference import Predictor, clip_starts, sample_indices
-from serving_helpers import make_checkpoint, write_png, write_video
+from caer_fast.testing.serving import make_checkpoint, write_png, write_video
 
 
 def run_predict(*args):

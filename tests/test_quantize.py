@@ -21,9 +21,12 @@ from caer_fast.models import CAERNet, CAERSNet
 
 pytest.importorskip("torchao", reason="int8 needs torchao (requirements.txt)")
 
-from caer_fast.models.quantize import (Int8Model, calibration_batches, has_vnni,  # noqa: E402
-                                       quantize_int8, quantize_predictor)
-from serving_helpers import Server, make_checkpoint  # noqa: E402
+from caer_fast.data.calibration import calibration_batches  # noqa: E402
+from caer_fast.devices import has_vnni  # noqa: E402
+from caer_fast.models.checkpoint import input_sizes, read_checkpoint  # noqa: E402
+from caer_fast.models.quantize import Int8Model, quantize_int8  # noqa: E402
+from caer_fast.serving.engines import EngineError, Int8Engine, build_engine  # noqa: E402
+from caer_fast.testing.serving import Server, make_checkpoint  # noqa: E402
 
 SMALL = ["--clip-frames", "8", "--face-size", "48", "--context-size", "64x86", "--crop", "56", "-j", "0",
          "--no-progress", "--seed", "3"]
@@ -58,8 +61,12 @@ def int8(trained):
     p = Predictor(trained["ckpt"], device="cpu", detector=None)
     fp32 = p.model
     snapshot = {k: v.clone() for k, v in fp32.state_dict().items()}
-    q = quantize_predictor(p, trained["data"], samples=64, warmup_batch_sizes=())
-    assert p.model is q and isinstance(q, Int8Model)
+    sizes = input_sizes(read_checkpoint(trained["ckpt"]), fp32)
+    eng = build_engine(fp32, "int8", face_shape=sizes["face_shape"], context_shape=sizes["context_shape"],
+                       calibration=trained["data"], calibration_samples=64, calibration_sizes=sizes, cache_dir=None)
+    q = eng.model
+    assert isinstance(eng, Int8Engine) and eng.name == "int8" and isinstance(q, Int8Model)
+    assert p.model is fp32  # the predictor's own model is not swapped
     for k, v in fp32.state_dict().items():  # the user's weights are untouched
         assert torch.equal(v, snapshot[k]), k
     assert not fp32.training
@@ -186,8 +193,23 @@ def test_predict_int8_agrees_with_fp32(trained):
 def test_predict_int8_refuses_the_video_model(trained, tmp_path):
     ck = make_checkpoint(tmp_path / "caer.pth", "caer", steps=1)
     image = sorted((trained["data"] / "CAER-S" / "test" / "Sad").glob("*.png"))[0]
-    proc = _run("predict", image, "--checkpoint", ck, "--detector", "none", "--int8", "--calibrate", trained["data"])
-    assert proc.returncode == 2 and "Conv3d" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # --int8 is --engine int8: one path, the same answer
+    for flags in (["--int8"], ["--engine", "int8"]):
+        proc = _run("predict", image, "--checkpoint", ck, "--detector", "none", *flags, "--calibrate", trained["data"])
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "error: --engine int8: quantize_int8: the video CAER-Net is not supported" in proc.stderr, proc.stderr
+
+
+def test_int8_engine_errors_before_reading_calibration(tmp_path):
+    """The model is checked before the calibration tree is read: a video model with a missing tree
+    names the model's problem, a missing tree with the image model names the tree."""
+    with pytest.raises(EngineError, match="Conv3d"):
+        build_engine(CAERNet(frames=8).eval(), "int8", calibration=tmp_path / "missing", cache_dir=None)
+    with pytest.raises(EngineError, match="missing: no such directory"):
+        build_engine(CAERSNet().eval(), "int8", calibration=tmp_path / "missing", cache_dir=None)
+    proc = _run("predict", "x.png", "--checkpoint", tmp_path / "none.pth", "--int8", "--engine", "onnxruntime",
+                "--calibrate", tmp_path)
+    assert proc.returncode == 2 and "--int8 is --engine int8" in proc.stderr, proc.stderr
 
 
 def test_serve_int8_over_http(trained, tmp_path):

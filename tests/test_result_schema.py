@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from caer_fast.serving.stream import RESULT_KEYS  # noqa: E402
-from serving_helpers import Server, make_checkpoint, write_png, write_video  # noqa: E402
+from caer_fast.testing.serving import Server, make_checkpoint, write_png, write_video  # noqa: E402
 
 CLIP_KEYS = {"clip", "first_frame", "last_frame", "start_s", "end_s", "emotion", "probabilities", "fusion_weights",
              "face_found"}

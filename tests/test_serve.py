@@ -10,7 +10,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from caer_fast.serving.inference import Predictor  # noqa: E402
-from serving_helpers import Server, make_checkpoint, write_png, write_video  # noqa: E402
+from caer_fast.testing.serving import Server, make_checkpoint, write_png, write_video  # noqa: E402
 
 UPLOAD_MB = 1  # small, so the oversized case is cheap
 MAX_FRAMES = 120

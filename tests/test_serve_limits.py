@@ -14,16 +14,16 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 av = pytest.importorskip("av")
 
-from serving_helpers import Server, make_checkpoint, write_video  # noqa: E402
+from caer_fast.testing.serving import Server, make_checkpoint, write_video  # noqa: E402
 
 BUDGET_MB = 1300
 
 
-def encode(frames: int, size, fmt: str = "matroska", codec: str = "libx264", fps: int = 25) -> bytes:
+def encode(frames: int, size, fmt: str = "matroska", codec: str = "libx264", fps: int = 25, x264: str = "") -> bytes:
     """A highly compressible video (one still picture): tiny file, as many decoded pixels as asked."""
     h, w = size
     buf = io.BytesIO()
-    opts = {"preset": "ultrafast", "crf": "45"} if codec == "libx264" else {}
+    opts = {"preset": "ultrafast", "crf": "45", **({"x264-params": x264} if x264 else {})} if codec == "libx264" else {}
     with av.open(buf, "w", format=fmt) as c:
         s = c.add_stream(codec, rate=fps, options=opts)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
@@ -103,6 +103,64 @@ def test_hostile_uploads_are_4xx_and_rss_stays_under_budget(server):
     print(f"server peak RSS {peak:.0f} MiB, budget {BUDGET_MB} MiB, base {health['memory']['base_bytes'] / 2**20:.0f} MiB")
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def grow_server(files):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to measure the server's memory")
+    # one model input per chunk: each request goes back and forth between decoding and the model, so every
+    # admitted request holds an open decoder at the large size at once
+    srv = Server(files["ckpt"], "--memory-budget-mb", BUDGET_MB, "--max-frame-pixels", 4096 * 4096,
+                 "--max-pixels", 400 * 4096 * 4096, "--max-upload-mb", 5, "--threads", 2, "--max-batch", 1,
+                 cwd=files["dir"])
+    yield srv
+    srv.close()
+
+
+def test_frames_that_grow_after_the_header_stay_under_the_budget(grow_server):
+    """Issue 25 item 3: a stream that starts at 64×64 and switches to 4096×4096 (two MPEG-TS streams
+    concatenated, a few dozen KB) reserved for the small size, then decoded the large frames: 7 at once took a
+    1300 MiB server to 2161 MiB, and 1.58 GiB stayed resident after every one got its 413."""
+    server = grow_server
+    # 16 reference frames: the decoder holds about 24 frames of 4096×4096 (600 MB) at once
+    grows = encode(10, (64, 64), fmt="mpegts") + encode(16, (4096, 4096), fmt="mpegts", x264="ref=16")
+    too_big = encode(10, (64, 64), fmt="mpegts") + encode(4, (4112, 4096), fmt="mpegts")  # over --max-frame-pixels
+    assert len(grows) < 200_000 and len(too_big) < 200_000
+    uploads = [grows] * 4 + [too_big] * 3
+    results = [None] * len(uploads)
+
+    def send(i):
+        results[i] = post(server.url, uploads[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(uploads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert all(r is not None for r in results)
+    for r in results[:4]:  # answered at the first size (noted), or asked to come back when the budget is full
+        assert r.status_code in (200, 503), r.text[:300]
+        if r.status_code == 200:
+            assert "frame size changed" in r.json()["note"] and r.json()["frames_used"] == 11, r.text[:300]
+    assert sum(r.status_code == 200 for r in results[:4]) >= 2, [r.text[:200] for r in results]
+    for r in results[4:]:
+        assert r.status_code == 413 and r.json()["error"] == "media too large" and "4096×4112" in r.json()["detail"], \
+            r.text[:300]
+    health = httpx.get(server.url + "/health", timeout=30).json()
+    peak, now = peak_rss_mb(server.proc.pid), rss_mb(server.proc.pid)
+    base = health["memory"]["base_bytes"] / 2**20
+    print(f"growing frames: server peak RSS {peak:.0f} MiB, after {now:.0f} MiB, base {base:.0f} MiB, "
+          f"budget {BUDGET_MB} MiB, statuses {[r.status_code for r in results]}")
+    assert peak <= BUDGET_MB, (peak, health["memory"])
+    assert now <= base + 256, (now, base)  # the decoders' memory went back to the system
+
+
 def test_truncated_uploads_are_200_with_a_note_or_422(server, files):
     video = write_video(files["dir"] / "t.avi", frames=120, fps=20, codec="mpeg4", size=(64, 96)).read_bytes()
     r = post(server.url, video[: len(video) // 2])  # AVI cut in the middle: the first half decodes
@@ -115,6 +173,68 @@ def test_truncated_uploads_are_200_with_a_note_or_422(server, files):
     r = post(server.url, video, query="?timeline=1")
     assert r.status_code == 200 and len(r.json()["timeline"]) == len(r.json()["clips"]) >= 2
     assert set(r.json()["timeline"][0]) >= {"start_s", "end_s", "emotion", "lambda_face", "face_found", "p_Happy"}
+
+
+@pytest.fixture(scope="module")
+def image_server(files):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to measure the server's memory")
+    srv = Server(files["ckpt"], "--memory-budget-mb", BUDGET_MB, "--max-frame-pixels", 4096 * 4096,
+                 "--max-upload-mb", 5, "--threads", 6, "--max-batch", 8, cwd=files["dir"])
+    yield srv
+    srv.close()
+
+
+def test_large_images_count_against_the_budget(image_server):
+    """Issue 25 hostile pass: images bypassed the budget (≈ 220 MB each for a 50 KB 4096×4096 PNG): six at
+    once with six preprocessing threads went over it."""
+    from PIL import Image
+
+    a = np.zeros((4096, 4096, 3), np.uint8)
+    a[1000:2000, 1200:2400] = 200
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    png = buf.getvalue()
+    assert len(png) < 200_000
+    results = [None] * 6
+
+    def send(i):
+        results[i] = post(image_server.url, png)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert all(r is not None and r.status_code in (200, 503) for r in results), [r and r.text[:300] for r in results]
+    ok = [r.json() for r in results if r.status_code == 200]
+    assert len(ok) >= 3 and all(r["probabilities"] == ok[0]["probabilities"] for r in ok)  # same image, same answer
+    peak = peak_rss_mb(image_server.proc.pid)
+    print(f"large images: server peak RSS {peak:.0f} MiB, budget {BUDGET_MB} MiB")
+    assert peak <= BUDGET_MB, peak
+
+
+# Files FFmpeg opens (as a demuxer) but cannot decode: an SVG (svg_pipe, no decoder in PyAV's FFmpeg), a
+# JPEG XL signature, a DDS / OpenEXR / JPEG 2000 / MNG header with no picture after it.
+OPENS_BUT_NO_DECODE = {
+    "svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="64" height="64"/></svg>',
+    "svg+xml": b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"></svg>',
+    "jxl": b"\xff\x0a\xfa\x7f", "dds": b"DDS |", "exr": b"\x76\x2f\x31\x01\x02\x00\x00\x00",
+    "jp2": b"\x00\x00\x00\x0cjP  \r\n\x87\n", "mng": b"\x8aMNG\r\n\x1a\n",
+}
+
+
+def test_media_ffmpeg_opens_but_cannot_decode_is_4xx(server):
+    """Issue 25: an SVG upload was HTTP 500 (FFmpeg's svg_pipe stream has no codec)."""
+    for name, data in OPENS_BUT_NO_DECODE.items():
+        r = post(server.url, data)
+        # 413 where the header has no frame size: the decoder's reservation is then the largest frame allowed
+        assert r.status_code in (413, 415, 422), (name, r.status_code, r.text[:300])
+        assert r.json()["error"] in ("not an image or a video", "undecodable media", "media too large") \
+            and r.json()["detail"], r.text
+    r = post(server.url, OPENS_BUT_NO_DECODE["svg"])
+    assert r.status_code == 415 and "no decoder" in r.json()["detail"], r.text
+    assert httpx.get(server.url + "/health", timeout=30).status_code == 200
 
 
 def test_413s_are_counted_in_health(server):

@@ -16,7 +16,7 @@ import torch
 from caer_fast.data.video import decode_video
 from caer_fast.serving.inference import Predictor
 from caer_fast.serving.stream import Prediction
-from serving_helpers import make_checkpoint, write_video
+from caer_fast.testing.serving import make_checkpoint, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 

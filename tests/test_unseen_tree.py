@@ -17,7 +17,7 @@ av = pytest.importorskip("av")
 
 from caer_fast.constants import CLASSES  # noqa: E402
 from caer_fast.data.boxes import read_video_boxes  # noqa: E402
-from media import write_clip  # noqa: E402
+from caer_fast.testing.media import write_clip  # noqa: E402
 
 PATCH = skdata.astronaut()[20:230, 140:310]  # the face with some context around it
 CODECS = ("mpeg4", "mjpeg", "libx264")

@@ -41,8 +41,23 @@ def image_boxes_path(root, split: str) -> Path:
     return Path(root) / f"{split}.txt"
 
 
+# Coordinates beyond this are not pixels of any frame we decode (and would overflow int64 tensors later).
+MAX_COORD = 1 << 20
+
+
+def _number(text: str, what: str) -> float:
+    v = float(text)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{what} is {text.strip()}, not a finite number")
+    return v
+
+
 def _parse_box(fields: List[str]) -> Box:
-    x1, y1, x2, y2 = (int(float(v)) for v in fields)
+    values = [_number(v, "box coordinate") for v in fields]
+    if any(abs(v) > MAX_COORD for v in values):
+        raise ValueError(f"box coordinate out of range ({', '.join(f.strip() for f in fields)}; at most "
+                         f"{MAX_COORD} pixels)")
+    x1, y1, x2, y2 = (int(v) for v in values)
     if x2 <= x1 or y2 <= y1:
         raise ValueError(f"empty box ({x1}, {y1}, {x2}, {y2})")
     return x1, y1, x2, y2
@@ -95,9 +110,9 @@ def parse_video_boxes(text: str, source: str = "<string>"
             frame = int(row[1])
             if frame < 0:
                 raise ValueError(f"negative frame index {frame}")
-            score = float(row[6])
-            if score != score:  # NaN
-                raise ValueError("score is NaN")
+            if frame >= 2**31:
+                raise ValueError(f"frame index {frame} out of range")
+            score = _number(row[6], "score")
             out.setdefault(path, {})[frame] = (_parse_box(row[2:6]), score)
         except ValueError as exc:
             bad.append(BadLine(source, lineno, str(exc)))

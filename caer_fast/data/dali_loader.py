@@ -33,7 +33,10 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .datasets import CAERVideoDataset, DatasetError
+from ..ops import face_context
+from ..ops.face_context import clip_boxes
+from .datasets import NO_FACE, CAERVideoDataset, DatasetError
+from .video import probe_video
 
 __all__ = ["DALIVideoLoader", "make_dali_loader", "UnsupportedCodecError", "CPU_CODECS", "dali_available", "clip_pipeline"]
 
@@ -155,7 +158,6 @@ class DALIVideoLoader:
                           stacklevel=2)
 
     def _probe_codecs(self) -> List[str]:
-        from .video import probe_video
 
         return [probe_video(self.dataset.root / rel, count_frames=False).codec for rel, _ in self.dataset.videos]
 
@@ -212,9 +214,6 @@ class DALIVideoLoader:
         return torch.from_numpy(np.asarray(tensor))
 
     def _assemble(self, frames_tl, sample_tl) -> dict:
-        from ..ops import face_context
-        from ..ops.face_context import clip_boxes
-        from .datasets import NO_FACE
 
         ds = self.dataset
         ids = [int(np.asarray(sample_tl[j])[0]) for j in range(len(sample_tl))]

@@ -41,11 +41,13 @@ from torch.utils.data import Dataset
 
 from ..constants import (CLASSES, CLIP_FPS, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE,
                          IMAGENET_MEAN, IMAGENET_STD, TEST_CLIP_STRIDE)
+from ..ops import face_context
+from ..ops.face_context import clip_boxes
 from . import boxes as boxes_io
 from .index_cache import ProbeCache
 from .tree import check_class_folders
-from .video import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaDecodeError, VideoInfo, decode_video, probe_video,
-                    read_image)
+from .video import (IMAGE_EXTENSIONS, MediaDecodeError, VIDEO_EXTENSIONS, VideoInfo, decode_video, _open,
+                    probe_video, read_image)
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +228,6 @@ class _Base(Dataset):
 
     def _process(self, frames: np.ndarray, boxes: List[Box]) -> Tuple[torch.Tensor, torch.Tensor]:
         """One face_context call on all frames → (face T×3×fh×fw, context T×3×c×c), augmented."""
-        from ..ops import face_context
-        from ..ops.face_context import clip_boxes
 
         if not frames.flags.writeable or not frames.flags.c_contiguous:  # PIL arrays are read-only
             frames = np.array(frames, order="C")
@@ -263,7 +263,6 @@ class _Base(Dataset):
 
 def _decodable_part(path) -> Tuple[VideoInfo, int, str]:
     """(info with the frames that decode before the first error, the header's frame count, that error)."""
-    from .video import _open
 
     container = _open(path)
     n, err = 0, ""
@@ -301,7 +300,6 @@ def _probe(path, count_frames: bool):
         n = info.num_frames
         return info, f"{TRUNCATED}: decoding breaks off after {n} frames ({err}); using those {n}"
     if count_frames:
-        from .video import _open
 
         container = _open(path)
         try:

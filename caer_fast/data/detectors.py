@@ -27,6 +27,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import mtcnn
+
 Detection = Tuple[int, int, int, int, float]
 DETECTORS = ("haar", "dlib-cnn", "dlib-hog", "mtcnn")
 DLIB_INSTALL = "pip install dlib-bin face-recognition-models"
@@ -201,7 +203,6 @@ class MTCNNDetector(FaceDetector):
     def __init__(self, min_size: int = 32, detect_height: Optional[int] = -1,
                  thresholds: Sequence[float] = (0.6, 0.7, 0.7), factor: float = 0.709):
         super().__init__(min_size, detect_height)
-        from . import mtcnn
 
         self._mtcnn = mtcnn
         try:

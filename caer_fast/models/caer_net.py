@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..constants import CLIP_FRAMES, NUM_CLASSES
 from ..ops import AdaptiveFusion, AttentionPool, preload
+from .fold import fold_conv_bn
 
 ENCODER_WIDTHS = (3, 32, 64, 128, 256, 256)
 ATTENTION_WIDTHS = (256, 128, 1)
@@ -23,13 +24,16 @@ class Encoder(nn.Module):
     """[conv k3 p1 → BN → ReLU] per layer, max-pool after every layer but the last (if pooling).
 
     Eager 2-D inference (eval mode, autograd off, not compiling) runs each conv→BN pair as one
-    convolution with the batch norm folded in (:func:`caer_fast.models.optimize.fold_conv_bn`) on
+    convolution with the batch norm folded in (:func:`caer_fast.models.fold.fold_conv_bn`) on
     channels_last tensors: the convolutions are most of the time (bench/RESULTS.md). The folded
     weights are cached and recomputed when any of their source tensors changes (an optimizer step,
     ``load_state_dict``). With autograd on, the plain path runs: gradients through the folded
     channels_last convolutions were occasionally 4e-3 (relative, in norm) from float64 on this CPU
     where the plain path is 4e-7.
     """
+
+    #: each ``convs[i]`` is followed by ``bn[i]``: :func:`caer_fast.models.fold.fold_batch_norm` may fold them
+    folds_conv_bn = True
 
     def __init__(self, widths: Sequence[int], dims: int = 2, pool: bool = True,
                  pool_sizes: Sequence = ()):
@@ -64,8 +68,6 @@ class Encoder(nn.Module):
                 and all(isinstance(b, nn.BatchNorm2d) and b.running_var is not None and b.affine for b in self.bn))
 
     def _folded_weights(self):
-        from .optimize import fold_conv_bn
-
         sources = [t for c, b in zip(self.convs, self.bn)
                    for t in (c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var) if t is not None]
         key = tuple((id(t), t._version) for t in sources)
@@ -117,7 +119,7 @@ class TwoStreamNetwork(nn.Module):
     def forward(self, face: torch.Tensor, context: torch.Tensor):
         """Returns pooled face N×256, attended context N×256 and the attention map N×1×(S…)."""
         face = self.face_encoding_module(face)
-        face = face.mean(dim=tuple(range(2, face.dim())))  # not flatten(2).mean(-1): bench/openvino_repro.py
+        face = face.mean(dim=tuple(range(2, face.dim())))  # not flatten(2).mean(-1): tools/openvino_repro.py
         context = self.context_encoding_module(context)
         logits = self.attention_inference_module(context)
         context, attention = self.attention_pool(context, logits)

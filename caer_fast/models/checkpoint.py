@@ -14,6 +14,9 @@ from typing import Any, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..constants import CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE
+from .caer_net import CAERNet, CAERSNet
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
@@ -145,11 +148,17 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# Bounds of what a checkpoint may ask the predictor to allocate (the same as train's option checks): a crafted
+# frames=10**9 or face_size 10**6 would otherwise build a model or buffers of terabytes.
+MAX_CLIP_FRAMES = 512
+MAX_SIDE = 2048
+
+
 def _check_size(v) -> bool:
-    """A size as stored in ``args``: an int or a pair of ints, all ≥ 1."""
+    """A size as stored in ``args``: an int or a pair of ints, all in [1, MAX_SIDE]."""
     if _is_int(v):
-        return v >= 1
-    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v)
+        return 1 <= v <= MAX_SIDE
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and 1 <= x <= MAX_SIDE for x in v)
 
 
 def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> str:
@@ -160,8 +169,6 @@ def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source
     not a dict, or with sizes the predictor could not use; ``classes`` not a list of distinct names as
     long as the classifier's output.
     """
-    from .caer_net import CAERNet, CAERSNet
-
     kind = _kind_of_weights(state_dict, source)
     num_classes = _num_classes_of(state_dict, source)
 
@@ -191,6 +198,8 @@ def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source
                 bad(f"model_args {k}={v!r}, expected a positive integer")
         if "num_classes" in margs and margs["num_classes"] != num_classes:
             bad(f"model_args num_classes={margs['num_classes']} but the classifier has {num_classes} outputs")
+        if "frames" in margs and margs["frames"] > MAX_CLIP_FRAMES:
+            bad(f"model_args frames={margs['frames']}: more than {MAX_CLIP_FRAMES} frames per clip")
         if kind == "caer" and "frames" in margs and margs["frames"] < 8:
             bad(f"model_args frames={margs['frames']}: the video model needs clips of at least 8 frames")
     args = ckpt.get("args")
@@ -199,13 +208,13 @@ def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source
             bad(f"args is {_a(args)}, expected a dict of the training options")
         for k in ("face_size", "context_size"):
             if args.get(k) is not None and not _check_size(args[k]):
-                bad(f"args {k}={args[k]!r}, expected a positive int or [height, width]")
+                bad(f"args {k}={args[k]!r}, expected a positive int or [height, width], sides at most {MAX_SIDE}")
         crop = args.get("crop")
-        if crop is not None and not (_is_int(crop) and crop >= 1):
-            bad(f"args crop={crop!r}, expected a positive integer or null")
+        if crop is not None and not (_is_int(crop) and 1 <= crop <= MAX_SIDE):
+            bad(f"args crop={crop!r}, expected a positive integer up to {MAX_SIDE} or null")
         cf = args.get("clip_frames")
-        if cf is not None and not (_is_int(cf) and cf >= 1):
-            bad(f"args clip_frames={cf!r}, expected a positive integer")
+        if cf is not None and not (_is_int(cf) and 1 <= cf <= MAX_CLIP_FRAMES):
+            bad(f"args clip_frames={cf!r}, expected a positive integer up to {MAX_CLIP_FRAMES}")
     classes = ckpt.get("classes")
     if classes is not None:
         if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) and c for c in classes):
@@ -225,8 +234,6 @@ def check_metadata(ckpt: Mapping, state_dict: Mapping[str, torch.Tensor], source
 
 def infer_model(state_dict: Mapping[str, torch.Tensor], meta: Optional[Mapping] = None) -> nn.Module:
     """Build the model a state_dict belongs to (video if its convolutions are 3-D)."""
-    from .caer_net import CAERNet, CAERSNet
-
     source = _source_of(meta) if meta is not None else "state_dict"
     kind = check_metadata(meta or {}, state_dict, source)
     args = dict((meta or {}).get("model_args") or {})
@@ -284,9 +291,40 @@ def load_checkpoint(path_or_dict: Union[str, os.PathLike, Mapping], model: Optio
 
 
 def _caer_classes():
-    from .caer_net import CAERNet, CAERSNet
-
     return (CAERNet, CAERSNet)
+
+
+def _pair(v, default):
+    if v is None:
+        return tuple(default)
+    if isinstance(v, int):
+        return (v, v)
+    v = list(v)
+    return (int(v[0]), int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
+
+
+def input_sizes(ckpt: Mapping, model: Optional[nn.Module] = None) -> dict:
+    """The preprocessing sizes a checkpoint was trained with (its ``args``, else the paper's):
+    ``face_size`` (h, w), ``context_size`` (h, w, before the crop), ``crop`` (the square side or None),
+    ``crop_box`` (top, left, h, w of the centred crop, or None), ``clip_frames``, and ``face_shape`` /
+    ``context_shape``: the model's inputs without the batch dimension (3×h×w, or 3×T×h×w for the
+    video model ``model``)."""
+    args = dict((ckpt or {}).get("args") or {})
+    face = _pair(args.get("face_size"), FACE_SIZE)
+    context = _pair(args.get("context_size"), CONTEXT_SIZE)
+    crop = args.get("crop", CONTEXT_CROP)
+    box = None
+    if crop:
+        crop = min(int(crop), *context)
+        box = ((context[0] - crop) // 2, (context[1] - crop) // 2, crop, crop)
+    frames = int(getattr(model, "frames", None) or args.get("clip_frames") or CLIP_FRAMES)
+    seen = box[2:] if box else context
+    if isinstance(model, CAERNet):
+        face_shape, context_shape = (3, frames, *face), (3, frames, *seen)
+    else:
+        face_shape, context_shape = (3, *face), (3, *seen)
+    return {"face_size": face, "context_size": context, "crop": crop or None, "crop_box": box, "clip_frames": frames,
+            "face_shape": face_shape, "context_shape": context_shape}
 
 
 def save_checkpoint(obj: Any, path: Union[str, os.PathLike]) -> Path:

@@ -24,15 +24,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
+import os
+import platform
 import time
 from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from .. import devices
+from ..data.index_cache import cache_dir
 from ..ops import preload
+from .fold import fold_batch_norm
 
 MODES = ("train", "inference")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -48,34 +54,6 @@ class _Cache(dict):
 
     def __reduce__(self):
         return (_Cache, ())
-
-
-def fold_conv_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm):
-    """(weight, bias) of the one convolution computing ``bn(conv(x))`` with the BN's running
-    statistics: w' = w·γ/σ, b' = (b−μ)·γ/σ + β (torch's ``fuse_conv_bn_weights``). The one fold of
-    caer_fast: :func:`fold_batch_norm` and the Encoder's eager inference path use it."""
-    return fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-
-
-def fold_batch_norm(model: nn.Module) -> nn.Module:
-    """Fold every eval-mode BN that follows a conv in an :class:`Encoder` into that conv, in place.
-
-    The folded conv computes conv→BN in one op (:func:`fold_conv_bn`); the BN becomes
-    ``nn.Identity``. Call it on a copy: it replaces the model's modules.
-    """
-    from .caer_net import Encoder
-
-    for enc in model.modules():
-        if isinstance(enc, Encoder):
-            for i, (conv, bn) in enumerate(zip(enc.convs, enc.bn)):
-                if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                    fused = copy.deepcopy(conv.eval())
-                    weight, bias = fold_conv_bn(conv, bn.eval())
-                    fused.weight = nn.Parameter(weight.detach(), conv.weight.requires_grad)
-                    fused.bias = nn.Parameter(bias.detach(), conv.weight.requires_grad)
-                    enc.convs[i] = fused
-                    enc.bn[i] = nn.Identity()
-    return model
 
 
 def _memory_format(model: nn.Module):
@@ -202,9 +180,8 @@ def optimize(model: nn.Module, mode: str = "inference", *, compile: Optional[boo
         fold_bn: fold batch norm into the convs (``inference`` only).
         precision: ``train`` on CPU: ``auto`` (bf16 autocast only when :func:`choose_train_precision`
             says so: native bf16, faster, converging), ``fp32`` or ``bf16`` (forced).
-        engine: ``inference`` only: return :func:`caer_fast.serving.engines.build_engine`'s engine
-            instead (``auto`` measures ONNX Runtime and eager PyTorch and keeps the fastest correct one,
-            ``onnxruntime``, ``eager``, …); same call, default input sizes of the model.
+        engine: no longer taken here (the library's models sit below its serving layer): build an
+            engine with :func:`caer_fast.serving.engines.build_engine` (``build_engine(model, "auto")``).
 
     Example:
         >>> fast = optimize(CAERSNet(), "inference", compile=False)
@@ -216,11 +193,8 @@ def optimize(model: nn.Module, mode: str = "inference", *, compile: Optional[boo
     if precision not in PRECISIONS:
         raise ValueError(f"optimize: precision must be one of {PRECISIONS}, got {precision!r}")
     if engine is not None:
-        if mode != "inference":
-            raise ValueError("optimize: engine= is for mode='inference'")
-        from ..serving.engines import build_engine
-
-        return build_engine(model, engine)
+        raise ValueError(f"optimize: engine={engine!r} moved to caer_fast.serving.engines.build_engine(model, "
+                         f"{engine!r}) (same engines, same call)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
     compile = True if compile is None else bool(compile)
@@ -267,6 +241,8 @@ def optimize(model: nn.Module, mode: str = "inference", *, compile: Optional[boo
 
 MIN_BF16_SPEEDUP = 1.05  # bf16 must beat fp32 by this much per step to be worth its rounding
 GUARD_STEPS = 6
+WARMUP_STEPS = 2  # oneDNN builds its bf16 primitives on the first steps: timing them flipped the decision
+DECISION_VERSION = 2  # bump when the measurement changes: older cached decisions are ignored
 
 
 def decide_precision(native_bf16: bool, fp32_step_s: Optional[float] = None, bf16_step_s: Optional[float] = None,
@@ -290,47 +266,118 @@ def decide_precision(native_bf16: bool, fp32_step_s: Optional[float] = None, bf1
             "speedup": speedup}
 
 
-def choose_train_precision(model: nn.Module, face: torch.Tensor, context: torch.Tensor,
-                           native_bf16: Optional[bool] = None) -> dict:
-    """Measure whether bf16 autocast should train ``model`` on this CPU (see :func:`decide_precision`).
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
-    Works on copies (the model's weights and BN statistics are untouched): times an fp32 and a bf16
-    forward+backward+SGD step on ``face`` / ``context`` with fixed random labels, then trains each copy
-    ``GUARD_STEPS`` steps on that batch and compares the losses. Nothing is measured on CPUs without
-    native bf16."""
-    from ..serving.engines import has_native_bf16
 
-    native = has_native_bf16() if native_bf16 is None else bool(native_bf16)
-    if not native or face.device.type != "cpu":
-        return decide_precision(native and face.device.type == "cpu")
+def precision_cache_key(model: nn.Module, face: torch.Tensor, context: torch.Tensor) -> str:
+    """What the decision depends on: this machine (CPU model, vector flags, torch version, threads) and
+    the model's architecture and input shapes — not its weights, so later epochs and resumes reuse it."""
+    try:
+        caps = sorted(k for k, v in torch.cpu.get_capabilities().items() if v is True)
+    except Exception:
+        caps = []
+    h = hashlib.sha256(repr((DECISION_VERSION, _cpu_name(), caps, torch.__version__, torch.get_num_threads(),
+                             type(model).__qualname__, getattr(model, "frames", None),
+                             [(k, tuple(v.shape)) for k, v in model.state_dict().items()],
+                             tuple(face.shape), tuple(context.shape))).encode())
+    return h.hexdigest()[:24]
+
+
+def _precision_cache_path(key: str):
+    return cache_dir() / "precision" / f"{key}.json"
+
+
+def _read_cached(key: str) -> Optional[dict]:
+    try:
+        got = json.loads(_precision_cache_path(key).read_text())
+    except (OSError, ValueError):
+        return None
+    return got if isinstance(got, dict) and got.get("precision") in ("fp32", "bf16") else None
+
+
+def _write_cached(key: str, decision: dict) -> None:
+    path = _precision_cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(decision, indent=1))
+        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
+    except OSError as exc:  # a read-only home: the decision still holds for this process
+        log.warning("precision decision not cached (%s): %s", path, exc)
+
+
+def measure_train_precision(model: nn.Module, face: torch.Tensor, context: torch.Tensor,
+                            warmup: int = WARMUP_STEPS, steps: int = GUARD_STEPS, timer=time.perf_counter) -> dict:
+    """Train an fp32 and a bf16-autocast copy of ``model`` side by side on ``face`` / ``context`` (fixed
+    random labels, SGD), alternating one step of each so both see the same machine load; the first
+    ``warmup`` steps are not timed. Returns the median step times and the losses for the guard."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
-    n_classes = None
-    results = {}
+    runs = {}
     for prec in ("fp32", "bf16"):
         m = copy.deepcopy(model).train()
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if prec == "bf16" else contextlib.nullcontext()
-        losses, times = [], []
-        for step in range(GUARD_STEPS + 1):
-            t = time.perf_counter()
-            with ctx:
-                logits = m(face, context)
-            if n_classes is None:
-                n_classes = logits.shape[-1]
-                target = torch.randint(0, n_classes, (face.shape[0],), generator=g)
+        runs[prec] = dict(model=m, opt=torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
+                          ctx=(lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if prec == "bf16"
+                          else contextlib.nullcontext, times=[], losses=[])
+    target = None
+    for step in range(warmup + steps):
+        for prec, r in runs.items():
+            t = timer()
+            with r["ctx"]():
+                logits = r["model"](face, context)
+            if target is None:
+                target = torch.randint(0, logits.shape[-1], (face.shape[0],), generator=g)
             loss = F.cross_entropy(logits.float(), target)
-            opt.zero_grad(set_to_none=True)
+            r["opt"].zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t)
-            losses.append(float(loss.detach()))
-        with torch.no_grad(), ctx:
-            final = float(F.cross_entropy(m(face, context).float(), target))
-        results[prec] = (sorted(times[1:])[len(times[1:]) // 2], losses[0], final)
-    out = decide_precision(True, results["fp32"][0], results["bf16"][0], results["fp32"][1], results["fp32"][2],
-                           results["bf16"][2])
-    out.update(fp32_step_s=results["fp32"][0], bf16_step_s=results["bf16"][0], loss_start=results["fp32"][1],
-               loss_fp32=results["fp32"][2], loss_bf16=results["bf16"][2])
+            r["opt"].step()
+            elapsed = timer() - t
+            if step >= warmup:
+                r["times"].append(elapsed)
+            r["losses"].append(float(loss.detach()))
+    out = {}
+    for prec, r in runs.items():
+        with torch.no_grad(), r["ctx"]():
+            final = float(F.cross_entropy(r["model"](face, context).float(), target))
+        times = sorted(r["times"])
+        out[prec] = {"step_s": times[len(times) // 2], "times": r["times"], "loss_start": r["losses"][0],
+                     "loss_final": final}
+    return out
+
+
+def choose_train_precision(model: nn.Module, face: torch.Tensor, context: torch.Tensor,
+                           native_bf16: Optional[bool] = None, cache: bool = True) -> dict:
+    """Should bf16 autocast train ``model`` on this CPU? (:func:`decide_precision` on
+    :func:`measure_train_precision`'s medians, after warm-up.)
+
+    Works on copies (the model's weights and BN statistics are untouched). The decision is cached per
+    machine and model (:func:`precision_cache_key`, under ``$CAER_FAST_CACHE_DIR/precision``), so every
+    later process on this machine trains this model in the same precision; ``source`` says whether it
+    was ``measured`` now or read from the ``cache``. Nothing is measured on CPUs without native bf16."""
+    native = devices.has_native_bf16() if native_bf16 is None else bool(native_bf16)
+    if not native or face.device.type != "cpu":
+        return dict(decide_precision(native and face.device.type == "cpu"), source="cpu flags")
+    key = precision_cache_key(model, face, context) if cache else None
+    if key is not None:
+        cached = _read_cached(key)
+        if cached is not None:
+            return dict(cached, source="cache", cache_key=key)
+    m = measure_train_precision(model, face, context)
+    out = decide_precision(True, m["fp32"]["step_s"], m["bf16"]["step_s"], m["fp32"]["loss_start"],
+                           m["fp32"]["loss_final"], m["bf16"]["loss_final"])
+    out.update(fp32_step_s=m["fp32"]["step_s"], bf16_step_s=m["bf16"]["step_s"], loss_start=m["fp32"]["loss_start"],
+               loss_fp32=m["fp32"]["loss_final"], loss_bf16=m["bf16"]["loss_final"], warmup_steps=WARMUP_STEPS,
+               timed_steps=GUARD_STEPS, cpu=_cpu_name(), threads=torch.get_num_threads())
+    if key is not None:
+        _write_cached(key, out)
+        out["cache_key"] = key
+    out["source"] = "measured"
     return out

@@ -26,8 +26,8 @@ Three details:
 - The encoder calls ``F.relu``; the quantizer's conv+ReLU recipe matches module-style ReLUs
   (``nn.ReLU``), so the ReLU after each conv is relabelled in the exported graph. Without it the conv
   outputs stay fp32 into the max-pools (measured 1.3x slower at batch 32).
-- CPUs without VNNI (AVX2 only): 7-bit activations (``reduce_range``, chosen by :func:`has_vnni`), as the
-  quantizer's docs advise; with 8 bits oneDNN's int16 pair sums saturate (see :func:`quantize_int8`).
+- CPUs without VNNI (AVX2 only): 7-bit activations (``reduce_range``, chosen by
+  :func:`caer_fast.devices.has_vnni`), as the quantizer's docs advise; with 8 bits oneDNN's int16 pair sums saturate (see :func:`quantize_int8`).
 - Batch size: one export serves every batch size, but inductor specialises the compiled kernels on
   batch-size ranges (observed: 1, 2-15, >= 16), each compiled on first use (about 10 s each on the
   2-core build machines). ``warmup_batch_sizes`` compiles them up front (the CLIs warm 1, 2 and the
@@ -48,6 +48,10 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+from ..devices import has_vnni
+from .caer_net import CAERNet, CAERSNet
+from .fold import fold_batch_norm
 
 log = logging.getLogger("caer_fast.quantize")
 # inductor's int8 lowering calls torch.tensor(a_tensor) on each compile: not ours to fix, and not actionable
@@ -84,18 +88,9 @@ def conv3d_supported() -> bool:
     return torch.ops.aten.conv3d.default in xiq.default_quantizable_ops
 
 
-def has_vnni() -> bool:
-    """Does this CPU have int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX)?"""
-    try:
-        caps = torch.cpu.get_capabilities()
-    except Exception:  # older torch, unknown CPU: assume not (reduce_range is the safe choice)
-        return False
-    return any(caps.get(k, False) for k in ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8"))
-
-
-def _check_model(model: nn.Module) -> None:
-    from .caer_net import CAERNet, CAERSNet
-
+def check_quantizable(model: nn.Module) -> None:
+    """Raise the error :func:`quantize_int8` would give for ``model`` (wrong class, video model, not on
+    CPU) before any calibration data is read."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_int8: expected a CAERSNet module, got {type(model).__name__}")
     if isinstance(model, CAERNet) or any(isinstance(m, nn.Conv3d) for m in model.modules()):
@@ -256,14 +251,15 @@ def quantize_int8(model: nn.Module, calibration: Iterable, *, compile: bool = Tr
         calibration: an iterable of ``(face, context[, …])`` batches (N×3×H×W fp32, preprocessed as for
             inference) or dicts with ``face`` / ``context`` (what the datasets' DataLoader yields). A few
             dozen representative samples are enough; all batches must share H×W. See
-            :func:`calibration_batches` to read them from a CAER-S tree.
+            :func:`caer_fast.data.calibration.calibration_batches` to read them from a CAER-S tree.
         compile: lower to oneDNN int8 kernels with ``torch.compile`` (inductor, ``freezing``). ``False``
             gives the reference quantize/dequantize graph in fp32 arithmetic (same numbers up to rounding,
             slow; for debugging).
         warmup_batch_sizes: batch sizes to compile for now rather than on first use.
         max_calibration_batches: stop after this many batches.
         reduce_range: 7-bit activations (uint8 0..127). Default: on CPUs without VNNI (see
-            :func:`has_vnni`), where oneDNN's u8×s8 kernels add pairs of products in int16 and saturate
+            :func:`caer_fast.devices.has_vnni`), where oneDNN's u8×s8 kernels add pairs of products in
+            int16 and saturate
             with full-range activations. Measured on an AVX2 EPYC (demo CAER-S test set): mean |Δlogit|
             against fp32 0.186 compiled with 8-bit activations (20x the uncompiled reference graph's
             0.0093; 7 of 210 answers changed), 0.0075 with 7-bit (no answer changed).
@@ -284,9 +280,7 @@ def quantize_int8(model: nn.Module, calibration: Iterable, *, compile: bool = Tr
         >>> fast(torch.randn(2, 3, 96, 96), torch.randn(2, 3, 112, 112)).shape       # doctest: +SKIP
         torch.Size([2, 7])
     """
-    from .optimize import fold_batch_norm
-
-    _check_model(model)
+    check_quantizable(model)
     prepare_pt2e, convert_pt2e, xiq = _torchao()
     batches: List[Tuple[torch.Tensor, torch.Tensor]] = []
     for i, b in enumerate(calibration):
@@ -364,16 +358,3 @@ def quantize_int8(model: nn.Module, calibration: Iterable, *, compile: bool = Tr
              info["calibration_samples"], info["calibration_batches"], info["calibration_s"],
              info["int8_convs"], info["int8_linears"])
     return out
-
-
-# -- moved (issue 13 item 5): calibration data to caer_fast.data.calibration, predictor wiring to
-# caer_fast.serving.int8; the old names stay importable from here
-from ..data.calibration import calibration_batches  # noqa: E402,F401
-
-
-def quantize_predictor(predictor, root, samples: int = 64, warmup_batch_sizes: Sequence[int] = (1, 2),
-                       out=None) -> Int8Model:
-    """Alias of :func:`caer_fast.serving.int8.quantize_predictor` (its home since the split)."""
-    from ..serving.int8 import quantize_predictor as impl
-
-    return impl(predictor, root, samples, warmup_batch_sizes=warmup_batch_sizes, out=out)

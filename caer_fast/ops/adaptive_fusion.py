@@ -13,6 +13,10 @@ from . import _dispatch
 
 
 def _check_inputs(face, context, face_score, context_score) -> None:
+    if not (isinstance(face, torch.Tensor) and isinstance(context, torch.Tensor)
+            and isinstance(face_score, torch.Tensor) and isinstance(context_score, torch.Tensor)):
+        raise TypeError("adaptive_fusion: face, context, face_score and context_score must be tensors, got "
+                        f"{[type(t).__name__ for t in (face, context, face_score, context_score)]}")
     n = face.shape[0]
     if face.dim() != 2 or context.dim() != 2 or context.shape[0] != n:
         raise ValueError(f"adaptive_fusion: face and context must be N×C, got {tuple(face.shape)} "
@@ -64,8 +68,7 @@ def adaptive_fusion(face: torch.Tensor, context: torch.Tensor, face_score: torch
     if mixed:
         for t in args[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
-    name = _dispatch.kernel_backend(face.device.type)
-    if name is None or dtype == torch.float64 and name != "cpp":  # float64: exact enough, rare
+    if not _dispatch.use_kernel("adaptive_fusion", face.device.type, dtype):
         return adaptive_fusion_reference(*args, return_weights)
     if mixed:
         args = tuple(t if t.dtype == dtype else t.to(dtype) for t in args)  # differentiable casts

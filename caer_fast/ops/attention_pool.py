@@ -21,6 +21,9 @@ from . import _dispatch
 
 
 def _check_inputs(features: torch.Tensor, logits: torch.Tensor) -> None:
+    if not (isinstance(features, torch.Tensor) and isinstance(logits, torch.Tensor)):
+        raise TypeError(f"attention_pool: features and logits must be tensors, got {type(features).__name__} "
+                        f"and {type(logits).__name__}")
     if features.dim() < 3:
         raise ValueError(f"attention_pool: features must be N×C×(S…), got {tuple(features.shape)}")
     expected = (features.shape[0], 1, *features.shape[2:])
@@ -53,7 +56,7 @@ def attention_pool_reference(features: torch.Tensor, logits: torch.Tensor, retur
 def _attention_pool_over_axes(features: torch.Tensor, logits: torch.Tensor, return_attention: bool):
     """The reference with reductions over the position axes instead of a flattening Reshape, for ONNX
     graphs: OpenVINO 2026.4 computes a dynamic-batch Reshape → ReduceMean → BatchNormalization wrongly
-    at batch ≥ 2 (bench/openvino_repro.py). Eager, its backward is slower than the reference's."""
+    at batch ≥ 2 (tools/openvino_repro.py). Eager, its backward is slower than the reference's."""
     dims = tuple(range(2, features.dim()))
     x = logits.reshape(logits.shape[0], 1, *features.shape[2:]) if logits.dim() == 2 else logits
     x = x.to(torch.promote_types(logits.dtype, torch.float32))
@@ -82,8 +85,7 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
         torch.Size([2, 256])
     """
     _check_inputs(features, logits)
-    name = _dispatch.kernel_backend(features.device.type)
-    if name is None or features.dtype == torch.float64 and name != "cpp":  # float64: exact enough, rare
+    if not _dispatch.use_kernel("attention_pool", features.device.type, features.dtype):
         return attention_pool_reference(features, logits, return_attention)
     if logits.dtype != features.dtype:
         logits = logits.to(features.dtype)  # differentiable

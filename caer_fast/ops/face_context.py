@@ -1,8 +1,9 @@
 """`face_context`: face crop and face-masked context from uint8 frames, in one op.
 
 The op ``caer_fast::face_context`` is defined in csrc/ops.cpp; this file checks the arguments (every
-error of the op is raised here, before any backend runs), registers the fake implementation and
-holds the per-frame torch reference the kernels are tested against. Kernels compute in float32 and
+error of the op is raised here, before any backend runs), clips the boxes once (the kernels take them
+clipped), registers the fake implementation and holds the per-frame torch reference the kernels are
+tested against. Kernels compute in float32 and
 round once to ``dtype`` (float16/bfloat16 kernels write it directly); other dtypes are cast after.
 """
 from __future__ import annotations
@@ -17,8 +18,36 @@ from ..constants import CONTEXT_SIZE, FACE_SIZE, IMAGENET_MEAN, IMAGENET_STD
 from . import _dispatch
 
 
+_BOX_DTYPES = (torch.int16, torch.int32, torch.int64)  # 8-bit ones would have wrapped coordinates past 127/255
+
+
+def _as_boxes(boxes, frames: torch.Tensor) -> torch.Tensor:
+    """``boxes`` as a tensor on the frames' device: a list, tuple or NumPy array is taken as torch.as_tensor
+    takes it (like the ``size`` of F.interpolate, boxes are small coordinates, often a detector's list)."""
+    if isinstance(boxes, torch.Tensor):
+        return boxes
+    try:
+        return torch.as_tensor(boxes, device=frames.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"face_context: boxes must be a tensor, or a list/array of N [x1, y1, x2, y2] integers; "
+                        f"got {type(boxes).__name__} ({exc})") from None
+
+
+def _numbers(name: str, values, kind) -> tuple:
+    """``values`` as a tuple of Python numbers: floats for ``kind`` float; integers are checked later."""
+    try:
+        out = tuple(v.item() if isinstance(v, torch.Tensor) else v + 0 for v in values)
+        return tuple(float(v) for v in out) if kind is float else out
+    except (TypeError, ValueError, RuntimeError):
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"face_context: {name} must be a sequence of {what}, got {values!r}") from None
+
+
 def _check_inputs(frames: torch.Tensor, boxes: torch.Tensor, face_size, context_size, crop, mean, std):
     """Every error of the op, raised before any backend runs (so all backends agree on them)."""
+    if not isinstance(frames, torch.Tensor):
+        raise TypeError(f"face_context: frames must be a uint8 N×H×W×3 tensor, got {type(frames).__name__} "
+                        "(torch.from_numpy takes a NumPy array without a copy)")
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
         raise ValueError(
             f"face_context: frames must be uint8 N×H×W×3 (RGB), got {tuple(frames.shape)} {frames.dtype}")
@@ -26,8 +55,10 @@ def _check_inputs(frames: torch.Tensor, boxes: torch.Tensor, face_size, context_
         raise ValueError(f"face_context: frames must have H, W > 0, got {tuple(frames.shape)}")
     if boxes.dim() != 2 or boxes.shape != (frames.shape[0], 4):
         raise ValueError(f"face_context: boxes must be N×4 xyxy with N={frames.shape[0]}, got {tuple(boxes.shape)}")
-    if boxes.is_floating_point() or boxes.is_complex() or boxes.dtype == torch.bool:
-        raise ValueError(f"face_context: boxes must be integer pixels (xyxy), got {boxes.dtype}")
+    if boxes.dtype not in _BOX_DTYPES:
+        why = " (8 bits wrap coordinates past 127 or 255)" if boxes.dtype in (torch.uint8, torch.int8) else ""
+        raise ValueError(f"face_context: boxes must be integer pixels (xyxy) as int16, int32 or int64, "
+                         f"got {boxes.dtype}{why}")
     if boxes.device != frames.device:
         raise ValueError(f"face_context: frames on {frames.device}, boxes on {boxes.device}")
     for name, size in (("face_size", face_size), ("context_size", context_size)):
@@ -47,13 +78,10 @@ def _check_inputs(frames: torch.Tensor, boxes: torch.Tensor, face_size, context_
 
 
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Clip xyxy boxes to the frame; boxes with no area become (0, 0, 0, 0)."""
-    b = boxes.to(torch.int64).clone()
-    b[:, 0::2] = b[:, 0::2].clamp(0, width)
-    b[:, 1::2] = b[:, 1::2].clamp(0, height)
-    empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
-    b[empty] = 0
-    return b
+    """Clip xyxy boxes to the frame (int64); boxes with no area become (0, 0, 0, 0)."""
+    b = boxes.to(torch.int64)
+    b = b.clamp(min=0).minimum(b.new_tensor([width, height, width, height]))  # 4 small ops: it runs per call
+    return b.masked_fill((b[:, 2:] <= b[:, :2]).any(1, keepdim=True), 0)
 
 
 def _resize(img: torch.Tensor, size, antialias: bool) -> torch.Tensor:
@@ -72,8 +100,14 @@ def face_context_reference(frames, boxes, face_size=FACE_SIZE, context_size=CONT
                            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                            antialias: bool = True, dtype: torch.dtype = torch.float32):
     """Per-frame PyTorch reference of :func:`face_context` (float32 math, then cast)."""
-    n, h, w, _ = frames.shape
-    boxes = clip_boxes(boxes, h, w).tolist()
+    return _face_context_torch(frames, clip_boxes(boxes, frames.shape[1], frames.shape[2]), face_size, context_size,
+                               crop, mean, std, antialias, dtype)
+
+
+def _face_context_torch(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype):
+    """The reference on boxes already clipped (the op's contract, csrc/ops.cpp)."""
+    n = frames.shape[0]
+    boxes = boxes.tolist()
     mean_t = torch.tensor(mean, dtype=torch.float32, device=frames.device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=frames.device).view(3, 1, 1)
     faces = torch.zeros(n, 3, *face_size, dtype=torch.float32, device=frames.device)
@@ -102,8 +136,9 @@ def face_context(frames: torch.Tensor, boxes: torch.Tensor, face_size=FACE_SIZE,
 
     Args:
         frames: uint8 N×H×W×3 (clips: N·T×H×W×3).
-        boxes: integer N×4 xyxy pixel boxes, clipped to the frame; an empty box means "no face"
-            (the face output is zeros and nothing is masked).
+        boxes: N×4 xyxy pixel boxes, int16/int32/int64 (a list, tuple or NumPy array is taken as
+            ``torch.as_tensor`` takes it), clipped to the frame here; an empty box means "no face"
+            (the face output is zeros and nothing is masked). 8-bit and bool boxes are an error.
         face_size: (h, w) of the face output.
         context_size: (h, w) the masked frame is resized to.
         crop: optional (top, left, height, width) crop of the resized context.
@@ -118,13 +153,16 @@ def face_context(frames: torch.Tensor, boxes: torch.Tensor, face_size=FACE_SIZE,
         >>> face.shape, context.shape
         (torch.Size([2, 3, 96, 96]), torch.Size([2, 3, 112, 112]))
     """
-    face_size, context_size = tuple(face_size), tuple(context_size)
-    crop = None if crop is None else tuple(crop)
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    face_size, context_size = _numbers("face_size", face_size, int), _numbers("context_size", context_size, int)
+    crop = None if crop is None else _numbers("crop", crop, int)
+    mean, std = _numbers("mean", mean, float), _numbers("std", std, float)
+    if isinstance(frames, torch.Tensor):
+        boxes = _as_boxes(boxes, frames)
     _check_inputs(frames, boxes, face_size, context_size, crop, mean, std)
-    if _dispatch.kernel_backend(frames.device.type) is None:
-        return face_context_reference(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype)
+    boxes = clip_boxes(boxes, frames.shape[1], frames.shape[2])  # once, here: every backend takes them clipped
     kernel_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    if not _dispatch.use_kernel("face_context", frames.device.type, kernel_dtype):
+        return _face_context_torch(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype)
     crop = (0, 0, *context_size) if crop is None else crop
     face, context = _dispatch.call(torch.ops.caer_fast.face_context.default, frames, boxes,
                                    [int(v) for v in face_size], [int(v) for v in context_size],

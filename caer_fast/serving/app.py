@@ -11,8 +11,10 @@ Images and videos take one path, ``predict``'s (:mod:`.stream`; an image is a on
 the same keys (``Prediction.to_dict()``): a worker thread decodes and preprocesses one chunk of inputs at a
 time while the previous chunk waits for the model; each chunk goes onto an asyncio queue. One batching task takes what is queued (up to ``max_batch`` inputs, waiting at most
 ``max_wait_ms`` after the first) and runs one model call for all of them, so concurrent requests share
-a forward pass. Memory: a request reserves an estimate of its peak (from the frame size in the stream
-header) against ``memory_budget`` before it decodes anything. Uploads are written to a private temp
+a forward pass. Memory: a request reserves an estimate of its peak against ``memory_budget`` before it
+decodes anything: the decoder's part by the largest frame the server accepts (a stream may switch to larger
+frames after its header; FFmpeg refuses frames over that size before allocating them), the rest by the
+header's frame size (every frame is rescaled to it). Uploads are written to a private temp
 directory under a fixed name: nothing from the request (file name, path) is ever used as a path.
 """
 from __future__ import annotations
@@ -31,9 +33,10 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ..data.video import MediaDecodeError, MediaTooLargeError, sniff_media
-from .inference import Predictor
+from ..data.video import DECODER_MAX_FRAMES, MediaDecodeError, MediaTooLargeError, image_size, sniff_media
+from .inference import Predictor, is_image_file
 from .stream import concat_chunks, parse_people, split_outputs
+from .timeline import timeline_rows
 
 
 def machine_memory_bytes() -> int:
@@ -70,20 +73,49 @@ def rss_bytes() -> int:
         return 0
 
 
-# Peak bytes one streaming request adds, by decoded frame size: decoder frame pool and threads (≈ 16 YUV
-# frames at 1.5 B/px), RGB frames of one preprocessing group (3 B/px, 8 frames at most) and the float copy
-# face_context makes of them (12 B/px); plus a fixed part for the chunk's clips and the model's activations
-# at the largest batch. Measured on this machine: tests/test_serve_limits.py keeps RSS under the budget.
-STREAM_BYTES_PER_PIXEL = 16 * 1.5 + 8 * 3 + 8 * 12
+# Peak bytes one streaming request adds: the decoder's frame pool and threads (DECODER_MAX_FRAMES YUV frames
+# at 1.5 B/px, at the largest frame size the decoder accepts), RGB frames of one preprocessing group (3 B/px,
+# 8 frames at most) and the float copy face_context makes of them (12 B/px) at the header's size; plus a fixed
+# part for the chunk's clips and the model's activations at the largest batch. tests/test_serve_limits.py
+# measures RSS under the budget, also for a stream whose frames grow after the header.
+STREAM_BYTES_PER_PIXEL = DECODER_MAX_FRAMES * 1.5 + 8 * 3 + 8 * 12
 STREAM_FIXED_BYTES = 96 * 2**20
 
 
-def request_memory_estimate(width: int, height: int, model_batch_bytes: int = 0, people: int = 1) -> int:
-    """``people``: the most people followed (each adds a float copy of the group and a chunk of clips)."""
-    px = max(1, int(width)) * max(1, int(height))
+def request_memory_estimate(width: int, height: int, model_batch_bytes: int = 0,
+                            max_frame_pixels: Optional[int] = None, people: int = 1) -> int:
+    """Peak bytes of one streamed video whose header says ``width``×``height``; ``max_frame_pixels``: the
+    largest frame the decoder accepts (frames may grow after the header: the decoder is sized for that);
+    ``people``: the most people followed (each adds a float copy of the group and a chunk of clips)."""
+    known = int(width) > 0 and int(height) > 0
+    px = int(width) * int(height) if known else int(max_frame_pixels or 1)
+    decoder_px = max(px, int(max_frame_pixels or 0))
     group = max(1, min(8, (8 * 640 * 360) // px))  # frames preprocessed together (stream.GROUP_PIXELS)
     people = max(1, int(people))
-    return int(px * (16 * 1.5 + group * 3 + people * group * 12) + people * STREAM_FIXED_BYTES + model_batch_bytes)
+    return int(decoder_px * DECODER_MAX_FRAMES * 1.5 + px * (group * 3 + people * group * 12)
+               + people * STREAM_FIXED_BYTES + model_batch_bytes)
+
+
+# An image's peak: PIL's decoded copy and our RGB array (3-4 B/px each) and the float copies preprocessing
+# makes (measured: 13 B/px over the process's base for a 4096×4096 PNG).
+IMAGE_BYTES_PER_PIXEL = 16
+
+
+def image_memory_estimate(path) -> int:
+    """Peak bytes of one image upload, from its header (the fixed part alone when PIL cannot tell its size)."""
+    size = image_size(path)
+    return int((size[0] * size[1] if size else 0) * IMAGE_BYTES_PER_PIXEL + STREAM_FIXED_BYTES)
+
+
+def trim_heap() -> None:
+    """Give freed heap back to the system (glibc keeps a decoder's large frames in its arenas otherwise, and
+    resident memory stays high after the request)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class MemoryBudget:
@@ -389,48 +421,59 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
 
     async def predict_source(path: str, loop, people: Optional[int] = -1) -> dict:
         """``people``: -1 main (one face per frame), else at most that many people (see parse_people)."""
-        source = await loop.run_in_executor(pool, predictor.open, path)  # header checks: size, frames
-        gen = fut = None
+        # an image is decoded whole when opened: reserve for it (from its header) before that
+        image = await loop.run_in_executor(pool, is_image_file, path)
+        pre = await loop.run_in_executor(pool, image_memory_estimate, path) if image else 0
+        if pre:
+            await memory.acquire(pre)
+        source = gen = fut = None
+        need = 0
         try:
+            source = await loop.run_in_executor(pool, predictor.open, path)  # header checks: size, frames
             cap = 1 if people == -1 else min(max_people, people or max_people)
-            need = request_memory_estimate(source.width, source.height, people=cap) if source.kind == "video" else 0
-            if need:
+            if source.kind == "video":
+                need = request_memory_estimate(source.width, source.height,
+                                               max_frame_pixels=predictor.max_frame_pixels, people=cap)
                 await memory.acquire(need)
-            try:
-                pre = predictor.preprocessor(chunk_inputs=batcher.max_batch)
-                if people == -1:
-                    acc = predictor.accumulator(source)
-                    gen = pre.chunks(source.frames)
-                else:
-                    acc = predictor.accumulator(source, people=cap)
-                    gen = pre.people_chunks(source.frames, max_people=cap)
-                fut = loop.run_in_executor(pool, next, gen, None)
-                while True:
-                    item = await fut
-                    fut = None
-                    if item is None:
-                        break
-                    step = item if isinstance(item, list) else [item]
-                    if not all(c.last for c in step) or people != -1:  # decode on while this waits for the model
-                        fut = loop.run_in_executor(pool, next, gen, None)
-                    face, context = concat_chunks(step)
-                    # every person's inputs of the step in one job: one model call (a big job runs alone)
-                    outs = split_outputs(step, *(await batcher.submit(face, context))) if face is not None \
-                        else split_outputs(step, None, None, None)
-                    for c, (probs, att, weights) in zip(step, outs):
-                        acc.add(c, probs, att, weights)
-                    if people == -1 and step[-1].last:
-                        break
-                return acc.result(notes=source.notes, truncated=source.truncated).to_dict()
-            finally:
-                if fut is not None:  # a chunk still decoding: let it end before the decoder is closed
-                    await asyncio.wait([fut])
-                if need:
-                    await memory.release(need)
+            preprocessor = predictor.preprocessor(chunk_inputs=batcher.max_batch)
+            if people == -1:
+                acc = predictor.accumulator(source)
+                gen = preprocessor.chunks(source.frames)
+            else:
+                acc = predictor.accumulator(source, people=cap)
+                gen = preprocessor.people_chunks(source.frames, max_people=cap)
+            fut = loop.run_in_executor(pool, next, gen, None)
+            while True:
+                item = await fut
+                fut = None
+                if item is None:
+                    break
+                step = item if isinstance(item, list) else [item]
+                if not all(c.last for c in step) or people != -1:  # decode on while this waits for the model
+                    fut = loop.run_in_executor(pool, next, gen, None)
+                face, context = concat_chunks(step)
+                # every person's inputs of the step in one job: one model call (a big job runs alone)
+                outs = split_outputs(step, *(await batcher.submit(face, context))) if face is not None \
+                    else split_outputs(step, None, None, None)
+                for c, (probs, att, weights) in zip(step, outs):
+                    acc.add(c, probs, att, weights)
+                if people == -1 and step[-1].last:
+                    break
+            return acc.result(notes=source.notes, truncated=source.truncated).to_dict()
         finally:
+            if fut is not None:  # a chunk still decoding: let it end before the decoder is closed
+                await asyncio.wait([fut])
+                fut = None  # its exception's traceback holds this frame: no cycle keeping decoded frames alive
             if gen is not None:
                 gen.close()
-            source.close()
+            if source is not None:
+                source.close()
+            source = gen = None
+            if need:
+                await memory.release(need)
+            if pre:
+                await memory.release(pre)
+            trim_heap()
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -474,8 +517,6 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
             except (MediaDecodeError, ValueError, RuntimeError) as exc:
                 return media_error(exc, path)
             if timeline:
-                from ..predict import timeline_rows
-
                 result["timeline"] = timeline_rows(result)
             counters["200"] += 1
             return result

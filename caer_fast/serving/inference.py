@@ -215,7 +215,6 @@ class Predictor:
         self._batch_size = max(1, int(batch_size))
         self._max_frame_pixels, self._max_pixels = max_frame_pixels, max_pixels
         self._engine = engine
-        self._engine_name: Optional[str] = None  # set only by the deprecated setters below
         self._stream_chunk = max(1, int(stream_chunk)) if stream_chunk else (
             min(4, self._batch_size) if self.is_video_model else self._batch_size)
         self._preprocessor = Preprocessor(self._face_size, self._context_size, self._crop, self._clip_frames,
@@ -263,12 +262,8 @@ class Predictor:
 
     @property
     def engine_name(self) -> str:
-        if self._engine_name:
-            return self._engine_name
         if self._engine is None:
             return "eager"
-        if getattr(self, "int8_info", None):  # serving.int8.quantize_predictor's model (no .name)
-            return "int8"
         return str(getattr(self._engine, "name", None) or type(self._engine).__name__)
 
     @property
@@ -280,25 +275,10 @@ class Predictor:
         """The loaded (eager) model."""
         return self._model
 
-    # Deprecated setters, kept while serving.engines.use_engine, serving.int8.quantize_predictor and
-    # serve.py still put an engine into a built predictor: pass ``engine=`` or use :meth:`with_engine`.
-    @model.setter
-    def model(self, engine) -> None:
-        self._engine = engine
-
-    @engine_name.setter
-    def engine_name(self, name: str) -> None:
-        self._engine_name = name
-
-    @engine_info.setter
-    def engine_info(self, info: dict) -> None:
-        pass  # read from the engine
-
     def with_engine(self, engine) -> "Predictor":
         """This predictor (same model, detector, limits) with ``engine`` running the model."""
         other = copy.copy(self)
-        other._engine, other._engine_name = engine, None
-        other.__dict__.pop("int8_info", None)
+        other._engine = engine
         return other
 
     def preprocessor(self, chunk_inputs: Optional[int] = None) -> Preprocessor:

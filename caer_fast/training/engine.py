@@ -17,10 +17,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def _autocast(device: torch.device, amp: bool):
+def _autocast(device: torch.device, amp):
+    """``amp``: False (fp32), True (fp16 on CUDA, bf16 on CPU) or ``"bf16"`` (bf16 on any device)."""
     if not amp:
         return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    dtype = torch.bfloat16 if amp == "bf16" or device.type != "cuda" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

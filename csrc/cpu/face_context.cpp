@@ -186,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor> face_context_cpu(const at::Tensor& frames, co
 
   const uint8_t* src_p = src.data_ptr<uint8_t>();
   const int64_t* box_p = bx.data_ptr<int64_t>();
+  caer_fast::check_clipped_boxes(box_p, n, H, W);
   float* face_p = face.data_ptr<float>();
   float* ctx_p = ctx.data_ptr<float>();
   const int64_t face_numel = 3 * face_h * face_w, ctx_numel = 3 * crop_h * crop_w;
@@ -200,11 +201,9 @@ std::tuple<at::Tensor, at::Tensor> face_context_cpu(const at::Tensor& frames, co
     Taps fth, ftv;
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* frame = src_p + i * H * W * 3;
-      // Clip like clip_boxes: coordinates into the frame, zero area means no face.
-      const int64_t* bb = box_p + 4 * i;
-      const int64_t x1 = std::clamp<int64_t>(bb[0], 0, W), y1 = std::clamp<int64_t>(bb[1], 0, H);
-      const int64_t x2 = std::clamp<int64_t>(bb[2], 0, W), y2 = std::clamp<int64_t>(bb[3], 0, H);
-      const bool has_face = x2 > x1 && y2 > y1;
+      const int64_t* bb = box_p + 4 * i;  // clipped (checked above); (0, 0, 0, 0) is no face
+      const int64_t x1 = bb[0], y1 = bb[1], x2 = bb[2], y2 = bb[3];
+      const bool has_face = x2 > x1;
       cs.reset(ctx_p + i * ctx_numel);
       int64_t y_begin = ctv.lo, y_end = ctv.hi;
       if (has_face) {

@@ -155,13 +155,13 @@ std::tuple<at::Tensor, at::Tensor> face_context_cuda(const at::Tensor& frames_in
 
   const at::Tensor b = boxes.to(at::kCPU, at::kLong).contiguous();
   const int64_t* bp = b.data_ptr<int64_t>();
+  check_clipped_boxes(bp, n, H, W);
   std::vector<int32_t> clipped(4 * n, 0), valid(n, 0);
   std::vector<Taps> fy(n), fx(n);
   int64_t ky = 1, kx = 1;
-  for (int64_t i = 0; i < n; ++i) {  // clip like clip_boxes: an empty box is no face
-    const int64_t x1 = std::clamp<int64_t>(bp[4 * i], 0, W), y1 = std::clamp<int64_t>(bp[4 * i + 1], 0, H);
-    const int64_t x2 = std::clamp<int64_t>(bp[4 * i + 2], 0, W), y2 = std::clamp<int64_t>(bp[4 * i + 3], 0, H);
-    if (x2 <= x1 || y2 <= y1) continue;
+  for (int64_t i = 0; i < n; ++i) {  // clipped (checked above); (0, 0, 0, 0) is no face
+    const int64_t x1 = bp[4 * i], y1 = bp[4 * i + 1], x2 = bp[4 * i + 2], y2 = bp[4 * i + 3];
+    if (x2 <= x1) continue;
     valid[i] = 1;
     clipped[4 * i] = x1, clipped[4 * i + 1] = y1, clipped[4 * i + 2] = x2, clipped[4 * i + 3] = y2;
     fy[i] = make_taps(y2 - y1, args.face_h, 0, args.face_h, antialias);

@@ -16,9 +16,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _device(name: str) -> str:
-    if name == "cuda" or name == "triton" and not INTERPRETED:
-        return "cuda"
-    return "cpu"
+    """The backend's first device type (its table row) that it can run on here, else its usual one."""
+    devices = ops._dispatch.TABLE[name].devices
+    if name == "triton":  # CPU tensors in the interpreter session, CUDA ones elsewhere
+        devices = ("cpu",) if INTERPRETED else ("cuda",)
+    return next((d for d in devices if ops.why_unavailable(name, d) is None), devices[0])
 
 
 @pytest.fixture(params=[pytest.param(name, id=name, marks=[pytest.mark.gpu] if name == "cuda" else [])

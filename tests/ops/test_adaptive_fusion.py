@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import caer_fast.ops as ops
-from op_checks import aot_recorder, check_adaptive_fusion, junk_filled_allocations
+from caer_fast.testing.op_checks import aot_recorder, check_adaptive_fusion, junk_filled_allocations
 
 from .conftest import interpreted
 
@@ -104,3 +104,31 @@ def test_compile_fullgraph(backend):
         assert "caer_fast.adaptive_fusion_backward.default" in seen["bw"], seen
     elif name == "triton":
         assert any("triton_kernel_wrapper" in t for t in seen["fw"]) and not any("caer_fast." in t for t in seen["fw"])
+
+
+def test_non_tensor_inputs_are_a_type_error(backend):
+    device = backend[1]
+    args = [torch.randn(2, 3, device=device), torch.randn(2, 3, device=device), torch.randn(2, 1, device=device),
+            torch.randn(2, 1, device=device)]
+    for i in range(4):
+        bad = list(args)
+        bad[i] = bad[i].tolist()
+        with pytest.raises(TypeError, match="adaptive_fusion: .* must be tensors"):
+            ops.adaptive_fusion(*bad)
+
+
+def test_non_finite_scores_follow_softmax(backend):
+    """As torch.softmax (docs/ops.md): a NaN or +inf score, or both -inf, make that row's weights and
+    output NaN; a -inf score gives its stream weight 0; the other rows are unaffected."""
+    device = backend[1]
+    face, context = torch.randn(5, 3), torch.randn(5, 4)
+    fs, cs = torch.randn(5, 1), torch.randn(5, 1)
+    fs[0], fs[1], fs[2], cs[2], fs[3] = float("-inf"), float("nan"), float("-inf"), float("-inf"), float("inf")
+    out, w = ops.adaptive_fusion(*(t.to(device) for t in (face, context, fs, cs)), return_weights=True)
+    out, w = out.cpu(), w.cpu()
+    ref, ref_w = ops.adaptive_fusion.__globals__["adaptive_fusion_reference"](face, context, fs, cs, True)
+    assert w[0].tolist() == [0.0, 1.0] and torch.equal(out[0, :3], torch.zeros(3))
+    torch.testing.assert_close(out[[0, 4]], ref[[0, 4]])
+    for i in (1, 2, 3):
+        assert w[i].isnan().all() and out[i].isnan().all(), i
+        assert ref_w[i].isnan().all(), i

@@ -8,7 +8,7 @@ import torch
 
 import caer_fast.ops as ops
 from caer_fast.ops.attention_pool import attention_pool_reference
-from op_checks import aot_recorder, check_attention_pool, junk_filled_allocations
+from caer_fast.testing.op_checks import aot_recorder, check_attention_pool, junk_filled_allocations
 
 from .conftest import interpreted
 
@@ -179,3 +179,12 @@ def test_compile_fullgraph(backend):
         assert "caer_fast.attention_pool_backward.default" in seen["bw"], seen
     elif name == "triton":  # on a GPU the kernels themselves are in the graphs
         assert any("triton_kernel_wrapper" in t for t in seen["fw"]) and not any("caer_fast." in t for t in seen["fw"])
+
+
+def test_non_tensor_inputs_are_a_type_error(backend):
+    """A list or NumPy array is a TypeError naming the op (as torch.softmax refuses one), not an AttributeError."""
+    device = backend[1]
+    f, x = torch.randn(2, 3, 4, device=device), torch.randn(2, 1, 4, device=device)
+    for args in ((f.tolist(), x), (f, x.cpu().numpy()), (None, x)):
+        with pytest.raises(TypeError, match="attention_pool: features and logits must be tensors"):
+            ops.attention_pool(*args)

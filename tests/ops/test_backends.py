@@ -1,5 +1,6 @@
 """Choosing a backend: one op per name, the public switch, clear errors, Triton taking the CUDA key's
 place and giving it back, whole models compiled through the ops."""
+import importlib
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import caer_fast.ops as ops
 from caer_fast.ops import BackendUnavailableError, _dispatch
 from caer_fast.ops.attention_pool import attention_pool_reference
-from op_checks import ops_called
+from caer_fast.testing.op_checks import ops_called
 
 needs_ext = pytest.mark.skipif(not _dispatch.HAS_OPS, reason="caer_fast._C not built (see test_extension_is_built)")
 
@@ -25,8 +26,7 @@ def test_extension_is_built():
 def test_one_op_per_name():
     """Each op is one name in torch.ops.caer_fast, with the C++ CPU kernel under the CPU key."""
     names = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("caer_fast::")}
-    assert names == {"attention_pool", "attention_pool_backward", "adaptive_fusion", "adaptive_fusion_backward",
-                     "face_context"}, names
+    assert {n.removesuffix("_backward") for n in names} == set(_dispatch.OPS), names
     for name in names:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"caer_fast::{name}", "CPU"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"caer_fast::{name}", "Meta"), name  # the fake
@@ -194,3 +194,60 @@ def test_compile_caernet_fullgraph():
         model = CAERNet(frames=8).eval()
         with torch.no_grad():
             _compile_and_compare(model, (torch.randn(2, 3, 8, 48, 48), torch.randn(2, 3, 8, 56, 56)), compile_fx)
+
+
+# ---- the backend table: one choice per request, then a lookup ----------------------------------------
+@needs_ext
+def test_choice_is_made_once_per_request(monkeypatch):
+    """The backend is resolved once per (request, op, device, dtype); later calls only look it up,
+    and a new value of the variable is a new request."""
+    calls = []
+    real = _dispatch.backend
+    monkeypatch.setattr(_dispatch, "backend", lambda device=None: calls.append(device) or real(device))
+    monkeypatch.setenv("CAER_FAST_BACKEND", "cpp")  # a request no earlier test made
+    f, x = torch.randn(2, 3, 4, 4), torch.randn(2, 1, 4, 4)
+    for _ in range(5):
+        ops.attention_pool(f, x)
+    assert calls == ["cpu"], calls
+    ops.attention_pool(f.double(), x.double())  # another dtype: one more choice
+    assert len(calls) == 2, calls
+    monkeypatch.setenv("CAER_FAST_BACKEND", "torch")
+    for _ in range(3):
+        assert "caer_fast.attention_pool.default" not in ops_called(lambda: ops.attention_pool(f, x))
+    assert len(calls) == 3, calls
+    monkeypatch.delenv("CAER_FAST_BACKEND")
+    assert "caer_fast.attention_pool.default" in ops_called(lambda: ops.attention_pool(f, x))
+    assert len(calls) == 4, calls
+
+
+@needs_ext
+def test_a_table_row_is_a_backend(monkeypatch):
+    """A backend is its row: here the C++ CPU kernels declared for float32 only. float64 then runs the
+    torch reference, float32 the op; the name is accepted everywhere a backend name is."""
+    monkeypatch.setitem(_dispatch.TABLE, "cpp32", _dispatch.Backend(
+        unavailable=_dispatch.TABLE["cpp"].unavailable, dtypes=(torch.float32,), ops=("attention_pool",)))
+    f, x = torch.randn(2, 3, 5), torch.randn(2, 1, 5)
+    fuse = (torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 1), torch.randn(2, 1))
+    with ops.use_backend("cpp32"):
+        assert ops.backend("cpu") == "cpp32"
+        assert "caer_fast.attention_pool.default" in ops_called(lambda: ops.attention_pool(f, x))
+        assert "caer_fast.attention_pool.default" not in ops_called(
+            lambda: ops.attention_pool(f.double(), x.double()))
+        assert "caer_fast.adaptive_fusion.default" not in ops_called(lambda: ops.adaptive_fusion(*fuse))
+        torch.testing.assert_close(ops.attention_pool(f.double(), x.double()),
+                                   attention_pool_reference(f.double(), x.double()))
+    with ops.use_backend("cpp"):  # the real row: every op, float64 included
+        assert "caer_fast.attention_pool.default" in ops_called(
+            lambda: ops.attention_pool(f.double(), x.double()))
+        assert "caer_fast.adaptive_fusion.default" in ops_called(lambda: ops.adaptive_fusion(*fuse))
+
+
+def test_front_doors_name_no_backend():
+    """The front doors ask the table (use_kernel); no backend name is written in them."""
+    import inspect
+    import re
+
+    for op in _dispatch.OPS:
+        source = inspect.getsource(importlib.import_module(f"caer_fast.ops.{op}"))
+        for name in ops.BACKENDS:
+            assert not re.search(rf"""["']{name}["']""", source), (op, name)

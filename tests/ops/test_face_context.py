@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import caer_fast.ops as ops
 from caer_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from caer_fast.ops.face_context import clip_boxes, face_context_reference
-from op_checks import junk_filled_allocations
+from caer_fast.testing.op_checks import junk_filled_allocations
 
 from .conftest import interpreted
 
@@ -188,6 +188,51 @@ def test_errors(backend, kwargs, match):
         ops.face_context(**args)
 
 
+def test_boxes_as_list_tuple_or_numpy(backend):
+    """Boxes that are not a tensor are taken as torch.as_tensor takes them, onto the frames' device."""
+    device = backend[1]
+    frames = noise(2, 20, 27, seed=3).to(device)
+    boxes = [[3, 2, 15, 17], [0, 0, 0, 0]]
+    want = ops.face_context(frames, torch.tensor(boxes, device=device), (5, 7), (8, 9))
+    for given in (boxes, tuple(map(tuple, boxes)), torch.tensor(boxes).numpy().astype("int32")):
+        got = ops.face_context(frames, given, (5, 7), (8, 9))
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    with pytest.raises(TypeError, match="face_context: boxes must be a tensor, or a list"):
+        ops.face_context(frames, [[3, 2, 15], [0, 0, 0, 0]], (5, 7), (8, 9))  # ragged
+    with pytest.raises(TypeError, match="face_context: frames must be a uint8 N×H×W×3 tensor"):
+        ops.face_context(frames.cpu().numpy(), boxes, (5, 7), (8, 9))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.bool, torch.float32], ids=str)
+def test_narrow_or_float_boxes_are_an_error(backend, dtype):
+    """uint8 boxes cannot hold x = 300: they would have wrapped silently, so they are refused."""
+    device = backend[1]
+    frames = noise(1, 20, 27).to(device)
+    with pytest.raises(ValueError, match="boxes must be integer pixels .* int16, int32 or int64"):
+        ops.face_context(frames, torch.tensor([[1, 2, 5, 6]]).to(dtype).to(device), (5, 7), (8, 9))
+    for ok in (torch.int16, torch.int32):
+        got = ops.face_context(frames, torch.tensor([[1, 2, 5, 6]], dtype=ok, device=device), (5, 7), (8, 9))
+        want = ops.face_context(frames, torch.tensor([[1, 2, 5, 6]], device=device), (5, 7), (8, 9))
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mean=0.5), "mean must be a sequence of numbers"),
+    (dict(std=("a", 1, 1)), "std must be a sequence of numbers"),
+    (dict(face_size=96), "face_size must be a sequence of integers"),
+    (dict(mean=(0.5, float("inf"), 0.5)), "3 finite numbers"),
+    (dict(std=torch.tensor([0.2, float("nan"), 0.2])), "3 finite numbers"),
+])
+def test_bad_numbers_are_value_errors(backend, kwargs, match):
+    """mean/std/sizes: a ValueError naming the op and the argument, NaN and inf included (the frames are
+    uint8, so with finite mean/std every output is finite)."""
+    device = backend[1]
+    args = dict(frames=torch.zeros(1, 8, 8, 3, dtype=torch.uint8, device=device), boxes=[[1, 1, 4, 4]])
+    with pytest.raises(ValueError, match=match):
+        ops.face_context(**args, **kwargs)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(h=st.integers(1, 40), w=st.integers(1, 40), fh=st.integers(1, 24), fw=st.integers(1, 24),
        ch=st.integers(1, 48), cw=st.integers(1, 48), antialias=st.booleans(), use_crop=st.booleans(),
@@ -218,10 +263,36 @@ def test_opcheck(backend):
     if name == "torch":
         pytest.skip("the torch backend does not call the op")
     frames = noise(3, 20, 27).to(device)
-    boxes = torch.tensor([[3, 2, 15, 17], [0, 0, 0, 0], [-3, 10, 40, 12]]).to(device)
+    boxes = torch.tensor([[3, 2, 15, 17], [0, 0, 0, 0], [0, 10, 27, 12]]).to(device)  # clipped: the op's contract
     for dtype in (torch.float32, torch.float16):
         torch.library.opcheck(torch.ops.caer_fast.face_context.default,
                               (frames, boxes, [5, 7], [8, 9], [1, 2, 5, 6], [0.5] * 3, [0.25] * 3, True, dtype))
+
+
+def test_kernels_take_clipped_boxes(backend):
+    """The front door clips once; the op itself refuses boxes that are not clipped (never reads past the
+    frame), and the front door's clipping makes any box fine."""
+    name, device = backend
+    frames = noise(2, 20, 27).to(device)
+    args = ([5, 7], [8, 9], [1, 2, 5, 6], [0.5] * 3, [0.25] * 3, True, torch.float32)
+    if name != "torch":
+        for bad in ([[-3, 10, 20, 12], [0, 0, 0, 0]], [[3, 2, 28, 17], [0, 0, 0, 0]], [[3, 2, 15, 21], [1, 1, 1, 1]],
+                    [[3, 2, 15, 17], [5, 5, 2, 9]]):
+            with pytest.raises((RuntimeError, ValueError), match="boxes must be clipped"):
+                torch.ops.caer_fast.face_context.default(frames, torch.tensor(bad).to(device), *args)
+    boxes = torch.tensor([[-3, 10, 40, 12], [5, 5, 2, 9]])
+    got = ops.face_context(frames, boxes.to(device), (5, 7), (8, 9), (1, 2, 5, 6), [0.5] * 3, [0.25] * 3)
+    want = face_context_reference(frames.cpu(), torch.tensor([[0, 10, 27, 12], [0, 0, 0, 0]]), (5, 7), (8, 9),
+                                  (1, 2, 5, 6), [0.5] * 3, [0.25] * 3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, atol=ATOL, rtol=0)
+
+
+def test_clip_boxes():
+    b = clip_boxes(torch.tensor([[-3, 10, 40, 12], [5, 5, 2, 9], [1, 2, 3, 4], [4, 30, 9, 40]], dtype=torch.int16),
+                   20, 27)
+    assert b.dtype == torch.int64
+    assert b.tolist() == [[0, 10, 27, 12], [0, 0, 0, 0], [1, 2, 3, 4], [0, 0, 0, 0]]
 
 
 def test_compile_fullgraph(backend):

@@ -1,7 +1,7 @@
 """AOTInductor vs ONNX Runtime on our models, one process (bench/RESULTS.md, "AOTInductor as a third candidate").
 
-    python bench/aoti_probe.py caers     # CAER-S, batch 1 and 32
-    python bench/aoti_probe.py video     # CAER-Net, batch 1 and 4
+    python tools/aoti_probe.py caers     # CAER-S, batch 1 and 32
+    python tools/aoti_probe.py video     # CAER-Net, batch 1 and 4
 
 Exports our inference copy (BN folded, channels-last) with a dynamic batch, compiles it with
 ``aoti_compile_and_package`` (freezing on), loads the package, and times it beside ONNX Runtime on our
@@ -15,11 +15,11 @@ import time
 import torch
 from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-from caer_fast.export import _Exported, export_model_onnx
 from caer_fast.models.caer_net import CAERNet, CAERSNet
 from caer_fast.models.optimize import _memory_format, _prepare_inference
 from caer_fast.serving.engines import OnnxRuntimeEngine, default_shapes
-from test_engines import median_time  # bench/, this script's folder
+from caer_fast.serving.onnx import _Exported, export_model_onnx
+from caer_fast.testing.timing import median_time
 
 
 def _median_ms(fn, face, context, n):

@@ -1,13 +1,13 @@
 """Ops and models speed of two checkouts, measured in one run: the public ops and models of each,
 timed in alternating subprocesses (A B A B …) so both see the same machine load.
 
-    python bench/before_after.py --before ../old-checkout            # this checkout is "after"
-    python bench/before_after.py --before OLD --after NEW --rounds 5 --json out.json
+    python tools/before_after.py --before ../old-checkout            # this checkout is "after"
+    python tools/before_after.py --before OLD --after NEW --rounds 5 --json out.json
 
 Each checkout needs its extension built (``pip install -e .`` or ``python setup.py build_ext --inplace``).
 Only names both revisions share are timed: ``caer_fast.ops.attention_pool`` / ``adaptive_fusion`` /
 ``face_context`` on their automatic backend (``cpp`` on CPU), the eager torch references, ``CAERSNet``
-and ``CAERNet`` forward and train steps, and ``accelerate`` on the community model (tests/community_model.py).
+and ``CAERNet`` forward and train steps, and ``accelerate`` on the community model (caer_fast/testing/community_model.py).
 Every case's output is checked against its reference before it is timed. The workers run with glibc's
 malloc thresholds fixed (``--glibc-malloc-defaults`` to leave them moving). The table gives each case's
 median per revision, after/before, and each op's speed-up over its reference in both revisions.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import statistics
 import subprocess
 import sys
@@ -48,8 +49,9 @@ def worker(cases: list, repeat: int) -> dict:
     from caer_fast.ops.attention_pool import attention_pool_reference
     from caer_fast.ops.face_context import face_context_reference
 
-    sys.path.insert(0, str(Path.cwd() / "tests"))
-    from community_model import CommunityCAERSNet, randomize_bn_
+    # the reference model of THIS checkout, loaded by path: both revisions are timed against the same one
+    community = runpy.run_path(str(HERE / "caer_fast" / "testing" / "community_model.py"))
+    CommunityCAERSNet, randomize_bn_ = community["CommunityCAERSNet"], community["randomize_bn_"]
 
     g = torch.Generator().manual_seed(0)
     out = {}
@@ -153,11 +155,10 @@ CASES = ["attention_pool 7x7 fwd", "attention_pool 7x7 fwd+bwd", "attention_pool
 
 
 def _machine(threads: int) -> dict:
-    """The CPU's name and vector flags, and its fp32 matmul rate at ``threads`` (bench/conftest.py's)."""
+    """The CPU's name and vector flags, and its fp32 matmul rate at ``threads`` (bench/conftest.py prints it too)."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from conftest import matmul_gflops
+    from caer_fast.testing.timing import matmul_gflops
 
     torch.set_num_threads(threads)
     caps = torch.cpu.get_capabilities()

@@ -1,6 +1,6 @@
 """OpenVINO 2026.4 computes ``BatchNorm1d(x.flatten(2).mean(-1))`` wrongly at batch >= 2 (reduced reproducer).
 
-    python bench/openvino_repro.py          # needs openvino; exits 1 when the bug shows
+    python tools/openvino_repro.py          # needs openvino; exits 1 when the bug shows
 
 This is what broke CAER-Net(-S) under OpenVINO (fusion weights off by about 3e-2, logits by about 6e-2, at
 batch >= 2 only, also with f32 inference precision forced): the face vector was the mean over positions of

@@ -13,6 +13,7 @@ import torch
 
 from caer_fast.constants import CLASSES
 from caer_fast.models import CAERNet, CAERSNet
+from caer_fast.testing.media import write_clip
 
 TINY_VIDEO_ARGS = {"face_size": [48, 48], "context_size": [64, 86], "crop": 56, "clip_frames": 8}
 
@@ -56,8 +57,6 @@ def write_png(path, seed: int = 0, size=(120, 160)) -> Path:
 
 def write_video(path, frames: int = 24, fps: int = 20, size=(96, 128), codec: str = "mpeg4", seed: int = 0) -> Path:
     """A real video file written with PyAV: a moving square over a gradient."""
-    from media import write_clip
-
     h, w = size
     rng = np.random.default_rng(seed)
     clip = []
@@ -84,7 +83,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        repo = str(Path(__file__).resolve().parents[1])
+        repo = str(Path(__file__).resolve().parents[2])  # this checkout's caer_fast in the server too
         env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
         self.log = open(Path(cwd or ".") / f"serve-{self.port}.log", "w+") if cwd else subprocess.DEVNULL
         self.proc = subprocess.Popen([sys.executable, "-m", "caer_fast.serve", "--checkpoint", str(checkpoint),

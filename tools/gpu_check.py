@@ -1,4 +1,4 @@
-"""The GPU acceptance run, one command for a bare GPU machine:  python bench/gpu_check.py OUT_DIR
+"""The GPU acceptance run, one command for a bare GPU machine:  python tools/gpu_check.py OUT_DIR
 
 In order, each step under one time budget (default 470 s; what does not fit is reported skipped):
 
@@ -360,8 +360,7 @@ def step_models(rep: Report, args, device, rounds, budget):
     from caer_fast import optimize
     from caer_fast.models import CAERNet, CAERSNet
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from community_model import CommunityCAERSNet
+    from caer_fast.testing.community_model import CommunityCAERSNet
 
     dry = args.dry_run
     f, c, t = (32, 32, 8) if dry else (96, 112, 16)  # dry: small maps, 8 frames (three temporal pools)

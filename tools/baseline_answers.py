@@ -2,8 +2,8 @@
 in-memory frames, both models, detector and known boxes. Used to check a refactor of serving/ keeps the
 answers to 1e-5.
 
-    PYTHONPATH=REPO:REPO/tests python bench/baseline_answers.py record OUT.json   # the code before the change
-    PYTHONPATH=REPO:REPO/tests python bench/baseline_answers.py compare OUT.json  # the code after
+    python tools/baseline_answers.py record OUT.json   # the code before the change
+    python tools/baseline_answers.py compare OUT.json  # the code after
 """
 import json
 import sys
@@ -16,7 +16,7 @@ import torch
 from caer_fast.data.synthetic import make_demo_dataset
 from caer_fast.predict import boxes_for
 from caer_fast.serving.inference import Predictor
-from serving_helpers import make_checkpoint, write_png, write_video  # tests/ on PYTHONPATH
+from caer_fast.testing.serving import make_checkpoint, write_png, write_video
 
 
 def answers() -> dict:

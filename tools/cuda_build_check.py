@@ -1,6 +1,6 @@
 """Build caer_fast._C with its CUDA kernels against a CUDA build of torch, without a GPU, and check it.
 
-    python bench/cuda_build_check.py --venv DIR [--torch 2.13.0] [--json OUT.json]
+    python tools/cuda_build_check.py --venv DIR [--torch 2.13.0] [--json OUT.json]
 
 DIR is a virtual environment holding a CUDA build of torch (made there when missing: ``--torch``
 from PyPI, bypassing any local CPU wheel; several GB). The working tree (tracked and untracked,

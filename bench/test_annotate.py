@@ -1,0 +1,144 @@
+"""python -m caer_fast.annotate on one machine: the embedded run against the Ray Data run, same corpus.
+
+    pytest bench/test_annotate.py --benchmark-only -s
+    CAER_BENCH_ANNOTATE_VIDEOS=20 pytest bench/test_annotate.py --benchmark-only -s   # videos per class
+
+The corpus is the demo data (real .avi files, MJPEG / MPEG-4 / H.264, 64×86, 36–44 frames), 6 videos per class
+by default (42), with the demo's face boxes (``--boxes``); the checkpoint is a tiny CAER-Net (8-frame clips,
+48² faces, 56² context crops) from random init. Contenders, alternated so the machine's load hits them alike:
+
+- ``embedded``: the default run (2 decode processes feeding the model process);
+- ``ray-head``: ``--ray ADDRESS`` against a head started beforehand (``ray start --head --num-cpus=2`` on
+  127.0.0.1, as a cluster would be); its start is not timed, its actors' start is;
+- ``ray-local``: ``--ray`` alone: Ray started and stopped for the job (timed).
+
+Each run is a subprocess with ``OMP_NUM_THREADS=1``; wall time from its start to its exit; peak memory is the
+largest sum of RSS over the CLI, its children and the job's Ray actor processes (sampled every 0.1 s; Ray's
+own daemons are not counted). Every run's ``videos.parquet`` must give the embedded run's emotions.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")
+psutil = pytest.importorskip("psutil")
+
+PER_CLASS = int(os.environ.get("CAER_BENCH_ANNOTATE_VIDEOS", "6"))
+ROUNDS = int(os.environ.get("CAER_BENCH_ANNOTATE_ROUNDS", "2"))
+RAY_CLI = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
+RESULTS = {}
+# no token auth on this loopback cluster (else ray-local's ray.init writes ~/.ray/auth_token and later heads
+# and drivers must agree on it)
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from caer_fast.constants import CLASSES
+    from caer_fast.data.synthetic import make_demo_dataset
+    from caer_fast.models.caer_net import CAERNet
+
+    d = tmp_path_factory.mktemp("annotate_bench")
+    make_demo_dataset(d / "demo", seed=3, videos_per_class={"train": PER_CLASS, "validation": 0, "test": 0},
+                      images_per_class={"train": 0, "test": 0}, size=(64, 86), frames=(36, 44))
+    torch.manual_seed(0)
+    ck = d / "caer.pth"
+    torch.save({"model": CAERNet(frames=8).state_dict(), "model_type": "caer", "classes": list(CLASSES),
+                "model_args": {"use_face": True, "use_context": True, "frames": 8},
+                "args": {"face_size": [48, 48], "context_size": [64, 86], "crop": 56, "clip_frames": 8}}, ck)
+    return {"dir": d, "videos": d / "demo" / "CAER" / "train", "boxes": d / "demo" / "CAER" / "train.faces.csv",
+            "ckpt": ck, "n": 7 * PER_CLASS}
+
+
+@pytest.fixture(scope="module")
+def head():
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, **RAY_ENV)
+    subprocess.run([*RAY_CLI, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--include-dashboard=false", f"--temp-dir={temp}", "--object-store-memory=300000000",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([*RAY_CLI, "stop"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _job_rss(proc: psutil.Process) -> int:
+    """RSS of the CLI, its descendants and the Ray actor processes (ray::MapWorker…) now alive."""
+    total, seen = 0, set()
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info.get("cmdline") or []
+        if cmd and cmd[0].startswith("ray::MapWorker"):
+            procs.append(p)
+    for p in procs:
+        if p.pid in seen:
+            continue
+        seen.add(p.pid)
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_once(corpus, out: Path, extra) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CAER_FAST_ENGINE="eager", **RAY_ENV)
+    cmd = [sys.executable, "-m", "caer_fast.annotate", str(corpus["videos"]), "--checkpoint", str(corpus["ckpt"]),
+           "--out", str(out), "--boxes", str(corpus["boxes"]), "--no-progress", *extra]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ps, peak = psutil.Process(p.pid), 0
+    while p.poll() is None:
+        peak = max(peak, _job_rss(ps))
+        time.sleep(0.1)
+    wall = time.perf_counter() - t0
+    stdout, stderr = p.communicate()
+    assert p.returncode == 0, stderr
+    rows = pq.read_table(out / "videos.parquet").to_pylist()
+    assert len(rows) == corpus["n"] and all(r["status"] == "ok" for r in rows)
+    return {"wall": wall, "peak_mb": peak / 2 ** 20, "emotions": {r["path"]: r["emotion"] for r in rows}}
+
+
+@pytest.mark.parametrize("implementation", ["embedded", "ray-head", "ray-local"])
+def test_annotate_corpus(benchmark, corpus, head, implementation):
+    """All contenders run here, alternated, once the first parameter is reached; the other parameters
+    report their share (one pytest-benchmark row per contender)."""
+    if not RESULTS:
+        order = ["embedded", "ray-head"] * ROUNDS + ["ray-local"]
+        for i, name in enumerate(order):
+            extra = {"embedded": [], "ray-head": ["--ray", head], "ray-local": ["--ray"]}[name]
+            r = run_once(corpus, corpus["dir"] / f"out-{name}", extra)
+            RESULTS.setdefault(name, []).append(r)
+        ref = RESULTS["embedded"][0]["emotions"]
+        for name, runs in RESULTS.items():
+            for r in runs:
+                assert r["emotions"] == ref, name  # the same answers whichever way it ran
+    runs = RESULTS[implementation]
+    best = min(r["wall"] for r in runs)
+    benchmark.extra_info.update({"videos": corpus["n"], "walls_s": [round(r["wall"], 2) for r in runs],
+                                 "videos_per_s": round(corpus["n"] / best, 2),
+                                 "peak_mb": round(max(r["peak_mb"] for r in runs)),
+                                 "vs_embedded": round(best / min(r["wall"] for r in RESULTS["embedded"]), 2),
+                                 "load": os.getloadavg()})
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the timed work ran above, alternated
+    print(f"\n{implementation}: walls {benchmark.extra_info['walls_s']} s, {benchmark.extra_info['videos_per_s']} "
+          f"videos/s, peak {benchmark.extra_info['peak_mb']} MB, {benchmark.extra_info['vs_embedded']}x embedded, "
+          f"load {os.getloadavg()[0]:.1f}")

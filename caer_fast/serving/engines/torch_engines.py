@@ -1,0 +1,32 @@
+"""``eager`` (the model itself) and ``compiled`` (:func:`caer_fast.optimize`, ``torch.compile``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ...models.optimize import optimize
+from .base import BuildContext, Engine, register_engine
+
+
+class TorchEngine(Engine):
+    """``eager`` (the model) or ``compiled`` (:func:`caer_fast.optimize`), under ``inference_mode``."""
+
+    def __init__(self, model: nn.Module, compiled: bool = False):
+        super().__init__("compiled" if compiled else "eager")
+        self.model = optimize(model, "inference") if compiled else model.eval()
+
+    def run(self, face, context):
+        with torch.inference_mode():
+            logits, d = self.model(face, context, return_details=True)
+        return logits, d["attention"], d["fusion_weights"]
+
+
+@register_engine("eager", cpu_only=False, description="the model under torch.inference_mode")
+def build_eager(ctx: BuildContext) -> Engine:
+    return TorchEngine(ctx.model)
+
+
+@register_engine("compiled", cpu_only=False,
+                 description="caer_fast.optimize (torch.compile; compiles again in every new process)")
+def build_compiled(ctx: BuildContext) -> Engine:
+    return TorchEngine(ctx.model, compiled=True)

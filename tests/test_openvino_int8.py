@@ -1,0 +1,83 @@
+"""int8 video CAER-Net through OpenVINO + NNCF (caer_fast.models.openvino_int8), calibrated and checked on
+real encoded clips of the demo tree; the calibration sample train saves (calibration.pt)."""
+import pytest
+import torch
+
+from caer_fast.data import calibration as cal
+from caer_fast.models import CAERNet
+from caer_fast.testing.community_model import randomize_bn_
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf", reason="nncf is not installed (pip install 'caer_fast[openvino-int8]')")
+from caer_fast.models import openvino_int8 as q  # noqa: E402
+
+SIZES = dict(clip_frames=8, face_size=(48, 48), context_size=(64, 86), crop=56)
+
+
+@pytest.fixture(scope="module")
+def built(demo_root, tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomize_bn_(CAERNet(frames=8), torch.Generator().manual_seed(1)).eval()
+    calib = cal.video_calibration_batches(demo_root, 16, batch_size=4, **SIZES)
+    held_out = cal.video_calibration_batches(demo_root, 14, split="test", batch_size=4, **SIZES)
+    engine = q.build_int8_engine(model, calib, held_out, tmp_path_factory.mktemp("int8"), threads=1,
+                                 min_agreement=0.0)  # the guard's threshold is tested on its own below
+    return model, calib, held_out, engine
+
+
+def test_int8_video_engine_is_quantized_and_close_to_fp32(built):
+    model, calib, held_out, engine = built
+    ops = {op.get_type_name() for op in engine.compiled.get_runtime_model().get_ops()}
+    xml = open(engine.info["ir"]).read()
+    assert xml.count('type="FakeQuantize"') >= 10, "NNCF inserted no quantizers: this would be fp32"
+    assert ops, ops
+    guard = engine.info["guard"]
+    assert guard["n"] == sum(len(f) for f, _ in held_out) >= 7 and guard["agreement"] >= 0.99, guard
+    face, context = held_out[0]
+    with torch.inference_mode():
+        want, details = model(face, context, return_details=True)
+    got, got_details = engine(face, context, return_details=True)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    spread = float(want.max() - want.min())
+    assert float((got - want).abs().max()) < 0.1 * spread + 1e-3, (got, want)
+    torch.testing.assert_close(got_details["fusion_weights"], details["fusion_weights"], atol=0.05, rtol=0)
+    assert got_details["attention"].shape == details["attention"].shape
+    # another batch size than calibration's, and an empty batch
+    assert engine(face[:1], context[:1]).shape == (1, 7)
+    assert engine(face[:0], context[:0]).shape == (0, 7)
+
+
+def test_guard_counts_disagreement_and_refuses(built):
+    model, calib, held_out, engine = built
+
+    def flipped(face, context):  # a "quantized" model that swaps the top two classes
+        logits = model(face, context)
+        top2 = logits.topk(2, -1).indices
+        out = logits.clone()
+        out.scatter_(1, top2[:, :1], logits.gather(1, top2[:, 1:]))
+        out.scatter_(1, top2[:, 1:], logits.gather(1, top2[:, :1]))
+        return out
+
+    bad = q.int8_guard(model, flipped, held_out)
+    assert bad["agreement"] == 0.0 and not bad["ok"] and bad["max_abs"] > 0
+    same = q.int8_guard(model, model, held_out)
+    assert same == {"agreement": 1.0, "max_abs": 0.0, "n": same["n"], "ok": True}
+    with pytest.raises(q.Int8AccuracyError, match="held-out"):
+        q.build_int8_engine(model, calib[:1], held_out[:1], engine.info["ir"].rsplit("/", 1)[0] + "/again",
+                            min_agreement=1.01)
+
+
+def test_calibration_sample_round_trip_and_clear_errors(built, tmp_path):
+    _, calib, _, _ = built
+    path = cal.save_calibration_sample(tmp_path / "calibration.pt", calib)
+    back = cal.load_calibration_sample(path, batch_size=5)
+    assert torch.equal(torch.cat([f for f, _ in back]), torch.cat([f for f, _ in calib]))
+    assert torch.equal(torch.cat([c for _, c in back]), torch.cat([c for _, c in calib]))
+    assert not list(tmp_path.glob(".*tmp"))
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="junk.pt: not a calibration sample"):
+        cal.load_calibration_sample(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        cal.load_calibration_sample(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match="not a CAER tree"):
+        cal.video_calibration_batches(tmp_path)
