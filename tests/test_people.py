@@ -163,7 +163,7 @@ def test_faces_by_size_orders_floors_and_caps():
 # ---------------------------------------------------------------- per-person model inputs
 
 def _two_people_chunk(n=4):
-    from people_media import render
+    from caer_fast.testing.people import render
 
     frames, truth, _ = render()
     idx = [i for i, t in enumerate(truth) if len(t) == 3][:n]

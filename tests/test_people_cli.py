@@ -210,7 +210,7 @@ def test_people_who_leave_end_there(media):
     """Everybody leaves at 4 s of an 8 s input: each person's clips end with them (the frames after they
     are gone are not theirs), their span ends within 0.5 s of 4 s, and the input's frames are all counted."""
     from caer_fast.data.video import decode_video
-    from people_media import _background
+    from caer_fast.testing.people import _background
 
     torch.set_num_threads(1)
     frames = decode_video(media["video"]).frames[60:100]  # 3 people

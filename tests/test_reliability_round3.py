@@ -153,7 +153,7 @@ def test_non_finite_and_huge_video_box_numbers_are_bad_lines(demo_root, tmp_path
 
 
 def test_predict_boxes_with_non_finite_numbers_is_one_error_line(demo_root, tmp_path):
-    from serving_helpers import make_checkpoint
+    from caer_fast.testing.serving import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "caers.pth", "caers")
     image = Path(demo_root) / "CAER-S" / "test" / "Anger" / "0000.png"
@@ -176,7 +176,7 @@ def _predict(*args, timeout=300):
 
 @pytest.fixture(scope="module")
 def caers_ckpt(tmp_path_factory):
-    from serving_helpers import make_checkpoint
+    from caer_fast.testing.serving import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("ck") / "caers.pth", "caers")
 
@@ -200,7 +200,7 @@ def test_predict_of_an_svg_is_one_error_line(caers_ckpt, tmp_path):
 ])
 def test_checkpoint_asking_for_huge_allocations_is_one_error_line(tmp_path, field, value, words):
     import torch
-    from serving_helpers import make_checkpoint, write_png
+    from caer_fast.testing.serving import make_checkpoint, write_png
 
     ckpt_path = make_checkpoint(tmp_path / "caer.pth", "caer")
     ck = torch.load(ckpt_path, weights_only=True)
@@ -219,7 +219,7 @@ def test_checkpoint_asking_for_huge_allocations_is_one_error_line(tmp_path, fiel
 
 @pytest.fixture(scope="module")
 def video_job(tmp_path_factory):
-    from serving_helpers import make_checkpoint, write_video
+    from caer_fast.testing.serving import make_checkpoint, write_video
 
     d = tmp_path_factory.mktemp("vid")
     return make_checkpoint(d / "caer.pth", "caer"), write_video(d / "clip.mp4", frames=40, fps=20, size=(64, 96))
