@@ -80,7 +80,7 @@ def test_generation_does_not_depend_on_earlier_encoders(tmp_path):
     """In the full suite this file runs after tests/test_dali.py, whose libx264 / libvpx encodes
     (default threads) left heap state that x264's AVX-512 MB-tree kernel read: the next demo
     encode came out different. Reproduce that order here: several such encodes between runs."""
-    from media import write_clip
+    from caer_fast.testing.media import write_clip
 
     kw = dict(videos_per_class={"train": 1}, images_per_class={"train": 0}, frames=(6,), size=(64, 96))
     rng = np.random.default_rng(0)

@@ -133,7 +133,7 @@ def render() -> Tuple[np.ndarray, List[Dict[int, Box]], List[Dict[int, Box]]]:
 def write_people_video(path, codec: str = "h264"):
     """Render and encode the clip (PyAV, ``codec`` h264 or mjpeg, 640×360, 10 fps, 15 s); returns
     ``(path, truth, partial)`` as :func:`render` describes them."""
-    from media import write_clip
+    from caer_fast.testing.media import write_clip
 
     frames, truth, partial = render()
     options = {"crf": "18", "preset": "veryfast"} if codec in ("h264", "libx264") else None
