@@ -25,7 +25,7 @@ from caer_fast.export import export_model_onnx
 from caer_fast.models import CAERNet
 from caer_fast.serving import engines
 from caer_fast.testing.community_model import randomize_bn_
-from conftest import matmul_gflops
+from caer_fast.testing.timing import matmul_gflops
 
 THREADS = int(os.environ.get("CAER_FAST_BENCH_THREADS", "2"))
 ROUNDS = int(os.environ.get("CAER_FAST_BENCH_ROUNDS", "5"))
