@@ -26,6 +26,9 @@ import numpy as np
 import torch
 
 from ..constants import CLIP_FPS, TEST_CLIP_STRIDE
+from ..data.detectors import best_face, make_detector
+from ..data.tracking import PersonTracker, person_inputs
+from ..ops import face_context
 from .clips import Chunk, ClipPooler, ClipSampler
 
 GROUP_PIXELS = 8 * 640 * 360  # raw frames preprocessed together (a huge frame goes alone)
@@ -212,7 +215,6 @@ class Preprocessor:
             return spec
         det = getattr(self._local, "detector", None)
         if det is None:
-            from ..data.detectors import make_detector
 
             det = self._local.detector = make_detector(spec)
         return det
@@ -222,8 +224,6 @@ class Preprocessor:
         """Chunks of at most ``chunk_inputs`` model inputs from sampled frames ``(k, decode index, rgb)``
         (k = 0, 1, …); the last one has ``last=True`` (possibly with no inputs). ``known_boxes``
         ({decode index: xyxy}; frames without an entry have no face) replaces the detector."""
-        from ..data.detectors import best_face
-        from ..ops import face_context
 
         timer = timer or StageTimer()
         sampler = ClipSampler(self.clip_frames, self.video_model, keep_frames=keep_frames, person=person)
@@ -290,7 +290,6 @@ class Preprocessor:
         last one they are seen on are dropped (their clips end with them). Until the first
         person appears, person -1 gets the frames with no face (the context-only answer if nobody is
         found). Memory: O(chunk × people)."""
-        from ..data.tracking import PersonTracker, person_inputs
 
         timer = timer or StageTimer()
         det = self.get_detector()
