@@ -30,7 +30,7 @@ from .serving.engines import EngineError
 from .serving.engines.cli import add_engine_arguments, check_engine_arguments, engine_from_args
 from .serving.inference import Predictor, is_image_file
 from .serving.stream import parse_people
-from .serving.timeline import save_timeline_plot, write_timeline
+from .serving.timeline import EMOTION_COLORS, save_timeline_plot, write_timeline
 
 
 def get_args_parser() -> argparse.ArgumentParser:
