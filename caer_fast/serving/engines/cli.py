@@ -74,5 +74,7 @@ def engine_from_args(args, checkpoint, *, device="cpu", batch_sizes: Optional[Se
         options = {"calibration": calibration, "calibration_samples": args.calibrate_samples}
         if args.engine == "int8" and (warmup_batch_sizes is not None or batch_sizes is not None):
             options["warmup_batch_sizes"] = tuple(warmup_batch_sizes or batch_sizes)
+    if args.engine == "auto":
+        options["background"] = True  # a cold cache answers with eager while auto measures (docs/engines.md)
     return engine_for_checkpoint(checkpoint, args.engine, device=device, batch_sizes=batch_sizes,
                                  cache_dir=cache_dir, out=out, **options)
