@@ -5,6 +5,7 @@ import torch
 
 from caer_fast.data import calibration as cal
 from caer_fast.models import CAERNet
+from caer_fast.serving.onnx import export_model_onnx
 from caer_fast.testing.community_model import randomize_bn_
 
 pytest.importorskip("openvino")
@@ -20,7 +21,9 @@ def built(demo_root, tmp_path_factory):
     model = randomize_bn_(CAERNet(frames=8), torch.Generator().manual_seed(1)).eval()
     calib = cal.video_calibration_batches(demo_root, 16, batch_size=4, **SIZES)
     held_out = cal.video_calibration_batches(demo_root, 14, split="test", batch_size=4, **SIZES)
-    engine = q.build_int8_engine(model, calib, held_out, tmp_path_factory.mktemp("int8"), threads=1,
+    work = tmp_path_factory.mktemp("int8")
+    onnx_path = export_model_onnx(model, tuple(calib[0][0].shape[1:]), tuple(calib[0][1].shape[1:]), work / "m.onnx")
+    engine = q.build_int8_engine(model, onnx_path, calib, held_out, work, threads=1,
                                  min_agreement=0.0)  # the guard's threshold is tested on its own below
     return model, calib, held_out, engine
 
@@ -63,7 +66,8 @@ def test_guard_counts_disagreement_and_refuses(built):
     same = q.int8_guard(model, model, held_out)
     assert same == {"agreement": 1.0, "max_abs": 0.0, "n": same["n"], "ok": True}
     with pytest.raises(q.Int8AccuracyError, match="held-out"):
-        q.build_int8_engine(model, calib[:1], held_out[:1], engine.info["ir"].rsplit("/", 1)[0] + "/again",
+        work = engine.info["ir"].rsplit("/", 1)[0]
+        q.build_int8_engine(model, work + "/m.onnx", calib[:1], held_out[:1], work + "/again",
                             min_agreement=1.01)
 
 
@@ -81,3 +85,44 @@ def test_calibration_sample_round_trip_and_clear_errors(built, tmp_path):
         cal.load_calibration_sample(tmp_path / "nope.pt")
     with pytest.raises(FileNotFoundError, match="not a CAER tree"):
         cal.video_calibration_batches(tmp_path)
+
+
+def _predict(*args, env):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "caer_fast.predict", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def test_predict_engine_int8_video_end_to_end(demo_root, tmp_path):
+    """`predict --engine int8` on a video checkpoint needs nothing but the calibration.pt beside it; the
+    quantized model is cached (the second start loads it); without calibration data: one error line."""
+    import json
+    import os
+
+    from caer_fast.testing.serving import TINY_VIDEO_ARGS, make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck" / "caer.pth" if (tmp_path / "ck").mkdir() is None else None, "caer", steps=3)
+    env = dict(os.environ, CAER_FAST_CACHE_DIR=str(tmp_path / "cache"))
+    clip = sorted((demo_root / "CAER" / "test" / "Happy").glob("*.avi"))[0]
+    common = [clip, "--checkpoint", ck, "--detector", "none", "--json"]
+    missing = _predict(*common, "--engine", "int8", env=env)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
+    assert "error: --engine int8: the int8 engine needs calibration data" in missing.stderr, missing.stderr
+
+    a = TINY_VIDEO_ARGS
+    cal.save_calibration_sample(ck.parent / cal.CALIBRATION_FILE, cal.video_calibration_batches(
+        demo_root, 32, clip_frames=a["clip_frames"], face_size=tuple(a["face_size"]),
+        context_size=tuple(a["context_size"]), crop=a["crop"]))
+    fp32 = _predict(*common, "--engine", "eager", env=env)
+    first = _predict(*common, "--engine", "int8", env=env)
+    second = _predict(*common, "--engine", "int8", env=env)
+    for p in (fp32, first, second):
+        assert p.returncode == 0, p.stderr[-2000:]
+    ref, got, again = (json.loads(p.stdout) for p in (fp32, first, second))
+    assert got["engine"] == "int8" and got["emotion"] == ref["emotion"]
+    for k, v in ref["probabilities"].items():
+        assert got["probabilities"][k] == pytest.approx(v, abs=0.03), (k, ref, got)
+        assert again["probabilities"][k] == pytest.approx(got["probabilities"][k], abs=1e-5)
+    assert "quantizing the video model" in first.stderr and "agreement with fp32 100.0%" in first.stderr, first.stderr
+    assert "loaded from the cache" in second.stderr and "quantizing" not in second.stderr, second.stderr

@@ -160,18 +160,17 @@ def int8_guard(reference: Callable, int8: Callable, held_out: Iterable,
     return {"agreement": agreement, "max_abs": worst, "n": n, "ok": agreement >= min_agreement}
 
 
-def build_int8_engine(model: nn.Module, calibration: Iterable, held_out: Iterable, work_dir, *,
+def build_int8_engine(model: nn.Module, onnx_path, calibration: Iterable, held_out: Iterable, work_dir, *,
                       threads: Optional[int] = None, min_agreement: float = MIN_AGREEMENT) -> OpenVinoInt8Engine:
-    """Everything an engine registry needs: export ``model`` to ONNX in ``work_dir`` (at the calibration
-    clips' size), quantize, compile, guard. Raises :class:`Int8AccuracyError` when the guard fails.
+    """Quantize ``onnx_path`` (``model``'s export, :func:`caer_fast.serving.onnx.export_model_onnx`, at the
+    calibration clips' size) into ``work_dir``, compile, guard against ``model``. Raises
+    :class:`Int8AccuracyError` when the guard fails. (The ``int8`` engine of
+    :mod:`caer_fast.serving.engines` does these steps with its cache.)
 
     The engine's ``input_shapes`` are the calibration sizes (the export is for one size, dynamic batch)."""
-    from ..export import export_model_onnx
-
     calib = _pairs(calibration)
     face_shape, context_shape = tuple(calib[0][0].shape[1:]), tuple(calib[0][1].shape[1:])
     work_dir = Path(work_dir)
-    onnx_path = export_model_onnx(model, face_shape, context_shape, work_dir / "model.onnx")
     t = time.perf_counter()
     int8 = quantize_openvino_int8(onnx_path, calib, save_to=work_dir / "model-int8.xml")
     quantize_s = time.perf_counter() - t

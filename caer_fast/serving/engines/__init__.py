@@ -23,6 +23,7 @@ The command lines' flags (``--engine``, ``--int8``, ``--calibrate``…) are in :
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from typing import Optional, Sequence, Tuple
@@ -33,7 +34,7 @@ import torch.nn as nn
 from ...models.caer_net import CAERNet
 from ...models.checkpoint import input_sizes, load_checkpoint, read_checkpoint
 from . import auto, int8, onnxruntime_engine, openvino_engine, torch_engines  # noqa: F401  (they register)
-from .auto import AUTO_CANDIDATES, auto_candidates, time_engine
+from .auto import AUTO_CANDIDATES, BackgroundAuto, auto_candidates, time_engine
 from .base import (BuildContext, Engine, EngineError, EngineSpec, compare, default_shapes, engine_names,
                    fp32_engine_names, lookup_engine, register_engine)
 from .cache import (CACHE_VERSION, Manifest, cache_root, engine_key, entry_lock, file_digest, library_versions,
@@ -72,6 +73,8 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
         cache_dir: the cache root (default :func:`cache_root`; None: no cache, work in a temporary folder).
         calibration: for ``int8``: a CAER-S tree or (face, context) batches.
         check: verify a named fp32 engine against the eager model before returning it.
+        background: (``options``) for ``auto`` with no cached decision: return a :class:`BackgroundAuto`
+            that answers with eager at once and switches when the measurement (in a thread) ends.
         out: a file for progress lines (e.g. ``sys.stderr``); default: the logger.
         options: passed to the engine's builder (``ctx.options``): ``calibration_samples``,
             ``calibration_sizes``, ``warmup_batch_sizes`` (int8), or a new engine's own.
@@ -93,8 +96,18 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
     if cache_dir is not None:
         cache_dir = usable_cache_dir(cache_dir, warn)
     t0 = time.perf_counter()
+    background = bool(options.pop("background", False))
     ctx = BuildContext(model, face_shape or default_face, context_shape or default_context, batch_sizes, threads,
                        cache_dir, say, dict(options, candidates=candidates, calibration=calibration), warn=warn)
+    if engine == "auto" and background and auto.cached_decision(ctx) is None:
+        # a cold cache: answer with eager now, measure in a thread (on a copy: an ONNX export traces the model)
+        def measure() -> Engine:
+            return build_engine(copy.deepcopy(model), "auto", face_shape=ctx.face_shape, context_shape=ctx.context_shape,
+                                batch_sizes=batch_sizes, threads=threads, candidates=candidates, cache_dir=cache_dir,
+                                calibration=calibration, check=check, out=out, **options)
+        say("engine: no measured choice for this model and machine yet: answering with eager now and measuring "
+            "the engines in the background (once; the next start reads the choice)")
+        return auto.BackgroundAuto(ctx.build("eager"), measure, say)
     with entry_lock(ctx.dir) if ctx.dir is not None else contextlib.nullcontext():
         eng = spec.build(ctx)
         if check and spec.fp32 and engine != "eager":
@@ -154,7 +167,7 @@ def engine_shapes(model: nn.Module, face_size, context_size, crop=None, clip_fra
     return (3, *face_size), (3, *seen)
 
 
-__all__ = ["AUTO_CANDIDATES", "BuildContext", "CACHE_VERSION", "ENGINES", "Engine", "EngineError", "EngineSpec",
+__all__ = ["AUTO_CANDIDATES", "BackgroundAuto", "BuildContext", "CACHE_VERSION", "ENGINES", "Engine", "EngineError", "EngineSpec",
            "FP32_ENGINES", "Int8Engine", "Manifest", "OnnxRuntimeEngine", "OpenVinoEngine", "TorchEngine", "auto_candidates",
            "build_engine", "cache_root", "compare", "default_shapes", "engine_key", "engine_names",
            "engine_for_checkpoint", "engine_shapes", "file_digest", "library_versions", "lookup_engine", "model_hash", "register_engine",

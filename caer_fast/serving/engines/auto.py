@@ -3,14 +3,18 @@ model, keep the fastest, and cache the decision (``decision-<candidates>.json`` 
 later start reads it back instead of measuring."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib.util
 import json
+import threading
 import time
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from ...devices import cpu_flags
+from ...models.caer_net import CAERNet
 from .base import BuildContext, Engine, EngineError, compare, fp32_engine_names, log, random_inputs, register_engine
 from .cache import library_versions, write_json_atomic
 
@@ -55,19 +59,55 @@ def _read_decision(ctx, path, names):
     return decision
 
 
-@register_engine("auto", fp32=False, description="measure the fp32 candidates here, keep the fastest correct one")
-def build_auto(ctx: BuildContext) -> Engine:
-    t0 = time.perf_counter()
+def _release() -> None:
+    """Give a dropped engine's memory back before the next one is built (the cold build's peak)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arenas otherwise
+    except (OSError, AttributeError):
+        pass
+
+
+def candidate_names(ctx: BuildContext):
+    """What ``auto`` measures for ``ctx``: ``candidates`` (default :func:`auto_candidates`), plus ``int8``
+    for the video model when calibration data is at hand (the image model's int8 compiles in every process)."""
     names = list(ctx.options.get("candidates") or auto_candidates())
     for n in names:
         if n not in fp32_engine_names():
             raise EngineError(f"auto: {n!r} is not an fp32 engine to measure ({', '.join(fp32_engine_names())})")
-    reference = ctx.build("eager")
-    decision_file = ctx.dir / f"decision-{'-'.join(names)}.json" if ctx.dir is not None else None
+    if ctx.options.get("calibration") is not None and isinstance(ctx.model, CAERNet) and \
+            importlib.util.find_spec("nncf") is not None and importlib.util.find_spec("openvino") is not None:
+        names.append("int8")
+    return names
+
+
+def decision_path(ctx: BuildContext, names):
+    return ctx.dir / f"decision-{'-'.join(names)}.json" if ctx.dir is not None else None
+
+
+def cached_decision(ctx: BuildContext):
+    """The cached ``auto`` decision for ``ctx`` (a dict), or None: a build would measure."""
+    names = candidate_names(ctx)
+    return _read_decision(ctx, decision_path(ctx, names), names)
+
+
+def pick(results: dict) -> str:
+    """The fastest candidate that passed its check (fp32: :func:`compare`; int8: its accuracy guard);
+    ``eager`` when none did. ``results``: name → {"check": {"ok": …}, "score": per-sample seconds}."""
+    ok = {n: r["score"] for n, r in results.items() if r.get("check", {}).get("ok") and "score" in r}
+    return min(ok, key=ok.get) if ok else "eager"
+
+
+@register_engine("auto", fp32=False, description="measure the fp32 candidates (and int8 with calibration data) "
+                                                 "here, keep the fastest correct one")
+def build_auto(ctx: BuildContext) -> Engine:
+    t0 = time.perf_counter()
+    names = candidate_names(ctx)
+    decision_file = decision_path(ctx, names)
     decision = _read_decision(ctx, decision_file, names)
     if decision is not None:
         chosen = decision["chosen"]
-        eng = reference if chosen == "eager" else ctx.build(chosen)
+        eng = ctx.build(chosen)
         eng.info.update(decision=decision, decision_cached=True)
         return eng
 
@@ -75,24 +115,34 @@ def build_auto(ctx: BuildContext) -> Engine:
     ctx.say(f"engine: measuring {', '.join(names)} at batch {sizes[0]} and {sizes[-1]} "
             f"({ctx.threads} threads; once per model and machine) …")
     results = {}
-    best, best_engine = None, None  # only the fastest so far stays in memory
-    for n in names:
+    reference, best_engine = ctx.build("eager"), None
+    # eager first, then one candidate alive at a time: only the numbers are kept, the winner is rebuilt
+    # at the end from the cache (the cold build's peak is then one engine, not all of them)
+    for n in ["eager"] + [n for n in names if n != "eager"]:
+        if n not in names:
+            continue
         try:
             eng = reference if n == "eager" else ctx.build(n)
-        except Exception as exc:  # a missing package, a failed export: not a candidate here
-            results[n] = {"error": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:  # a missing package, a failed export, a failed int8 guard: not a candidate here
+            results[n] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             continue
-        cmp = {"max_abs": 0.0, "max_abs_details": 0.0, "agreement": 1.0, "ok": True} if n == "eager" else \
-            compare(reference, eng, ctx.face_shape, ctx.context_shape)
+        if n == "eager":
+            cmp = {"max_abs": 0.0, "max_abs_details": 0.0, "agreement": 1.0, "ok": True}
+        elif n == "int8":
+            cmp = dict(eng.info["guard"])  # int8 is not fp32: its check is the guard on held-out real clips
+        else:
+            cmp = compare(reference, eng, ctx.face_shape, ctx.context_shape)
         r = {"check": cmp}
         if cmp["ok"]:
             r["seconds"] = {str(s): time_engine(eng, ctx.face_shape, ctx.context_shape, s) for s in sizes}
             r["score"] = sum(v / int(s) for s, v in r["seconds"].items())  # per-sample seconds, summed
-            if best is None or r["score"] < results[best]["score"]:
-                best, best_engine = n, eng
-        del eng
         results[n] = r
-    chosen = best or "eager"
+        if n != "eager" and ctx.dir is None and pick(results) == n:
+            best_engine = eng  # no cache to rebuild it from cheaply: keep the best so far
+        if n != "eager":
+            del eng
+            _release()
+    chosen = pick(results)
     decision = {"chosen": chosen, "model": ctx.model_digest, "candidates": results, "batch_sizes": sizes, "threads": ctx.threads,
                 "cpu_flags": cpu_flags(), "versions": library_versions(),
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -107,6 +157,76 @@ def build_auto(ctx: BuildContext) -> Engine:
         f"{r['error'] if 'error' in r else ''}"
         f"{', '.join(f'b{s} {v * 1e3:.0f} ms' for s, v in r.get('seconds', {}).items())}"
         for n, r in results.items()) + f" → {chosen}")
-    eng = best_engine if best_engine is not None else reference
+    eng = reference if chosen == "eager" else best_engine if best_engine is not None and best_engine.name == chosen \
+        else ctx.build(chosen)  # from the cache entry just written
     eng.info.update(decision=decision, decision_cached=False, measure_s=round(time.perf_counter() - t0, 3))
     return eng
+
+
+class BackgroundAuto(Engine):
+    """``auto`` without the wait: answers with the eager model at once, measures the candidates in a thread
+    (started after the first answer, so it does not slow that one down) and then swaps to the chosen engine.
+
+    ``name`` is ``"eager (auto measuring)"`` until the swap, then the chosen engine's name; ``info`` is the
+    running engine's, plus ``background`` (state, calls answered by eager, the error if measuring failed:
+    then eager keeps answering). Every answer is the eager model's or a candidate's that passed the fp32
+    check (int8: its accuracy guard). The thread is not a daemon: a short ``predict`` prints its answer, then
+    finishes the measurement and writes the decision before the process exits, so the next start reads it.
+    """
+
+    MEASURING = "eager (auto measuring)"
+
+    def __init__(self, eager: Engine, measure: Callable[[], Engine], say: Callable[[str], None] = log.info):
+        super().__init__(None)
+        self._current: Engine = eager
+        self._measure, self._say = measure, say
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self._state = {"state": "waiting for the first call", "eager_calls": 0}
+        self.info = dict(eager.info, engine=self.MEASURING, background=self._state)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        if "_lock" not in self.__dict__:  # during Engine.__init__
+            return self.MEASURING
+        with self._lock:
+            return self._current.name if self._state["state"] == "done" else self.MEASURING
+
+    @name.setter
+    def name(self, value) -> None:  # Engine.__init__ assigns it; the property decides
+        pass
+
+    def forward(self, face, context, return_details: bool = False):
+        with self._lock:
+            current, measuring = self._current, self._state["state"] != "done"
+            if measuring:
+                self._state["eager_calls"] += 1
+        out = current(face, context, return_details=return_details)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._state["state"] = "measuring"
+                    self._thread = threading.Thread(target=self._run, name="caer_fast-auto-measure", daemon=False)
+                    self._thread.start()
+        return out
+
+    def _run(self) -> None:
+        t = time.perf_counter()
+        try:
+            eng = self._measure()
+        except Exception as exc:  # eager keeps answering; the next start measures again
+            with self._lock:
+                self._state.update(state="failed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            self._say(f"engine: measuring failed ({type(exc).__name__}: {exc}); staying with eager")
+            return
+        with self._lock:
+            self._current = eng
+            self._state.update(state="done", measure_s=round(time.perf_counter() - t, 2))
+            self.info = dict(eng.info, background=self._state)
+        self._say(f"engine: switched to {eng.name} (measured in the background, decision cached for the next start)")
+
+    def wait(self, timeout: Optional[float] = None) -> Engine:
+        """Wait for the measurement (if started); the engine answering now."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._current

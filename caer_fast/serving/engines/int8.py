@@ -1,22 +1,38 @@
-"""``int8``: :func:`caer_fast.quantize_int8` (PT2E, oneDNN int8 kernels; the image model on CPU).
+"""``int8``: the model in int8 on CPU, calibrated on real data.
 
-Options (``build_engine(..., calibration=..., ...)``, or ``--engine int8`` / ``--int8`` with
-``--calibrate ROOT``): ``calibration`` is a CAER-S tree (read with
-:func:`caer_fast.data.calibration.calibration_batches` at ``calibration_sizes``, the checkpoint's
-preprocessing sizes) or ready (face, context) batches; ``calibration_samples`` images are read;
-``warmup_batch_sizes`` (default: ``batch_sizes``) are compiled before the engine is returned.
+- the image model (CAER-Net-S): :func:`caer_fast.quantize_int8` (PT2E, oneDNN int8 kernels through
+  ``torch.compile``); ``warmup_batch_sizes`` (default: ``batch_sizes``) are compiled before it is returned;
+- the video model (CAER-Net): our ONNX export quantized by NNCF and compiled by OpenVINO
+  (:mod:`caer_fast.models.openvino_int8`), checked by :func:`~caer_fast.models.openvino_int8.int8_guard`
+  (top-1 agreement with fp32 ≥ 99 % on held-out clips) before it may answer. The int8 IR and the guard's
+  report are cached in the engine's cache entry under the calibration data's digest
+  (``int8-<digest>.xml/.bin/.json``), so a second start neither quantizes nor guards again.
+
+Options (``build_engine(..., calibration=..., ...)``, or ``--engine int8`` with ``--calibrate ROOT``, or
+nothing when ``calibration.pt`` lies beside the checkpoint): ``calibration`` is a CAER / CAER-S tree (read at
+``calibration_sizes``, the checkpoint's preprocessing sizes), a ``calibration.pt`` sample that ``train``
+wrote, or ready (face, context) batches; ``calibration_samples`` items are read from a tree.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import sys
 import time
 from pathlib import Path
+from typing import List, Tuple
 
+import torch
 import torch.nn as nn
 
-from ...data.calibration import calibration_batches
+from ...data.calibration import calibration_batches, load_calibration_sample, video_calibration_batches
+from ...models.caer_net import CAERNet
+from ...models.openvino_int8 import MIN_AGREEMENT, OpenVinoInt8Engine, compile_int8, int8_guard, quantize_openvino_int8
 from ...models.quantize import QuantizationUnavailable, check_quantizable, quantize_int8
 from .base import BuildContext, Engine, EngineError, register_engine
+from .cache import write_json_atomic
 from .torch_engines import TorchEngine
 
 
@@ -29,28 +45,154 @@ class Int8Engine(TorchEngine):
         self.info.update(getattr(int8_model, "info", {}))
 
 
-def _read_calibration(ctx: BuildContext, root) -> list:
+class OpenVinoInt8VideoEngine(Engine):
+    """The video model quantized by NNCF, compiled by OpenVINO (:class:`OpenVinoInt8Engine`) as an engine."""
+
+    def __init__(self, inner: OpenVinoInt8Engine):
+        super().__init__("int8")
+        self.inner = inner
+        self.info.update(inner.info, engine="int8", backend="openvino-int8")
+
+    def run(self, face, context):
+        return self.inner.run(face, context)
+
+
+def _sizes(ctx: BuildContext):
     sizes = ctx.options.get("calibration_sizes") or {}
     face = sizes.get("face_size") or ctx.face_shape[-2:]
     context = sizes.get("context_size") or ctx.context_shape[-2:]
     crop = sizes.get("crop") if "crop" in sizes else None
+    return tuple(face), tuple(context), crop
+
+
+def _read_calibration(ctx: BuildContext, root) -> list:
+    face, context, crop = _sizes(ctx)
     samples = int(ctx.options.get("calibration_samples") or 64)
     t = time.perf_counter()
-    batches = calibration_batches(root, samples, face_size=tuple(face), context_size=tuple(context), crop=crop)
+    batches = calibration_batches(root, samples, face_size=face, context_size=context, crop=crop)
     ctx.say(f"int8: read {sum(len(f) for f, _ in batches)} calibration images from {root} in "
             f"{time.perf_counter() - t:.1f}s")
     return batches
 
 
-@register_engine("int8", fp32=False, description="caer_fast.quantize_int8 (image model; needs calibration data)")
+def _batches(calibration) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    return [(b[0].float().contiguous(), b[1].float().contiguous()) for b in calibration]
+
+
+def _video_data(ctx: BuildContext, calibration) -> Tuple[list, list, str]:
+    """(calibration batches, held-out batches, where they came from) for the video model."""
+    if isinstance(calibration, (str, os.PathLike)):
+        path = Path(calibration)
+        if path.is_file():
+            batches, where = load_calibration_sample(path, batch_size=4), str(path)
+        else:
+            face, context, crop = _sizes(ctx)
+            kw = dict(clip_frames=int(ctx.face_shape[1]), face_size=face, context_size=context, crop=crop,
+                      batch_size=4)
+            samples = int(ctx.options.get("calibration_samples") or 32)
+            t = time.perf_counter()
+            calib = video_calibration_batches(path, samples, **kw)
+            try:  # held out: the test split's clips; a tree without one: the clips beside the calibration picks
+                held = video_calibration_batches(path, samples, split="test", **kw)
+            except (FileNotFoundError, ValueError):
+                held = video_calibration_batches(path, max(samples // 4, 1), offset=1, **kw)
+            ctx.say(f"int8: read {sum(len(f) for f, _ in calib)} calibration and {sum(len(f) for f, _ in held)} "
+                    f"held-out clips from {path} in {time.perf_counter() - t:.1f}s")
+            return _batches(calib), _batches(held), str(path)
+    else:
+        batches, where = _batches(calibration), "the given batches"
+    # one sample (calibration.pt, or batches): every 4th clip is held out for the guard, the rest calibrate
+    face = torch.cat([f for f, _ in batches])
+    context = torch.cat([c for _, c in batches])
+    held = torch.arange(len(face)) % 4 == 3
+    if held.sum() == 0 or (~held).sum() == 0:
+        raise EngineError(f"int8: {where} has {len(face)} clips; give at least 4 (train saves 32)")
+    split = lambda m: [(face[m][i:i + 4], context[m][i:i + 4]) for i in range(0, int(m.sum()), 4)]  # noqa: E731
+    return split(~held), split(held), where
+
+
+def _digest(batches) -> str:
+    h = hashlib.sha256()
+    for f, c in batches:
+        for t in (f, c):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_video_int8(ctx: BuildContext, calibration) -> Engine:
+    calib, held, where = _video_data(ctx, calibration)
+    got = (tuple(calib[0][0].shape[1:]), tuple(calib[0][1].shape[1:]))
+    if got != (ctx.face_shape, ctx.context_shape):
+        raise EngineError(f"int8: the calibration clips of {where} are face {got[0]} / context {got[1]}; the model "
+                          f"here takes {ctx.face_shape} / {ctx.context_shape} (calibrate at the checkpoint's sizes)")
+    digest = _digest(calib + held)
+    min_agreement = float(ctx.options.get("min_agreement", MIN_AGREEMENT))
+    work = ctx.workdir()
+    xml, report_file = work / f"int8-{digest}.xml", work / f"int8-{digest}.json"
+    blobs = work / "openvino-int8"
+    man = ctx.manifest
+    if man is not None:
+        man.check_tree(blobs)
+    cached = man is not None and all(man.check(p) for p in (xml, xml.with_suffix(".bin"), report_file))
+    t = time.perf_counter()
+    try:
+        if cached:
+            report = json.loads(report_file.read_text())
+            inner = OpenVinoInt8Engine(compile_int8(xml, ctx.threads, blobs if man else None), threads=ctx.threads)
+            inner.info.update(guard=report["guard"], quantize_s=report.get("quantize_s"))
+            if not report["guard"]["ok"] or report["guard"]["agreement"] < min_agreement:
+                cached = False  # a stricter threshold now: guard again below
+        if not cached:
+            onnx_path, _ = ctx.onnx_file()
+            ctx.say(f"int8: quantizing the video model (NNCF, OpenVINO) on {sum(len(f) for f, _ in calib)} clips "
+                    f"of {where} …")
+            tq = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar: stdout is the answer's (--json)
+                model = quantize_openvino_int8(onnx_path, calib, save_to=xml)
+            quantize_s = round(time.perf_counter() - tq, 2)
+            inner = OpenVinoInt8Engine(model, threads=ctx.threads, cache_dir=blobs if man else None)
+            guard = int8_guard(ctx.model, inner, held, min_agreement)
+            inner.info.update(guard=guard, quantize_s=quantize_s)
+            if guard["ok"] and man is not None:
+                write_json_atomic(report_file, {"guard": guard, "quantize_s": quantize_s, "calibration": where,
+                                                "calibration_digest": digest})
+                man.record(xml, xml.with_suffix(".bin"), report_file)
+        if man is not None and blobs.is_dir():
+            man.record(blobs)  # what OpenVINO compiled now (what was there before passed check_tree)
+    except ImportError as exc:
+        raise EngineError(str(exc).splitlines()[0]) from exc
+    guard = inner.info["guard"]
+    if not guard["ok"]:
+        raise EngineError(f"int8: the int8 model agrees with fp32 on {guard['agreement']:.1%} of {guard['n']} held-out "
+                          f"clips (needs {min_agreement:.0%}; max |Δlogit| {guard['max_abs']:.3g}): not used")
+    ctx.say(f"int8: {'loaded from the cache' if cached else 'quantized'} in {time.perf_counter() - t:.1f}s; "
+            f"agreement with fp32 {guard['agreement']:.1%} on {guard['n']} held-out clips")
+    eng = OpenVinoInt8VideoEngine(inner)
+    eng.info.update(calibration=where, calibration_digest=digest, loaded_from_cache=cached, ir=str(xml))
+    eng.input_shapes = (ctx.face_shape, ctx.context_shape)
+    return eng
+
+
+@register_engine("int8", fp32=False, description="int8 on CPU: the image model through caer_fast.quantize_int8, "
+                                                 "the video model through OpenVINO + NNCF (needs calibration data)")
 def build_int8(ctx: BuildContext) -> Engine:
     calibration = ctx.options.get("calibration")
     if calibration is None:
-        raise EngineError("the int8 engine needs calibration data (predict/serve: --calibrate ROOT)")
+        raise EngineError("the int8 engine needs calibration data: --calibrate ROOT, or the calibration.pt that "
+                          "train writes beside the checkpoint")
+    if isinstance(ctx.model, CAERNet):
+        try:
+            return build_video_int8(ctx, calibration)
+        except (TypeError, ValueError, FileNotFoundError, RuntimeError) as exc:
+            if isinstance(exc, EngineError):
+                raise
+            raise EngineError(str(exc)) from exc
     try:
         check_quantizable(ctx.model)  # before any calibration data is read
         if isinstance(calibration, (str, os.PathLike)):
-            calibration = _read_calibration(ctx, Path(calibration))
+            calibration = (load_calibration_sample(calibration, batch_size=16) if Path(calibration).is_file()
+                           else _read_calibration(ctx, Path(calibration)))
         fast = quantize_int8(ctx.model, calibration)
     except (QuantizationUnavailable, NotImplementedError, TypeError, ValueError, FileNotFoundError) as exc:
         raise EngineError(str(exc)) from exc
