@@ -12,6 +12,8 @@ from typing import List, Tuple
 
 import torch
 
+from .datasets import CAERSImageDataset, CAERVideoDataset, Skipped
+
 
 def _caers_split_root(root: Path) -> Path:
     """ROOT itself when it is a CAER-S tree (``train/`` + ``train.txt``), or ROOT/CAER-S (the demo's layout)."""
@@ -35,7 +37,6 @@ def calibration_batches(root, samples: int = 64, *, face_size=(96, 96), context_
     """
     import numpy as np
 
-    from .datasets import CAERSImageDataset, Skipped
 
     if samples < 1:
         raise ValueError(f"calibration samples must be >= 1, got {samples}")
@@ -79,7 +80,6 @@ def video_calibration_batches(root, samples: int = 32, *, clip_frames: int = 16,
     many clips (e.g. ``offset=1`` for held-out clips beside a calibration set)."""
     import numpy as np
 
-    from .datasets import CAERVideoDataset, Skipped
 
     if samples < 1:
         raise ValueError(f"calibration samples must be >= 1, got {samples}")
