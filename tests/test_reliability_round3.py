@@ -262,7 +262,7 @@ def test_timeline_writes_through_a_symlink_with_normal_permissions(video_job, tm
                         "--timeline", out)
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert link.is_symlink() and link.resolve() == target
-    assert target.read_text().startswith("clip,start_s,end_s") and (target.stat().st_mode & 0o777) == 0o644
+    assert target.read_text().startswith("person,clip,start_s,end_s") and (target.stat().st_mode & 0o777) == 0o644
     umask = os.umask(0)
     os.umask(umask)
     assert (fresh.stat().st_mode & 0o777) == 0o666 & ~umask and json.loads(fresh.read_text())["clips"]

@@ -423,18 +423,20 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
         """``people``: -1 main (one face per frame), else at most that many people (see parse_people)."""
         # an image is decoded whole when opened: reserve for it (from its header) before that
         image = await loop.run_in_executor(pool, is_image_file, path)
-        pre = await loop.run_in_executor(pool, image_memory_estimate, path) if image else 0
-        if pre:
-            await memory.acquire(pre)
+        estimate = await loop.run_in_executor(pool, image_memory_estimate, path) if image else 0
+        if estimate:
+            await memory.acquire(estimate)
+        pre = estimate  # released below only once it is held
         source = gen = fut = None
         need = 0
         try:
             source = await loop.run_in_executor(pool, predictor.open, path)  # header checks: size, frames
             cap = 1 if people == -1 else min(max_people, people or max_people)
             if source.kind == "video":
-                need = request_memory_estimate(source.width, source.height,
-                                               max_frame_pixels=predictor.max_frame_pixels, people=cap)
-                await memory.acquire(need)
+                estimate = request_memory_estimate(source.width, source.height,
+                                                   max_frame_pixels=predictor.max_frame_pixels, people=cap)
+                await memory.acquire(estimate)
+                need = estimate  # released below only once it is held
             preprocessor = predictor.preprocessor(chunk_inputs=batcher.max_batch)
             if people == -1:
                 acc = predictor.accumulator(source)
