@@ -196,7 +196,6 @@ def _package_ops(package: str) -> frozenset:
     return frozenset(op for op in OPS if op in names)
 
 
-@torch.compiler.assume_constant_result  # a first choice made while dynamo traces: asked at trace time
 def _has_kernels(name: str, op: str, device_type: str) -> bool:
     """Backend ``name`` has kernels for ``op`` on ``device_type``: a module in its package, or (compiled
     backends) a kernel under the device's dispatch key in caer_fast._C. An op without them runs the torch
@@ -295,8 +294,17 @@ def preload(device=None) -> Optional[str]:
         name = backend(device)
     except BackendUnavailableError:
         return None
-    _route(name, _device_type(device))
+    device_type = _device_type(device)
+    _route(name, device_type)
+    # every (op, dtype) answer now, so a torch.compile trace only reads _decisions (deciding is untraceable;
+    # torch.compiler.assume_constant_result would import torch._dynamo, ~1.3 s and ~130 MB, in every process)
+    for op in OPS:
+        for dtype in _PRELOAD_DTYPES:
+            use_kernel(op, device_type, dtype)
     return name
+
+
+_PRELOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def set_backend(name: Optional[str]) -> None:
