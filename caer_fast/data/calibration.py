@@ -15,17 +15,21 @@ import torch
 from .datasets import CAERSImageDataset, CAERVideoDataset, Skipped
 
 
-def _caers_split_root(root: Path) -> Path:
-    """ROOT itself when it is a CAER-S tree (``train/`` + ``train.txt``), or ROOT/CAER-S (the demo's layout)."""
+def _split_root(root: Path, layout: str, expected: str) -> Path:
+    """ROOT itself when it is a ``layout`` tree (``train/``), or ROOT/``layout`` (the demo's layout)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--calibrate {root}: no such directory")
     if (root / "train").is_dir():
         return root
-    if (root / "CAER-S" / "train").is_dir():
-        return root / "CAER-S"
-    raise FileNotFoundError(f"--calibrate {root}: not a CAER-S tree (expected {root}/train/<Emotion>/*.png and "
-                            f"{root}/train.txt, or {root}/CAER-S/…; python -m caer_fast.data.synthetic writes one)")
+    if (root / layout / "train").is_dir():
+        return root / layout
+    raise FileNotFoundError(f"--calibrate {root}: not a {layout} tree (expected {root}/{expected}, or "
+                            f"{root}/{layout}/…; python -m caer_fast.data.synthetic writes one)")
+
+
+def _caers_split_root(root: Path) -> Path:
+    return _split_root(root, "CAER-S", "train/<Emotion>/*.png and train.txt")
 
 
 def calibration_batches(root, samples: int = 64, *, face_size=(96, 96), context_size=(128, 171), crop=112,
@@ -60,16 +64,7 @@ def calibration_batches(root, samples: int = 64, *, face_size=(96, 96), context_
 
 
 def _caer_split_root(root: Path) -> Path:
-    """ROOT itself when it is a CAER tree (``train/<Emotion>/*.avi``), or ROOT/CAER (the demo's layout)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--calibrate {root}: no such directory")
-    if (root / "train").is_dir():
-        return root
-    if (root / "CAER" / "train").is_dir():
-        return root / "CAER"
-    raise FileNotFoundError(f"--calibrate {root}: not a CAER tree (expected {root}/train/<Emotion>/*.avi and "
-                            f"{root}/train.faces.csv, or {root}/CAER/…; python -m caer_fast.data.synthetic writes one)")
+    return _split_root(root, "CAER", "train/<Emotion>/*.avi and train.faces.csv")
 
 
 def video_calibration_batches(root, samples: int = 32, *, clip_frames: int = 16, face_size=(96, 96),

@@ -29,33 +29,15 @@ from typing import Callable, Iterable, Optional, Tuple
 import numpy as np
 import torch
 
-from ..constants import CLASSES, CLIP_FPS, CLIP_FRAMES, CONTEXT_CROP, CONTEXT_SIZE, FACE_SIZE
+from ..constants import CLASSES, CLIP_FPS
 from ..data.video import (MAX_IMAGE_PIXELS, MediaDecodeError, VideoStream, image_size, is_url, open_source,
                           read_image, sample_positions, sniff_media)
 from ..models.caer_net import CAERNet
-from ..models.checkpoint import load_checkpoint, read_checkpoint
+from ..models.checkpoint import input_sizes, load_checkpoint, read_checkpoint
 from .clips import clip_starts, sample_indices  # noqa: F401  (re-exported: the test protocol's rules)
 from .stream import Accumulator, PeopleAccumulator, Prediction, Preprocessor, StageTimer, parse_people, run_stream
 
 MAX_PIXELS = MAX_IMAGE_PIXELS  # refuse frames larger than this (memory: a decoded frame is H·W·3 bytes)
-
-
-def _pair(v, default) -> Tuple[int, int]:
-    if v is None:
-        return tuple(default)
-    if isinstance(v, int):
-        return (v, v)
-    v = list(v)
-    return (int(v[0]), int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
-
-
-def center_crop(context_size: Tuple[int, int], crop: Optional[int]) -> Optional[Tuple[int, int, int, int]]:
-    """(top, left, h, w) of the centred ``crop``×``crop`` window, floor-rounded, or None (no crop)."""
-    if not crop:
-        return None
-    h, w = context_size
-    crop = min(int(crop), h, w)
-    return ((h - crop) // 2, (w - crop) // 2, crop, crop)
 
 
 def is_image_file(path) -> bool:
@@ -202,12 +184,11 @@ class Predictor:
         self._model = load_checkpoint(ckpt).eval()
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._model.to(self._device)
-        args = dict(ckpt.get("args") or {})
+        sizes = input_sizes(ckpt, self._model)  # what the checkpoint was trained with
         self._model_type = ckpt.get("model_type") or ("caer" if isinstance(self._model, CAERNet) else "caers")
-        self._face_size = _pair(args.get("face_size"), FACE_SIZE)
-        self._context_size = _pair(args.get("context_size"), CONTEXT_SIZE)
-        self._crop = center_crop(self._context_size, args.get("crop", CONTEXT_CROP))
-        self._clip_frames = int(getattr(self._model, "frames", None) or args.get("clip_frames") or CLIP_FRAMES)
+        self._face_size, self._context_size = sizes["face_size"], sizes["context_size"]
+        self._crop = sizes["crop_box"]
+        self._clip_frames = sizes["clip_frames"]
         self._classes = tuple(ckpt.get("classes") or CLASSES)
         self._checkpoint_kind = "ours" if "model" in ckpt else ("community" if "state_dict" in ckpt else "state_dict")
         self._detect_every = max(1, int(detect_every))
