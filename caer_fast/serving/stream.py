@@ -178,6 +178,20 @@ class StageTimer:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
 
 
+def timed(items: Iterable, timer: StageTimer, stage: str) -> Iterator:
+    """``items``, with the time spent producing each (decoding, for frames) added to ``timer``'s ``stage``."""
+    it = iter(items)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            timer.add(stage, time.perf_counter() - t0)
+            return
+        timer.add(stage, time.perf_counter() - t0)
+        yield item
+
+
 @dataclass
 class Preprocessor:
     """Sampled frames → detection → :func:`~caer_fast.ops.face_context` → :class:`~.clips.ClipSampler` →
@@ -243,15 +257,7 @@ class Preprocessor:
             sampler.add(face, context, pend_meta, pend_rgb)
             pend_rgb, pend_box, pend_meta, pend_px = [], [], [], 0
 
-        it = iter(frames)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                k, index, rgb = next(it)
-            except StopIteration:
-                timer.add("decode", time.perf_counter() - t0)
-                break
-            timer.add("decode", time.perf_counter() - t0)
+        for k, index, rgb in timed(frames, timer, "decode"):
             if known_boxes is not None:
                 b = tuple(int(v) for v in known_boxes.get(int(index), (0, 0, 0, 0)))
                 box, score = b, (1.0 if b[2] > b[0] and b[3] > b[1] else float("nan"))
@@ -368,15 +374,7 @@ class Preprocessor:
                 out.append(s.take())
             return tag(out)
 
-        it = iter(frames)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                k, index, rgb = next(it)
-            except StopIteration:
-                timer.add("decode", time.perf_counter() - t0)
-                break
-            timer.add("decode", time.perf_counter() - t0)
+        for k, index, rgb in timed(frames, timer, "decode"):
             if det is not None and k % every == 0:
                 t0 = time.perf_counter()
                 faces = det.detect(rgb)
