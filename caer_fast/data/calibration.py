@@ -10,9 +10,28 @@ import warnings
 from pathlib import Path
 from typing import List, Tuple
 
+import numpy as np
 import torch
 
 from .datasets import CAERSImageDataset, CAERVideoDataset, Skipped
+
+
+def _spread_batches(ds, samples: int, batch_size: int, offset: int, empty: str) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(face, context) batches of ``samples`` items spread evenly over ``ds`` (shifted by ``offset``), the
+    unreadable ones skipped; ValueError ``calibration: <empty>`` when none is readable."""
+    n = min(int(samples), len(ds))
+    picks = (np.unique(np.linspace(0, len(ds) - 1, n).round().astype(int)) + int(offset)) % max(len(ds), 1)
+    faces, contexts = [], []
+    for i in picks:
+        s = ds[int(i)]
+        if s is None or isinstance(s, Skipped):
+            continue
+        faces.append(s["face"])
+        contexts.append(s["context"])
+    if not faces:
+        raise ValueError(f"calibration: {empty}")
+    face, context = torch.stack(faces), torch.stack(contexts)
+    return [(face[i:i + batch_size], context[i:i + batch_size]) for i in range(0, len(face), batch_size)]
 
 
 def _split_root(root: Path, layout: str, expected: str) -> Path:
@@ -39,28 +58,13 @@ def calibration_batches(root, samples: int = 64, *, face_size=(96, 96), context_
 
     ``root`` is a CAER-S folder or a folder holding ``CAER-S/`` (the demo data's root).
     """
-    import numpy as np
-
-
     if samples < 1:
         raise ValueError(f"calibration samples must be >= 1, got {samples}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no face-box file": calibration still works without boxes
         ds = CAERSImageDataset(_caers_split_root(root), split, train=False, face_size=face_size,
                                context_size=context_size, crop=crop)
-    n = min(int(samples), len(ds))
-    picks = np.unique(np.linspace(0, len(ds) - 1, n).round().astype(int))
-    faces, contexts = [], []
-    for i in picks:
-        s = ds[int(i)]
-        if s is None or isinstance(s, Skipped):
-            continue
-        faces.append(s["face"])
-        contexts.append(s["context"])
-    if not faces:
-        raise ValueError(f"calibration: no readable images in {ds.root / split}")
-    face, context = torch.stack(faces), torch.stack(contexts)
-    return [(face[i:i + batch_size], context[i:i + batch_size]) for i in range(0, len(face), batch_size)]
+    return _spread_batches(ds, samples, batch_size, 0, f"no readable images in {ds.root / split}")
 
 
 def _caer_split_root(root: Path) -> Path:
@@ -73,7 +77,6 @@ def video_calibration_batches(root, samples: int = 32, *, clip_frames: int = 16,
     """Calibration batches of video clips from a CAER tree: ``samples`` clips of ``split`` spread evenly
     over the (class-sorted) clip list, preprocessed as at test time. ``offset`` shifts the picks by that
     many clips (e.g. ``offset=1`` for held-out clips beside a calibration set)."""
-    import numpy as np
 
 
     if samples < 1:
@@ -82,19 +85,7 @@ def video_calibration_batches(root, samples: int = 32, *, clip_frames: int = 16,
         warnings.simplefilter("ignore")
         ds = CAERVideoDataset(_caer_split_root(root), split, train=False, clip_frames=clip_frames,
                               face_size=face_size, context_size=context_size, crop=crop)
-    n = min(int(samples), len(ds))
-    picks = (np.unique(np.linspace(0, len(ds) - 1, n).round().astype(int)) + int(offset)) % max(len(ds), 1)
-    faces, contexts = [], []
-    for i in picks:
-        s = ds[int(i)]
-        if s is None or isinstance(s, Skipped):
-            continue
-        faces.append(s["face"])
-        contexts.append(s["context"])
-    if not faces:
-        raise ValueError(f"calibration: no readable clips in {ds.root / split}")
-    face, context = torch.stack(faces), torch.stack(contexts)
-    return [(face[i:i + batch_size], context[i:i + batch_size]) for i in range(0, len(face), batch_size)]
+    return _spread_batches(ds, samples, batch_size, offset, f"no readable clips in {ds.root / split}")
 
 
 CALIBRATION_FILE = "calibration.pt"
