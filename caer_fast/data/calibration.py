@@ -77,8 +77,6 @@ def video_calibration_batches(root, samples: int = 32, *, clip_frames: int = 16,
     """Calibration batches of video clips from a CAER tree: ``samples`` clips of ``split`` spread evenly
     over the (class-sorted) clip list, preprocessed as at test time. ``offset`` shifts the picks by that
     many clips (e.g. ``offset=1`` for held-out clips beside a calibration set)."""
-
-
     if samples < 1:
         raise ValueError(f"calibration samples must be >= 1, got {samples}")
     with warnings.catch_warnings():
