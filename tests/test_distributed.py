@@ -58,8 +58,9 @@ def test_torchrun_train_one_epoch_rank0_writes(demo_root, tmp_path):
     log = proc.stdout
     assert "× 2 processes" in log
     assert log.count("epoch 0:") == 1 and log.count("test: clip top-1") == 1, log  # rank 0 logs, once
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "confusion_test.png", "metrics.json",
-                                                     "model_best.pth"]
+    # .train.lock: the folder's lock (rank 0 holds it); calibration.pt: the int8 engine's sample
+    assert sorted(p.name for p in out.iterdir()) == [".train.lock", "calibration.pt", "checkpoint.pth",
+                                                     "confusion_test.png", "metrics.json", "model_best.pth"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing else written by any rank
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["model_type"] == "caer"

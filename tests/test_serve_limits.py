@@ -17,6 +17,9 @@ av = pytest.importorskip("av")
 from caer_fast.testing.serving import Server, make_checkpoint, write_video  # noqa: E402
 
 BUDGET_MB = 1300
+# the hostile-uploads server: a 4096² upload reserves ~936 MiB (its decoder sized for the largest frame allowed)
+# over a base of 350-400 MiB at rest, so the three heavy uploads fit one at a time and take turns
+HOSTILE_BUDGET_MB = 1400
 
 
 def encode(frames: int, size, fmt: str = "matroska", codec: str = "libx264", fps: int = 25, x264: str = "") -> bytes:
@@ -60,7 +63,7 @@ def files(tmp_path_factory):
 def server(files):
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc to measure the server's memory")
-    srv = Server(files["ckpt"], "--memory-budget-mb", BUDGET_MB, "--max-frame-pixels", 4096 * 4096,
+    srv = Server(files["ckpt"], "--memory-budget-mb", HOSTILE_BUDGET_MB, "--max-frame-pixels", 4096 * 4096,
                  "--max-pixels", 12 * 4096 * 4096, "--max-frames", 3000, "--max-upload-mb", 5, "--threads", 2,
                  "--max-batch", 8, cwd=files["dir"])
     yield srv
@@ -99,8 +102,9 @@ def test_hostile_uploads_are_4xx_and_rss_stays_under_budget(server):
     health = httpx.get(server.url + "/health", timeout=30).json()
     assert health["memory"]["peak_reserved_bytes"] <= health["limits"]["memory_budget_bytes"]
     peak = peak_rss_mb(server.proc.pid)
-    assert peak <= BUDGET_MB, (peak, health["memory"])
-    print(f"server peak RSS {peak:.0f} MiB, budget {BUDGET_MB} MiB, base {health['memory']['base_bytes'] / 2**20:.0f} MiB")
+    assert peak <= HOSTILE_BUDGET_MB, (peak, health["memory"])
+    print(f"server peak RSS {peak:.0f} MiB, budget {HOSTILE_BUDGET_MB} MiB, "
+          f"base {health['memory']['base_bytes'] / 2**20:.0f} MiB")
 
 
 def rss_mb(pid: int) -> float:
