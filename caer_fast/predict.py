@@ -224,16 +224,8 @@ def boxes_for(path: Path, box_file: Path) -> dict:
     Entries are matched by the path they hold (relative to the data or split root) being a suffix of
     ``path``; a file with no entry raises ``LookupError`` naming both.
     """
-    if not box_file.is_file():
-        raise LookupError(f"{box_file}: no such box file")
-    text = box_file.read_text(encoding="utf-8", errors="replace")
+    entries, bad = boxes_io.read_box_entries(box_file)
     target = path.resolve().as_posix()
-    if text.startswith(",".join(boxes_io.VIDEO_HEADER)):
-        per_file, bad = boxes_io.parse_video_boxes(text, str(box_file))
-        entries = {k: {f: box for f, (box, _) in frames.items()} for k, frames in per_file.items()}
-    else:
-        per_image, bad = boxes_io.parse_image_boxes(text, str(box_file))
-        entries = {k: {0: box} for k, (_, box) in per_image.items()}
     for key, frames in entries.items():
         if target.endswith("/" + key.lstrip("/")):
             return frames

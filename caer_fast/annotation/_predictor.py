@@ -179,16 +179,8 @@ class BoxIndex:
 
     def __init__(self, box_file):
         box_file = Path(box_file)
-        if not box_file.is_file():
-            raise LookupError(f"{box_file}: no such box file")
         self.name = box_file.name
-        text = box_file.read_text(encoding="utf-8", errors="replace")
-        if text.startswith(",".join(boxes_io.VIDEO_HEADER)):
-            per_file, _ = boxes_io.parse_video_boxes(text, str(box_file))
-            entries = {k: {f: box for f, (box, _) in frames.items()} for k, frames in per_file.items()}
-        else:
-            per_image, _ = boxes_io.parse_image_boxes(text, str(box_file))
-            entries = {k: {0: box} for k, (_, box) in per_image.items()}
+        entries, _ = boxes_io.read_box_entries(box_file)
         self.entries: Dict[str, dict] = {k.lstrip("/"): v for k, v in entries.items()}
         self.file = str(box_file)
 

@@ -132,6 +132,20 @@ def read_video_boxes(path):
     return parse_video_boxes(_read_text(path), str(path))
 
 
+def read_box_entries(box_file) -> Tuple[Dict[str, Dict[int, Box]], List[BadLine]]:
+    """{path as written in the file: {frame index: box}} of a CAER ``.faces.csv`` (told by its header) or a
+    CAER-S box file (frame 0), and its malformed lines. LookupError when the file does not exist."""
+    box_file = Path(box_file)
+    if not box_file.is_file():
+        raise LookupError(f"{box_file}: no such box file")
+    text = box_file.read_text(encoding="utf-8", errors="replace")
+    if text.startswith(",".join(VIDEO_HEADER)):
+        per_file, bad = parse_video_boxes(text, str(box_file))
+        return {k: {f: box for f, (box, _) in frames.items()} for k, frames in per_file.items()}, bad
+    per_image, bad = parse_image_boxes(text, str(box_file))
+    return {k: {0: box} for k, (_, box) in per_image.items()}, bad
+
+
 def _atomic_write_text(path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
