@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from caer_fast.data import calibration as cal
-from caer_fast.models import CAERNet
 from caer_fast.serving.onnx import export_model_onnx
-from caer_fast.testing.community_model import randomize_bn_
+from caer_fast.testing.serving import trained_model
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf", reason="nncf is not installed (pip install 'caer_fast[openvino-int8]')")
@@ -17,8 +16,7 @@ SIZES = dict(clip_frames=8, face_size=(48, 48), context_size=(64, 86), crop=56)
 
 @pytest.fixture(scope="module")
 def built(demo_root, tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomize_bn_(CAERNet(frames=8), torch.Generator().manual_seed(1)).eval()
+    model = trained_model("caer", steps=3)[0]
     calib = cal.video_calibration_batches(demo_root, 16, batch_size=4, **SIZES)
     held_out = cal.video_calibration_batches(demo_root, 14, split="test", batch_size=4, **SIZES)
     work = tmp_path_factory.mktemp("int8")

@@ -164,7 +164,7 @@ def _sgd_step(model, face, context, target, autocast):
 def test_bf16_train_step_is_close_to_float64():
     """The bf16 path on its own terms: one SGD step of a small CAER-Net-S under bf16 autocast (what
     optimize(..., precision="bf16") runs) against the same step in float64. bf16 keeps 8 mantissa bits
-    (relative rounding 2^-9 = 2e-3 per op): logits and loss within a few percent, each weight update
+    (relative rounding 2^-9 = 2e-3 per op): logits and loss within 10 %, each weight update
     pointing the same way (cosine > 0.9) and of the same size within 20 %; fp32 is checked beside it
     with its own tolerance, so the test tells a bf16 rounding from a wrong step."""
     g = torch.Generator().manual_seed(4)
@@ -180,7 +180,9 @@ def test_bf16_train_step_is_close_to_float64():
         runs[name] = (logits.double(), loss, {k: v.double() for k, v in m.state_dict().items()})
     assert runs["bf16"][0].dtype == torch.float64 and runs["bf16"][1] != runs["fp32"][1]
     exact_logits, exact_loss, exact_state = runs["float64"]
-    for name, tol in (("fp32", 1e-4), ("bf16", 5e-2)):
+    # bf16: 10 % of the logit scale. AVX2 has no bf16 instructions, so oneDNN emulates them and rounds more
+    # intermediates than AVX512_BF16 does (5.5 % on an AVX2 EPYC, under 5 % on an AVX512_BF16 Xeon); a wrong step is ~100 %
+    for name, tol in (("fp32", 1e-4), ("bf16", 1e-1)):
         logits, loss, state = runs[name]
         scale = exact_logits.abs().max()
         assert (logits - exact_logits).abs().max() <= tol * scale, name

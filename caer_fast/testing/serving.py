@@ -18,9 +18,10 @@ from caer_fast.testing.media import write_clip
 TINY_VIDEO_ARGS = {"face_size": [48, 48], "context_size": [64, 86], "crop": 56, "clip_frames": 8}
 
 
-def make_checkpoint(path, model_type: str = "caers", steps: int = 2, seed: int = 0) -> Path:
-    """A model trained for a few SGD steps from random init on random data, saved the way train.py saves it
-    (so the BN running statistics are not the defaults)."""
+def trained_model(model_type: str = "caers", steps: int = 2, seed: int = 0):
+    """(model in eval mode, its optimizer, train args, model args): a few SGD steps from random init on random
+    data, so the BN running statistics are not the defaults and the logits are not tied across classes (a
+    random model's top two classes can sit within int8 rounding of each other on every input)."""
     torch.manual_seed(seed)
     if model_type == "caers":
         model, args, margs = CAERSNet(), {"face_size": [96, 96], "context_size": [128, 171], "crop": 112,
@@ -37,6 +38,12 @@ def make_checkpoint(path, model_type: str = "caers", steps: int = 2, seed: int =
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return model.eval(), opt, args, margs
+
+
+def make_checkpoint(path, model_type: str = "caers", steps: int = 2, seed: int = 0) -> Path:
+    """:func:`trained_model`, saved the way train.py saves it."""
+    model, opt, args, margs = trained_model(model_type, steps, seed)
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 0, "model_type": model_type,
             "model_args": margs, "args": {**args, "model": model_type, "data": "random"}, "classes": list(CLASSES)}
     torch.save(ckpt, path)
