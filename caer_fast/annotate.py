@@ -15,12 +15,9 @@ import sys
 from pathlib import Path
 
 from .annotation import AnnotateError, Options, annotate
-from .data.detectors import DetectorUnavailable
-from .devices import DeviceError, resolve_device
-from .models.checkpoint import CheckpointError
+from .devices import resolve_device
 from .predict import get_args_parser as predict_parser
-from .serving.engines import EngineError
-from .serving.engines.cli import add_engine_arguments, check_engine_arguments
+from .serving.engines.cli import USER_ERRORS, add_engine_arguments, check_engine_arguments, report_error
 
 # predict's options that mean the same here (taken from its parser, not copied)
 SHARED = ("checkpoint", "detector", "detect_every", "boxes", "device", "no_progress")
@@ -75,12 +72,8 @@ def main(argv=None) -> int:
                        calibrate_samples=args.calibrate_samples, batch_size=args.batch_size)
         s = annotate(args.inputs, args.out, opts, ray=args.ray, workers=args.workers, model_actors=args.model_actors,
                      progress=not args.no_progress, part_videos=args.part_videos)
-    except (AnnotateError, CheckpointError, DetectorUnavailable, DeviceError, LookupError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except EngineError as exc:
-        print(f"error: --engine {args.engine}: {exc}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, AnnotateError, LookupError) as exc:
+        return report_error(exc, args)
     print(f"{s.total} inputs: {s.ok} annotated, {s.errors} errors, {s.skipped} already done"
           f"\nvideos: {s.videos}\nclips:  {s.clips}")
     return 0

@@ -22,12 +22,11 @@ import sys
 from pathlib import Path
 
 from .data import boxes as boxes_io
-from .data.detectors import DETECTORS, DetectorUnavailable
+from .data.detectors import DETECTORS
 from .data.video import MediaDecodeError, is_url
-from .devices import DeviceError, resolve_device
-from .models.checkpoint import CheckpointError
-from .serving.engines import EngineError
-from .serving.engines.cli import add_engine_arguments, check_engine_arguments, engine_from_args
+from .devices import resolve_device
+from .serving.engines.cli import USER_ERRORS, add_engine_arguments, check_engine_arguments, engine_from_args, \
+    report_error
 from .serving.inference import Predictor, is_image_file
 from .serving.stream import parse_people
 from .serving.timeline import EMOTION_COLORS, save_timeline_plot, write_timeline
@@ -342,12 +341,8 @@ def main(argv=None) -> int:
         result = result.to_dict()
         if known is not None:
             result["detector"] = f"boxes from {args.boxes.name}"
-    except (CheckpointError, MediaDecodeError, DetectorUnavailable, LookupError, DeviceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except EngineError as exc:
-        print(f"error: --engine {args.engine}: {exc}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, MediaDecodeError, LookupError) as exc:
+        return report_error(exc, args)
     visual = result.pop("_visual", None)
     name = path.name if local else source
     try:

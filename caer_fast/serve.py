@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .data.detectors import DETECTORS, DetectorUnavailable
-from .devices import DeviceError, resolve_device
-from .models.checkpoint import CheckpointError
+from .data.detectors import DETECTORS
+from .devices import resolve_device
 from .serving.app import default_memory_budget_mb, run_server
-from .serving.engines import EngineError
-from .serving.engines.cli import add_engine_arguments, check_engine_arguments, engine_from_args
+from .serving.engines.cli import USER_ERRORS, add_engine_arguments, check_engine_arguments, engine_from_args, \
+    report_error
 from .serving.inference import Predictor, set_threads_from_env
 
 
@@ -113,12 +112,8 @@ def main(argv=None) -> int:
                               detector=None if args.detector == "none" else args.detector,
                               max_frames=args.max_frames, batch_size=max_batch,
                               max_frame_pixels=args.max_frame_pixels, max_pixels=args.max_pixels, engine=engine)
-    except (CheckpointError, DetectorUnavailable, DeviceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except EngineError as exc:
-        print(f"error: --engine {args.engine}: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error(exc, args)
     budget = args.memory_budget_mb or default_memory_budget_mb()
     print(f"caer_fast serving {predictor.model_type}{' int8' if args.int8 else ''} with engine {engine.name} "
           f"({args.checkpoint}) on http://{args.host}:{args.port} "

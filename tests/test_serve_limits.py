@@ -41,11 +41,16 @@ def encode(frames: int, size, fmt: str = "matroska", codec: str = "libx264", fps
     return buf.getvalue()
 
 
-def peak_rss_mb(pid: int) -> float:
+def status_mb(pid: int, key: str) -> float:
+    """A memory line of /proc/PID/status (VmHWM: peak RSS, VmRSS: RSS now), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    raise AssertionError(f"no {key}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    return status_mb(pid, "VmHWM")
 
 
 def post(url, data: bytes, timeout=300, query=""):
@@ -59,13 +64,17 @@ def files(tmp_path_factory):
     return {"dir": d, "ckpt": make_checkpoint(d / "caers.pth", "caers")}
 
 
-@pytest.fixture(scope="module")
-def server(files):
+def measured_server(files, budget_mb: int, max_pixels: int, *args):
+    """A server allowing 4096² frames and 5 MB uploads, whose memory the test reads from /proc."""
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc to measure the server's memory")
-    srv = Server(files["ckpt"], "--memory-budget-mb", HOSTILE_BUDGET_MB, "--max-frame-pixels", 4096 * 4096,
-                 "--max-pixels", 12 * 4096 * 4096, "--max-frames", 3000, "--max-upload-mb", 5, "--threads", 2,
-                 "--max-batch", 8, cwd=files["dir"])
+    return Server(files["ckpt"], "--memory-budget-mb", budget_mb, "--max-frame-pixels", 4096 * 4096,
+                  "--max-pixels", max_pixels, "--max-upload-mb", 5, "--threads", 2, *args, cwd=files["dir"])
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    srv = measured_server(files, HOSTILE_BUDGET_MB, 12 * 4096 * 4096, "--max-frames", 3000, "--max-batch", 8)
     yield srv
     srv.close()
 
@@ -108,21 +117,14 @@ def test_hostile_uploads_are_4xx_and_rss_stays_under_budget(server):
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return status_mb(pid, "VmRSS")
 
 
 @pytest.fixture(scope="module")
 def grow_server(files):
-    if not Path("/proc/self/status").exists():
-        pytest.skip("needs /proc to measure the server's memory")
     # one model input per chunk: each request goes back and forth between decoding and the model, so every
     # admitted request holds an open decoder at the large size at once
-    srv = Server(files["ckpt"], "--memory-budget-mb", BUDGET_MB, "--max-frame-pixels", 4096 * 4096,
-                 "--max-pixels", 400 * 4096 * 4096, "--max-upload-mb", 5, "--threads", 2, "--max-batch", 1,
-                 cwd=files["dir"])
+    srv = measured_server(files, BUDGET_MB, 400 * 4096 * 4096, "--max-batch", 1)
     yield srv
     srv.close()
 

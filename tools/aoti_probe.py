@@ -15,10 +15,10 @@ import time
 import torch
 from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-from caer_fast.models.caer_net import CAERNet, CAERSNet
+from caer_fast.models.caer_net import CAERNet, CAERSNet, WithDetails
 from caer_fast.models.optimize import _memory_format, _prepare_inference
 from caer_fast.serving.engines import OnnxRuntimeEngine, default_shapes
-from caer_fast.serving.onnx import _Exported, export_model_onnx
+from caer_fast.serving.onnx import export_model_onnx
 from caer_fast.testing.timing import median_time
 
 
@@ -33,7 +33,7 @@ def main(which: str) -> None:
     model = (CAERSNet() if which == "caers" else CAERNet()).eval()
     face_shape, context_shape = default_shapes(model)
     sizes = (1, 32) if which == "caers" else (1, 4)
-    wrapped = _Exported(_prepare_inference(model, _memory_format(model))).eval()  # details as plain outputs
+    wrapped = WithDetails(_prepare_inference(model, _memory_format(model))).eval()  # details as plain outputs
     batch = torch.export.Dim("batch", min=1, max=256)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()

@@ -5,12 +5,14 @@ timed in alternating subprocesses (A B A B …) so both see the same machine loa
     python tools/before_after.py --before OLD --after NEW --rounds 5 --json out.json
 
 Each checkout needs its extension built (``pip install -e .`` or ``python setup.py build_ext --inplace``).
-Only names both revisions share are timed: ``caer_fast.ops.attention_pool`` / ``adaptive_fusion`` /
-``face_context`` on their automatic backend (``cpp`` on CPU), the eager torch references, ``CAERSNet``
+Only names both revisions share are timed: ``caer_fast.ops.attention_pool`` / ``adaptive_fusion`` (batch
+32, and batch 1: the small eager calls) / ``face_context`` on their automatic backend (``cpp`` on CPU), the eager torch references, ``CAERSNet``
 and ``CAERNet`` forward and train steps, and ``accelerate`` on the community model (caer_fast/testing/community_model.py).
 Every case's output is checked against its reference before it is timed. The workers run with glibc's
 malloc thresholds fixed (``--glibc-malloc-defaults`` to leave them moving). The table gives each case's
 median per revision, after/before, and each op's speed-up over its reference in both revisions.
+``--clock thread`` times with the worker's CPU thread time instead of the wall clock: on a shared machine
+it leaves out the time other processes hold the core (not their effect on the caches).
 """
 from __future__ import annotations
 
@@ -28,18 +30,23 @@ HERE = Path(__file__).resolve().parents[1]
 
 
 # ---- the worker: runs inside one checkout -------------------------------------------------------
+_clock = time.perf_counter
+
+
 def _median_time(fn, *args, repeat: int, number: int = 1) -> float:
     fn(*args)  # warm-up
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = _clock()
         for _ in range(number):
             fn(*args)
-        times.append((time.perf_counter() - t) / number)
+        times.append((_clock() - t) / number)
     return statistics.median(times)
 
 
-def worker(cases: list, repeat: int) -> dict:
+def worker(cases: list, repeat: int, clock: str = "wall") -> dict:
+    global _clock
+    _clock = time.thread_time if clock == "thread" else time.perf_counter
     import torch
 
     import caer_fast
@@ -95,10 +102,12 @@ def worker(cases: list, repeat: int) -> dict:
 
     for case in cases:
         if case.startswith("attention_pool"):
-            shape = (32, 256, 7, 7) if "7x7" in case and "2x7x7" not in case else (32, 256, 2, 7, 7)
+            n = 1 if " b1 " in case else 32  # b1: one image's call, where the front door's overhead shows
+            shape = (n, 256, 7, 7) if "7x7" in case and "2x7x7" not in case else (n, 256, 2, 7, 7)
             op_pair(case, pool_case(shape, "bwd" in case), ops.attention_pool, attention_pool_reference)
         elif case.startswith("adaptive_fusion"):
-            op_pair(case, fusion_case(32, 256, 256, "bwd" in case), ops.adaptive_fusion, adaptive_fusion_reference)
+            n = 1 if " b1 " in case else 32
+            op_pair(case, fusion_case(n, 256, 256, "bwd" in case), ops.adaptive_fusion, adaptive_fusion_reference)
         elif case == "face_context 32x400x712":
             frames = torch.randint(0, 256, (32, 400, 712, 3), dtype=torch.uint8, generator=g)
             boxes = torch.tensor([[200, 80, 330, 230]] * 32)
@@ -148,8 +157,10 @@ def worker(cases: list, repeat: int) -> dict:
     return out
 
 
+# the b1 rows are the small eager calls (one image): a few µs each, mostly the front door and the dispatcher
 CASES = ["attention_pool 7x7 fwd", "attention_pool 7x7 fwd+bwd", "attention_pool 2x7x7 fwd",
-         "attention_pool 2x7x7 fwd+bwd", "adaptive_fusion fwd", "adaptive_fusion fwd+bwd",
+         "attention_pool 2x7x7 fwd+bwd", "attention_pool b1 7x7 fwd", "attention_pool b1 7x7 fwd+bwd",
+         "adaptive_fusion fwd", "adaptive_fusion fwd+bwd", "adaptive_fusion b1 fwd", "adaptive_fusion b1 fwd+bwd",
          "face_context 32x400x712", "CAERSNet b32 inference", "CAERSNet b32 train step",
          "community+accelerate b32 inference", "CAERNet video b2 inference"]
 
@@ -172,13 +183,13 @@ def _machine(threads: int) -> dict:
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
-def _run_worker(checkout: Path, cases, repeat, threads, steady_malloc: bool = True) -> dict:
+def _run_worker(checkout: Path, cases, repeat, threads, steady_malloc: bool = True, clock: str = "wall") -> dict:
     env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS=str(threads))
     if steady_malloc:
         env.update(STEADY_MALLOC)
     env.pop("CAER_FAST_BACKEND", None)
     code = (f"import json, runpy, sys; m = runpy.run_path({str(Path(__file__).resolve())!r}); "
-            f"print('@@' + json.dumps(m['worker']({cases!r}, {repeat})))")
+            f"print('@@' + json.dumps(m['worker']({cases!r}, {repeat}, {clock!r})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"worker in {checkout} failed:\n{proc.stderr[-3000:]}")
@@ -197,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the workers (default 1)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
     p.add_argument("--json", type=Path, help="also write every round's raw numbers here")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="wall clock (default) or the worker's CPU thread time (a shared, loaded machine)")
     p.add_argument("--glibc-malloc-defaults", action="store_true",
                    help="leave glibc's moving mmap/trim thresholds in the workers (default: fixed at 1 GiB)")
     a = p.parse_args(argv)
@@ -208,12 +221,14 @@ def main(argv=None) -> int:
     for r in range(a.rounds):
         for label, checkout in (("before", a.before), ("after", a.after)) if r % 2 == 0 else \
                 (("after", a.after), ("before", a.before)):
-            runs[label].append(_run_worker(checkout, cases, a.repeat, a.threads, not a.glibc_malloc_defaults))
+            runs[label].append(_run_worker(checkout, cases, a.repeat, a.threads, not a.glibc_malloc_defaults,
+                                           a.clock))
             print(f"round {r + 1}/{a.rounds} {label} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     med = {k: {c: statistics.median(run[c] for run in runs[k]) for c in runs[k][0] if not c.startswith("_")}
            for k in runs}
     print(f"\nbefore: {a.before} (backend {runs['before'][0]['_backend']}); after: {a.after} "
-          f"(backend {runs['after'][0]['_backend']}); {a.threads} thread(s), {a.rounds} rounds, load "
+          f"(backend {runs['after'][0]['_backend']}); {a.threads} thread(s), {a.rounds} rounds, {a.clock} clock, "
+          f"load "
           f"{os.getloadavg()[0]:.1f}; malloc thresholds "
           f"{'glibc defaults' if a.glibc_malloc_defaults else 'fixed'}; CPU {machine['cpu']} ({' '.join(machine['flags'])}), fp32 matmul "
           f"{machine['matmul_gflops']:.0f} GFLOP/s at the start\n")

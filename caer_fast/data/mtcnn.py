@@ -9,7 +9,7 @@ numpy NMS, for one image at a time.
 from __future__ import annotations
 
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,78 +18,71 @@ from torch import nn
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mtcnn_weights")
 
 
-class PNet(nn.Module):
-    def __init__(self):
+class _CaffeNet(nn.Module):
+    """Stages ``conv{i} → prelu{i} [→ pool{i}]``, then optionally ``dense{k} → prelu{k}`` on the flattened map:
+    the module names are those of the weight files, so their state_dicts load strictly."""
+
+    # convs: (in channels, out channels, kernel, pool kernel or None, pool stride) per stage
+    def __init__(self, convs: Sequence[Tuple[int, int, int, Optional[int], int]],
+                 dense: Optional[Tuple[int, int]] = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 10, kernel_size=3)
-        self.prelu1 = nn.PReLU(10)
-        self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
-        self.conv2 = nn.Conv2d(10, 16, kernel_size=3)
-        self.prelu2 = nn.PReLU(16)
-        self.conv3 = nn.Conv2d(16, 32, kernel_size=3)
-        self.prelu3 = nn.PReLU(32)
+        self._stages = len(convs)
+        for i, (cin, cout, k, pool, stride) in enumerate(convs, 1):
+            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, kernel_size=k))
+            setattr(self, f"prelu{i}", nn.PReLU(cout))
+            if pool is not None:
+                setattr(self, f"pool{i}", nn.MaxPool2d(pool, stride, ceil_mode=True))
+        self._dense = dense is not None
+        if dense is not None:
+            k = len(convs) + 1
+            setattr(self, f"dense{k}", nn.Linear(*dense))
+            setattr(self, f"prelu{k}", nn.PReLU(dense[1]))
+
+    def features(self, x):
+        for i in range(1, self._stages + 1):
+            x = getattr(self, f"prelu{i}")(getattr(self, f"conv{i}")(x))
+            pool = getattr(self, f"pool{i}", None)
+            if pool is not None:
+                x = pool(x)
+        if self._dense:
+            k = self._stages + 1
+            # the Caffe weights expect the flattening order of a (N, W, H, C) tensor
+            x = getattr(self, f"prelu{k}")(getattr(self, f"dense{k}")(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
+        return x
+
+
+class PNet(_CaffeNet):
+    def __init__(self):
+        super().__init__([(3, 10, 3, 2, 2), (10, 16, 3, None, 0), (16, 32, 3, None, 0)])
         self.conv4_1 = nn.Conv2d(32, 2, kernel_size=1)
         self.conv4_2 = nn.Conv2d(32, 4, kernel_size=1)
 
     def forward(self, x):
-        x = self.prelu1(self.conv1(x))
-        x = self.pool1(x)
-        x = self.prelu2(self.conv2(x))
-        x = self.prelu3(self.conv3(x))
+        x = self.features(x)
         return self.conv4_2(x), torch.softmax(self.conv4_1(x), dim=1)
 
 
-class RNet(nn.Module):
+class RNet(_CaffeNet):
     def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 28, kernel_size=3)
-        self.prelu1 = nn.PReLU(28)
-        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv2 = nn.Conv2d(28, 48, kernel_size=3)
-        self.prelu2 = nn.PReLU(48)
-        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv3 = nn.Conv2d(48, 64, kernel_size=2)
-        self.prelu3 = nn.PReLU(64)
-        self.dense4 = nn.Linear(576, 128)
-        self.prelu4 = nn.PReLU(128)
+        super().__init__([(3, 28, 3, 3, 2), (28, 48, 3, 3, 2), (48, 64, 2, None, 0)], dense=(576, 128))
         self.dense5_1 = nn.Linear(128, 2)
         self.dense5_2 = nn.Linear(128, 4)
 
     def forward(self, x):
-        x = self.pool1(self.prelu1(self.conv1(x)))
-        x = self.pool2(self.prelu2(self.conv2(x)))
-        x = self.prelu3(self.conv3(x))
-        # the Caffe weights expect the flattening order of a (N, W, H, C) tensor
-        x = self.prelu4(self.dense4(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
+        x = self.features(x)
         return self.dense5_2(x), torch.softmax(self.dense5_1(x), dim=1)
 
 
-class ONet(nn.Module):
+class ONet(_CaffeNet):
     def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, kernel_size=3)
-        self.prelu1 = nn.PReLU(32)
-        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
-        self.prelu2 = nn.PReLU(64)
-        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv3 = nn.Conv2d(64, 64, kernel_size=3)
-        self.prelu3 = nn.PReLU(64)
-        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
-        self.conv4 = nn.Conv2d(64, 128, kernel_size=2)
-        self.prelu4 = nn.PReLU(128)
-        self.dense5 = nn.Linear(1152, 256)
-        self.prelu5 = nn.PReLU(256)
+        super().__init__([(3, 32, 3, 3, 2), (32, 64, 3, 3, 2), (64, 64, 3, 2, 2), (64, 128, 2, None, 0)],
+                         dense=(1152, 256))
         self.dense6_1 = nn.Linear(256, 2)
         self.dense6_2 = nn.Linear(256, 4)
         self.dense6_3 = nn.Linear(256, 10)
 
     def forward(self, x):
-        x = self.pool1(self.prelu1(self.conv1(x)))
-        x = self.pool2(self.prelu2(self.conv2(x)))
-        x = self.pool3(self.prelu3(self.conv3(x)))
-        x = self.prelu4(self.conv4(x))
-        x = self.prelu5(self.dense5(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
+        x = self.features(x)
         return self.dense6_2(x), self.dense6_3(x), torch.softmax(self.dense6_1(x), dim=1)
 
 

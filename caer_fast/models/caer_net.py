@@ -188,6 +188,27 @@ class _CAERBase(nn.Module):
         return logits
 
 
+# a graph (ONNX, torch.export) returns tensors, not a dict: the details as plain outputs, in this order
+OUTPUT_NAMES = ("logits", "attention", "fusion_weights")
+
+
+def outputs_with_details(model: nn.Module, face: torch.Tensor, context: torch.Tensor):
+    """``(logits, attention, fusion_weights)`` of a model called with ``return_details=True``."""
+    logits, details = model(face, context, return_details=True)
+    return logits, details["attention"], details["fusion_weights"]
+
+
+class WithDetails(nn.Module):
+    """``model`` returning :data:`OUTPUT_NAMES` as a tuple: what ONNX export and int8 quantization trace."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, face: torch.Tensor, context: torch.Tensor):
+        return outputs_with_details(self.model, face, context)
+
+
 class CAERSNet(_CAERBase):
     """CAER-Net-S, the image model: face N×3×96×96 and context N×3×112×112 → N×7 logits.
 

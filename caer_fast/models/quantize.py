@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from ..devices import has_vnni
-from .caer_net import CAERNet, CAERSNet
+from .caer_net import CAERNet, CAERSNet, WithDetails
 from .fold import fold_batch_norm
 
 log = logging.getLogger("caer_fast.quantize")
@@ -126,18 +126,6 @@ def _as_pair(batch) -> Tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"quantize_int8: calibration batches must be N×3×H×W face and context with the same "
                          f"N >= 1, got {tuple(face.shape)} and {tuple(context.shape)}")
     return face.float().cpu().contiguous(), context.float().cpu().contiguous()
-
-
-class _WithDetails(nn.Module):
-    """Exports the model with its details as plain outputs: (logits, attention, fusion weights)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, face: torch.Tensor, context: torch.Tensor):
-        logits, details = self.model(face, context, return_details=True)
-        return logits, details["attention"], details["fusion_weights"]
 
 
 def _relabel_relus(gm: torch.fx.GraphModule) -> int:
@@ -302,7 +290,7 @@ def quantize_int8(model: nn.Module, calibration: Iterable, *, compile: bool = Tr
     t0 = time.perf_counter()
     work = fold_batch_norm(copy.deepcopy(model).eval()).requires_grad_(False)
     _replace_batch_norms(work)
-    wrapped = _WithDetails(work).eval()
+    wrapped = WithDetails(work).eval()
     f0, c0 = batches[0]
     if f0.shape[0] < 2:  # export an example batch > 1 so the batch dimension is not specialised to 1
         f0, c0 = f0.expand(2, *face_shape).contiguous(), c0.expand(2, *context_shape).contiguous()

@@ -116,6 +116,15 @@ BACKENDS = tuple(TABLE)
 AUTO = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 
 
+_CPU = torch.device("cpu")
+
+
+def device_type(device: torch.device) -> str:
+    """``device.type`` for the front doors: ``torch.device.type`` builds a new string each time (0.3-0.4 µs,
+    bench/RESULTS.md "front doors"), a comparison with a constant device answers the usual case."""
+    return "cpu" if device == _CPU else device.type
+
+
 def _device_type(device) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -370,16 +379,23 @@ def register_autograd(op: str, saved):
                 {"forward": staticmethod(forward), "backward": staticmethod(backward), "__module__": __name__})
 
 
+# bound at import: the eager path of call() below runs on every op call
+_is_compiling = torch.compiler.is_compiling
+_is_grad_enabled = torch.is_grad_enabled
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+
+
 def call(op, *args, eager=None):
     """``op(*args)``; ``eager`` is the op's formula from :func:`register_autograd` (if it has one).
 
     Under ``torch.compile`` the op itself is traced (its fake implementation and registered formula);
-    eager calls that need gradients run ``eager``, the others the op below autograd."""
-    if torch.compiler.is_compiling():
+    eager calls that need gradients run ``eager``, the others the op below autograd (``op._op``: the
+    overload's C++ entry, without ``OpOverload.__call__``'s Python frame)."""
+    if _is_compiling():
         return op(*args)
-    if eager is not None and torch.is_grad_enabled():
+    if eager is not None and _is_grad_enabled():
         for a in args:  # a loop, not any(<generator>): this runs on every eager call
             if isinstance(a, torch.Tensor) and a.requires_grad:
                 return eager.apply(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+    with _BelowAutograd():
+        return op._op(*args)

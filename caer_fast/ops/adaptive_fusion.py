@@ -12,7 +12,8 @@ from torch import nn
 from . import _dispatch
 
 
-def _check_inputs(face, context, face_score, context_score) -> None:
+def _check_inputs(face, context, face_score, context_score) -> str:
+    """Every error of the op; returns the device type."""
     if not (isinstance(face, torch.Tensor) and isinstance(context, torch.Tensor)
             and isinstance(face_score, torch.Tensor) and isinstance(context_score, torch.Tensor)):
         raise TypeError("adaptive_fusion: face, context, face_score and context_score must be tensors, got "
@@ -21,17 +22,19 @@ def _check_inputs(face, context, face_score, context_score) -> None:
     if face.dim() != 2 or context.dim() != 2 or context.shape[0] != n:
         raise ValueError(f"adaptive_fusion: face and context must be N×C, got {tuple(face.shape)} "
                          f"and {tuple(context.shape)}")
-    # written out, without generators or sets: every eager call pays for these lines
-    for name, s in (("face_score", face_score), ("context_score", context_score)):
-        if s.shape != (n, 1):
-            raise ValueError(f"adaptive_fusion: {name} must be {n}×1, got {tuple(s.shape)}")
-    tensors = (face, context, face_score, context_score)
+    # written out, without loops, generators or sets: every eager call pays for these lines
+    if face_score.shape != (n, 1) or context_score.shape != (n, 1):
+        name, s = ("face_score", face_score) if face_score.shape != (n, 1) else ("context_score", context_score)
+        raise ValueError(f"adaptive_fusion: {name} must be {n}×1, got {tuple(s.shape)}")
     if not (face.is_floating_point() and context.is_floating_point() and face_score.is_floating_point()
             and context_score.is_floating_point()):
-        raise ValueError(f"adaptive_fusion: inputs must be floating point, got {[str(t.dtype) for t in tensors]}")
+        raise ValueError("adaptive_fusion: inputs must be floating point, got "
+                         f"{[str(t.dtype) for t in (face, context, face_score, context_score)]}")
     device = face.device
     if not (context.device == device and face_score.device == device and context_score.device == device):
-        raise ValueError(f"adaptive_fusion: inputs on several devices: {[str(t.device) for t in tensors]}")
+        raise ValueError("adaptive_fusion: inputs on several devices: "
+                         f"{[str(t.device) for t in (face, context, face_score, context_score)]}")
+    return _dispatch.device_type(device)
 
 
 def adaptive_fusion_reference(face, context, face_score, context_score, return_weights: bool = False):
@@ -61,18 +64,18 @@ def adaptive_fusion(face: torch.Tensor, context: torch.Tensor, face_score: torch
         >>> out.shape
         torch.Size([4, 512])
     """
-    _check_inputs(face, context, face_score, context_score)
+    device_type = _check_inputs(face, context, face_score, context_score)
     args = (face, context, face_score, context_score)
     dtype = face.dtype
     mixed = not (context.dtype == dtype and face_score.dtype == dtype and context_score.dtype == dtype)
     if mixed:
         for t in args[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
-    if not _dispatch.use_kernel("adaptive_fusion", face.device.type, dtype):
+    if not _dispatch.use_kernel("adaptive_fusion", device_type, dtype):
         return adaptive_fusion_reference(*args, return_weights)
     if mixed:
         args = tuple(t if t.dtype == dtype else t.to(dtype) for t in args)  # differentiable casts
-    out, weights = _dispatch.call(torch.ops.caer_fast.adaptive_fusion.default, *args, eager=_eager)
+    out, weights = _dispatch.call(_OP, *args, eager=_eager)
     if not return_weights:
         return out
     if mixed:
@@ -93,6 +96,7 @@ class AdaptiveFusion(nn.Module):
 # d face_score = −d context_score = w_f w_c (d w_f − d w_c). Every backend saves (face, context, weights).
 _eager = _dispatch.register_autograd(
     "adaptive_fusion", saved=lambda inputs, output: (inputs[0], inputs[1], output[1]))
+_OP = torch.ops.caer_fast.adaptive_fusion.default if _dispatch.HAS_OPS else None  # bound once, not per call
 
 if _dispatch.HAS_OPS:
     @torch.library.register_fake("caer_fast::adaptive_fusion")

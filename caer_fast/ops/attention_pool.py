@@ -20,23 +20,27 @@ from torch import nn
 from . import _dispatch
 
 
-def _check_inputs(features: torch.Tensor, logits: torch.Tensor) -> None:
+def _check_inputs(features: torch.Tensor, logits: torch.Tensor) -> str:
+    """Every error of the op; returns the device type. Every eager call pays for these lines (no tuple
+    copies of the shapes, one ``device`` per tensor)."""
     if not (isinstance(features, torch.Tensor) and isinstance(logits, torch.Tensor)):
         raise TypeError(f"attention_pool: features and logits must be tensors, got {type(features).__name__} "
                         f"and {type(logits).__name__}")
-    if features.dim() < 3:
-        raise ValueError(f"attention_pool: features must be N×C×(S…), got {tuple(features.shape)}")
-    expected = (features.shape[0], 1, *features.shape[2:])
-    if tuple(logits.shape) != expected:
-        raise ValueError(f"attention_pool: logits must be {expected} for features {tuple(features.shape)}, "
+    fs = features.shape
+    if len(fs) < 3:
+        raise ValueError(f"attention_pool: features must be N×C×(S…), got {tuple(fs)}")
+    if logits.shape != (fs[0], 1, *fs[2:]):
+        raise ValueError(f"attention_pool: logits must be {(fs[0], 1, *fs[2:])} for features {tuple(fs)}, "
                          f"got {tuple(logits.shape)}")
     if not (features.is_floating_point() and logits.is_floating_point()):
         raise ValueError(f"attention_pool: features and logits must be floating point, got {features.dtype} "
                          f"and {logits.dtype}")
-    if features.device != logits.device:
-        raise ValueError(f"attention_pool: features on {features.device}, logits on {logits.device}")
-    if math.prod(features.shape[2:]) == 0:
-        raise ValueError(f"attention_pool: features need at least one position, got {tuple(features.shape)}")
+    device = features.device
+    if logits.device != device:
+        raise ValueError(f"attention_pool: features on {device}, logits on {logits.device}")
+    if not features.numel() and math.prod(fs[2:]) == 0:  # a non-empty map has positions
+        raise ValueError(f"attention_pool: features need at least one position, got {tuple(fs)}")
+    return _dispatch.device_type(device)
 
 
 def attention_pool_reference(features: torch.Tensor, logits: torch.Tensor, return_attention: bool = False):
@@ -84,13 +88,14 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
         >>> attention_pool(f, a).shape
         torch.Size([2, 256])
     """
-    _check_inputs(features, logits)
-    if not _dispatch.use_kernel("attention_pool", features.device.type, features.dtype):
+    device_type = _check_inputs(features, logits)
+    dtype = features.dtype
+    if not _dispatch.use_kernel("attention_pool", device_type, dtype):
         return attention_pool_reference(features, logits, return_attention)
-    if logits.dtype != features.dtype:
-        logits = logits.to(features.dtype)  # differentiable
+    if logits.dtype != dtype:
+        logits = logits.to(dtype)  # differentiable
     # the kernels take N×C×(S…) as it comes and return the attention map in the logits' shape
-    out, attention = _dispatch.call(torch.ops.caer_fast.attention_pool.default, features, logits, eager=_eager)
+    out, attention = _dispatch.call(_OP, features, logits, eager=_eager)
     return (out, attention) if return_attention else out
 
 
@@ -107,6 +112,7 @@ class AttentionPool(nn.Module):
 # (ga: the gradient reaching the returned attention map). Every backend saves (features, attention, out).
 _eager = _dispatch.register_autograd(
     "attention_pool", saved=lambda inputs, output: (inputs[0], output[1], output[0]))
+_OP = torch.ops.caer_fast.attention_pool.default if _dispatch.HAS_OPS else None  # bound once, not per call
 
 if _dispatch.HAS_OPS:
     @torch.library.register_fake("caer_fast::attention_pool")

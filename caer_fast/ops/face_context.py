@@ -161,14 +161,16 @@ def face_context(frames: torch.Tensor, boxes: torch.Tensor, face_size=FACE_SIZE,
     _check_inputs(frames, boxes, face_size, context_size, crop, mean, std)
     boxes = clip_boxes(boxes, frames.shape[1], frames.shape[2])  # once, here: every backend takes them clipped
     kernel_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
-    if not _dispatch.use_kernel("face_context", frames.device.type, kernel_dtype):
+    if not _dispatch.use_kernel("face_context", _dispatch.device_type(frames.device), kernel_dtype):
         return _face_context_torch(frames, boxes, face_size, context_size, crop, mean, std, antialias, dtype)
     crop = (0, 0, *context_size) if crop is None else crop
-    face, context = _dispatch.call(torch.ops.caer_fast.face_context.default, frames, boxes,
+    face, context = _dispatch.call(_OP, frames, boxes,
                                    [int(v) for v in face_size], [int(v) for v in context_size],
                                    [int(v) for v in crop], list(mean), list(std), bool(antialias), kernel_dtype)
     return (face, context) if kernel_dtype == dtype else (face.to(dtype), context.to(dtype))
 
+
+_OP = torch.ops.caer_fast.face_context.default if _dispatch.HAS_OPS else None  # bound once, not per call
 
 if _dispatch.HAS_OPS:
     @torch.library.register_fake("caer_fast::face_context")

@@ -20,30 +20,15 @@ from typing import Optional
 import torch
 
 from ..constants import CLASSES
-from ..models.caer_net import CAERNet
+from ..models.caer_net import OUTPUT_NAMES, CAERNet, WithDetails
 from ..models.checkpoint import input_sizes, load_checkpoint, read_checkpoint
 from ..ops import use_backend
-
-
-class _Exported(torch.nn.Module):
-    """The model with its details as plain outputs (ONNX graphs return tensors, not dicts)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, face, context):
-        logits, d = self.model(face, context, return_details=True)
-        return logits, d["attention"], d["fusion_weights"]
 
 
 def example_inputs(model, face_size, crop_size, clip_frames: int, batch: int = 2):
     if isinstance(model, CAERNet):
         return (torch.randn(batch, 3, clip_frames, *face_size), torch.randn(batch, 3, clip_frames, *crop_size))
     return torch.randn(batch, 3, *face_size), torch.randn(batch, 3, *crop_size)
-
-
-OUTPUT_NAMES = ("logits", "attention", "fusion_weights")
 
 
 def export_model_onnx(model, face_shape, context_shape, output, opset: Optional[int] = None,
@@ -53,7 +38,7 @@ def export_model_onnx(model, face_shape, context_shape, output, opset: Optional[
     was_training = model.training
     # eval() on the wrapper too: the TorchScript exporter restores the wrapper's mode afterwards, recursively,
     # which would leave a train-mode wrapper's model in train mode (BN on batch statistics)
-    wrapped = _Exported(model).eval()
+    wrapped = WithDetails(model).eval()
     inputs = (torch.randn(2, *face_shape), torch.randn(2, *context_shape))  # batch 2: not specialised to 1
     dynamic = {name: {0: "batch"} for name in ("face", "context", *OUTPUT_NAMES)}
     output = Path(output)

@@ -4,20 +4,29 @@
   ``--calibrate-samples``;
 - :func:`check_engine_arguments`: the parser's errors for bad combinations;
 - :func:`engine_from_args`: reads the checkpoint, builds the engine the flags name; the caller hands both
-  to :class:`~caer_fast.serving.inference.Predictor` (``Predictor(ckpt, ..., engine=engine)``).
+  to :class:`~caer_fast.serving.inference.Predictor` (``Predictor(ckpt, ..., engine=engine)``);
+- :data:`USER_ERRORS` and :func:`report_error`: the errors every CLI (predict, serve, annotate) answers with
+  one line and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from ...data.calibration import CALIBRATION_FILE
+from ...data.detectors import DetectorUnavailable
+from ...devices import DeviceError
+from ...models.checkpoint import CheckpointError
 from . import engine_for_checkpoint, engine_names
-from .base import Engine
+from .base import Engine, EngineError
 
 ENV_VAR = "CAER_FAST_ENGINE"
+
+# a user's mistake or a missing piece, not a bug: one line on stderr, no traceback
+USER_ERRORS = (CheckpointError, DetectorUnavailable, DeviceError, EngineError)
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,3 +87,11 @@ def engine_from_args(args, checkpoint, *, device="cpu", batch_sizes: Optional[Se
         options["background"] = True  # a cold cache answers with eager while auto measures (docs/engines.md)
     return engine_for_checkpoint(checkpoint, args.engine, device=device, batch_sizes=batch_sizes,
                                  cache_dir=cache_dir, out=out, **options)
+
+
+def report_error(exc: BaseException, args) -> int:
+    """Print ``exc`` as a CLI's one-line error (an engine's names the ``--engine`` asked for); returns 2, the
+    exit status."""
+    flag = f"--engine {args.engine}: " if isinstance(exc, EngineError) else ""
+    print(f"error: {flag}{exc}", file=sys.stderr)
+    return 2

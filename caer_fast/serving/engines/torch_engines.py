@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ...models.caer_net import outputs_with_details
 from ...models.optimize import optimize
 from .base import BuildContext, Engine, register_engine
 
@@ -17,8 +18,7 @@ class TorchEngine(Engine):
 
     def run(self, face, context):
         with torch.inference_mode():
-            logits, d = self.model(face, context, return_details=True)
-        return logits, d["attention"], d["fusion_weights"]
+            return outputs_with_details(self.model, face, context)
 
 
 @register_engine("eager", cpu_only=False, description="the model under torch.inference_mode")
