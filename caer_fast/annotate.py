@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .annotation import AnnotateError, Options, annotate
+from .data.detectors import resolve_detector
 from .devices import resolve_device
 from .predict import get_args_parser as predict_parser
 from .serving.engines.cli import USER_ERRORS, add_engine_arguments, check_engine_arguments, report_error
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         parser.error("--workers, --model-actors, --batch-size and --part-videos must be >= 1")
     try:
         device = None if args.device is None else str(resolve_device(args.device))
-        opts = Options(str(args.checkpoint), device=device, detector=None if args.detector == "none" else args.detector,
+        opts = Options(str(args.checkpoint), device=device, detector=None if args.detector == "none" else resolve_detector(args.detector),
                        detect_every=args.detect_every, boxes=args.boxes, engine=args.engine,
                        calibrate=None if args.calibrate is None else str(args.calibrate),
                        calibrate_samples=args.calibrate_samples, batch_size=args.batch_size)

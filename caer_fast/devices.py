@@ -80,3 +80,53 @@ def has_vnni() -> bool:
     except Exception:  # older torch, unknown CPU: assume not (reduce_range is the safe choice)
         return False
     return any(caps.get(k, False) for k in ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8"))
+
+
+_OPENMP: list = []  # [the OpenMP runtime torch loaded (ctypes), or None]
+
+
+def _openmp_runtime():
+    """ctypes handle of the OpenMP runtime torch's CPU ops use (libgomp, or Intel's / LLVM's), or None."""
+    if not _OPENMP:
+        import ctypes
+
+        lib = None
+        try:
+            if "OpenMP" not in torch.__config__.parallel_info():
+                raise OSError("torch runs its CPU ops on another thread pool")
+            with open("/proc/self/maps") as f:
+                paths = {ln.split()[-1] for ln in f if ln.rstrip().endswith((".so", ".so.1", ".so.5"))}
+            for name in ("libgomp", "libiomp5", "libomp"):
+                hits = sorted(p for p in paths if Path(p).name.startswith(name))
+                if hits:
+                    lib = ctypes.CDLL(hits[0])  # already loaded: dlopen hands back the same library
+                    lib.omp_get_max_threads()
+                    break
+        except (OSError, AttributeError):
+            lib = None
+        _OPENMP.append(lib)
+    return _OPENMP[0]
+
+
+class thread_openmp_threads:
+    """Within the block, torch's CPU ops called from *this* thread use ``n`` OpenMP threads; other threads keep
+    theirs. ``torch.set_num_threads`` would not do: it also sets the default of every thread that starts later
+    (e.g. the model's). For a small-convolution model (MTCNN) running beside the main model on a few cores: one
+    thread does not wait at OpenMP barriers for cores the main model holds. A no-op where the runtime is not
+    found (torch without OpenMP)."""
+
+    def __init__(self, n: int):
+        self.n, self.old = max(1, int(n)), None
+
+    def __enter__(self):
+        lib = _openmp_runtime()
+        if lib is not None:
+            torch.get_num_threads()  # torch sets each thread's count once, lazily: let it, before ours
+            self.old = lib.omp_get_max_threads()
+            lib.omp_set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            _OPENMP[0].omp_set_num_threads(self.old)
+            self.old = None

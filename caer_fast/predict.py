@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from .data import boxes as boxes_io
-from .data.detectors import DETECTORS
+from .data.detectors import AUTO, DETECTORS
 from .data.video import MediaDecodeError, is_url
 from .devices import resolve_device
 from .serving.engines.cli import USER_ERRORS, add_engine_arguments, check_engine_arguments, engine_from_args, \
@@ -42,8 +42,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full result as JSON instead of a summary")
     p.add_argument("--save-viz", type=Path, default=None, metavar="OUT.png",
                    help="save a picture: face box, context attention heat-map, fusion weights, probabilities")
-    p.add_argument("--detector", default="haar", choices=DETECTORS + ("none",),
-                   help="face detector (none: context only)")
+    p.add_argument("--detector", default=AUTO, choices=(AUTO,) + DETECTORS + ("none",),
+                   help="face detector. auto: haar with --people main (one face per frame, the answers of earlier "
+                        "releases), mtcnn with --people all|N (better recall when everyone counts; one torch thread), "
+                        "haar where mtcnn cannot load. none: context only")
     p.add_argument("--detect-every", type=int, default=4, help="detect faces on every k-th sampled frame")
     p.add_argument("--boxes", type=Path, default=None, metavar="FILE",
                    help="take the face boxes from a box file instead of a detector: a CAER <split>.faces.csv "

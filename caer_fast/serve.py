@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .data.detectors import DETECTORS
+from .data.detectors import AUTO, DETECTORS
 from .devices import resolve_device
 from .serving.app import default_memory_budget_mb, run_server
 from .serving.engines.cli import USER_ERRORS, add_engine_arguments, check_engine_arguments, engine_from_args, \
@@ -86,7 +86,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="seconds a client has to send its headers")
     p.add_argument("--body-timeout", type=_positive_float, default=30.0,
                    help="longest pause, in seconds, while a client sends its body (slower clients get 408)")
-    p.add_argument("--detector", default="haar", choices=DETECTORS + ("none",))
+    p.add_argument("--detector", default=AUTO, choices=(AUTO,) + DETECTORS + ("none",),
+                   help="face detector. auto: haar for one face per frame (POST /predict, people=main), mtcnn for "
+                        "people=all|N (better recall when everyone counts), haar where mtcnn cannot load. "
+                        "none: context only")
     p.add_argument("--max-people", type=_int_in(1), default=8, metavar="N",
                    help="most people one request follows (POST /predict?people=all follows that many, ?people=N at "
                         "most N); the request's memory reservation scales with it")

@@ -124,3 +124,34 @@ def test_predict_engine_int8_video_end_to_end(demo_root, tmp_path):
         assert again["probabilities"][k] == pytest.approx(got["probabilities"][k], abs=1e-5)
     assert "quantizing the video model" in first.stderr and "agreement with fp32 100.0%" in first.stderr, first.stderr
     assert "loaded from the cache" in second.stderr and "quantizing" not in second.stderr, second.stderr
+
+
+def test_quantizing_in_the_background_leaves_the_answer_on_stdout(capfd):
+    """NNCF's progress goes to stderr, but only the quantizing thread's (and threads it starts): the answer the
+    main thread prints meanwhile (a cold `predict --json` while `auto` measures int8 in the background) stays
+    on stdout. contextlib.redirect_stdout, process-wide, sent it to stderr."""
+    import threading
+    import time
+
+    from caer_fast.serving.engines.int8 import _stdout_of_this_thread_to_stderr
+
+    started, printed = threading.Event(), threading.Event()
+
+    def quantize():
+        with _stdout_of_this_thread_to_stderr():
+            started.set()
+            print("progress bar")
+            child = threading.Thread(target=lambda: print("progress refresh"))
+            child.start()
+            child.join()
+            printed.wait(5)
+
+    t = threading.Thread(target=quantize)
+    t.start()
+    started.wait(5)
+    print('{"emotion": "Happy"}')
+    printed.set()
+    t.join()
+    time.sleep(0.01)
+    out, err = capfd.readouterr()
+    assert out == '{"emotion": "Happy"}\n' and "progress bar" in err and "progress refresh" in err

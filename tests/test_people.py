@@ -16,13 +16,16 @@ pytest.importorskip("skimage.data")
 pytest.importorskip("av")
 pytest.importorskip("supervision")
 
-from caer_fast.data.detectors import faces_by_size, make_detector  # noqa: E402
+from caer_fast.data.detectors import faces_by_size, make_detector, resolve_detector  # noqa: E402
 from caer_fast.data.tracking import PersonTracker, track_video  # noqa: E402
 from caer_fast.data.video import decode_video  # noqa: E402
+from caer_fast.devices import thread_openmp_threads  # noqa: E402
+from caer_fast.predict import get_args_parser  # noqa: E402
 from caer_fast.testing.people import FPS, iou, write_people_video  # noqa: E402
 
 DETECT_EVERY = 4
-DETECTOR = "mtcnn"
+DEFAULT = get_args_parser().get_default("detector")  # what `predict --people all` detects with by default
+DETECTOR = resolve_detector(DEFAULT, people=True)
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +34,8 @@ def people_run(tmp_path_factory):
     path, truth, partial = write_people_video(tmp_path_factory.mktemp("people") / "people.mp4")
     video = decode_video(path)
     assert video.frames.shape == (len(truth), 360, 640, 3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # MTCNN's small convolutions: faster on one thread (bench/RESULTS.md "Every face")
-    det = make_detector(DETECTOR)
+    det = make_detector(DEFAULT, people=True)
+    assert det.name == DETECTOR
     detections = {}
 
     class Recording:  # the real detector, remembering what it found
@@ -43,7 +45,6 @@ def people_run(tmp_path_factory):
 
     tracker = PersonTracker(fps=FPS, detect_every=DETECT_EVERY)
     tracks = [t for _, _, t in track_video(video.frames, Recording(), DETECT_EVERY, tracker=tracker)]
-    torch.set_num_threads(threads)
     assert len(tracks) == len(truth)
     return dict(truth=truth, partial=partial, detections=detections, tracks=tracks, spans=tracker.person_spans())
 
@@ -70,6 +71,39 @@ def test_detector_finds_every_face_in_the_video(people_run):
     assert total >= 60
     assert found >= 0.95 * total, f"{DETECTOR} found {found} of {total} faces"
     assert false <= 0.05 * len(people_run["detections"]), f"{false} false positives"
+
+
+def test_the_default_detector_is_mtcnn_for_everyone_and_haar_for_the_main_face():
+    assert DEFAULT == "auto" and DETECTOR == "mtcnn"
+    assert resolve_detector(DEFAULT, people=False) == "haar"  # --people main keeps the answers of 2408dd5
+    assert make_detector("auto").name == "haar" and make_detector("haar", people=True).name == "haar"
+
+
+def test_mtcnn_runs_one_thread_without_changing_the_others():
+    """MTCNN's thread count is its calling thread's alone: the model's thread and threads started later keep
+    torch's count (torch.set_num_threads would have changed the latter)."""
+    import threading
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    det, seen = make_detector("mtcnn"), {}
+
+    def worker():
+        with thread_openmp_threads(1):
+            seen["inside"] = torch.get_num_threads()
+        det.detect(np.zeros((120, 160, 3), np.uint8))
+        seen["after"] = torch.get_num_threads()
+
+    try:
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        later = threading.Thread(target=lambda: seen.setdefault("later", torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert seen == {"inside": 1, "after": 2, "later": 2} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_one_identity_per_person_through_the_crossing(people_run):

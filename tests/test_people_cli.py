@@ -27,7 +27,7 @@ from caer_fast.serving.stream import PERSON_KEYS, RESULT_KEYS, concat_chunks  # 
 from caer_fast.testing.people import FPS, iou, write_people_video  # noqa: E402
 from caer_fast.testing.serving import Server, make_checkpoint, write_video  # noqa: E402
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1")  # MTCNN is fastest on one thread (bench/RESULTS.md "Every face")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the model on one thread: the cores are shared
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +86,10 @@ def check_people(answer: dict, truth) -> None:
 
 def test_cli_people_all_follows_every_person(media):
     d = media["dir"]
-    out = cli(media["video"], "--checkpoint", media["ck"], "--people", "all", "--detector", "mtcnn", "--json",
+    out = cli(media["video"], "--checkpoint", media["ck"], "--people", "all", "--json",  # the default detector
               "--timeline", d / "t.csv", "--timeline-plot", d / "t.png", "--save-viz", d / "v.png")
     answer = json.loads(out)
+    assert answer["detector"] == "mtcnn"  # auto: MTCNN when everyone counts
     check_people(answer, media["truth"])
     with open(d / "t.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -124,7 +125,7 @@ def test_cli_follow_lines_carry_the_person_and_max_people_caps(media):
 def test_http_people_all_gives_the_same_json(media):
     import httpx
 
-    srv = Server(media["ck"], "--engine", "eager", "--detector", "mtcnn", "--max-people", "4", cwd=media["dir"])
+    srv = Server(media["ck"], "--engine", "eager", "--max-people", "4", cwd=media["dir"])  # the default detector
     try:
         data = media["video"].read_bytes()
         r = httpx.post(srv.url + "/predict?people=all", files={"file": ("p.mp4", data)}, timeout=300)
@@ -135,6 +136,7 @@ def test_http_people_all_gives_the_same_json(media):
     finally:
         srv.close()
     answer = r.json()
+    assert answer["detector"] == "mtcnn" and health["detector"] == "auto"
     check_people(answer, media["truth"])
     # every person's inputs of a step in one job: far fewer jobs than the people's clips
     clips = sum(len(p["clips"]) for p in answer["people"])
@@ -160,6 +162,7 @@ def test_people_main_is_the_one_face_answer(tmp_path):
             np.testing.assert_allclose(list(a[k].values()), list(x[k].values()), atol=1e-5)
         assert a["clips"] == x["clips"] and a["face_boxes"] == x["face_boxes"]
     assert len(a["people"]) == 1 and a["people"][0]["probabilities"] == a["probabilities"]
+    assert a["detector"] == b["detector"] == c["detector"] == "haar"  # auto: Haar for the one face, as before
     assert a["people"][0]["clips"] == a["clips"]
 
 

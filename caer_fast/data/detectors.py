@@ -4,7 +4,10 @@
 pixels, xyxy, clipped to the frame, ``x2 > x1`` and ``y2 > y1``. Scores are the detector's own
 confidence (comparable within one detector only).
 
-- ``haar`` (default): OpenCV's frontal-face Haar cascade (``haarcascade_frontalface_default.xml`` from
+- ``auto`` (the commands' default): ``haar`` for one face per frame (``--people main``: the answers of
+  earlier releases stay the same), ``mtcnn`` when every person counts (``--people all|N``: its recall is the
+  better one), ``haar`` where MTCNN cannot load (:func:`resolve_detector`).
+- ``haar``: OpenCV's frontal-face Haar cascade (``haarcascade_frontalface_default.xml`` from
   ``cv2.data.haarcascades``, shipped inside opencv-python-headless < 5). Fast, needs no extra package;
   score = the cascade's last-stage level weight from ``detectMultiScale3``.
 - ``dlib-cnn``: dlib's CNN "mmod" detector, the one the community CAER-S boxes came from. About 2 s per
@@ -15,6 +18,7 @@ confidence (comparable within one detector only).
 - ``mtcnn``: the MTCNN cascade (P-, R-, O-net) in PyTorch, its weights shipped in the package
   (:mod:`caer_fast.data.mtcnn`, copied from facenet-pytorch under its MIT licence). Finds small, turned
   and dim faces that Haar misses (bench/RESULTS.md "Every face"); score = the O-net's face probability.
+  Runs one torch thread by default, whatever the process's thread count (``threads``).
 
 :func:`best_face` keeps one face per frame: the largest among the confident ones.
 :func:`faces_by_size` keeps several (every person in the scene): largest first, above a score floor.
@@ -22,15 +26,19 @@ confidence (comparable within one detector only).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..devices import thread_openmp_threads
 from . import mtcnn
 
 Detection = Tuple[int, int, int, int, float]
 DETECTORS = ("haar", "dlib-cnn", "dlib-hog", "mtcnn")
+AUTO = "auto"
+log = logging.getLogger(__name__)
 DLIB_INSTALL = "pip install dlib-bin face-recognition-models"
 
 
@@ -195,14 +203,17 @@ class MTCNNDetector(FaceDetector):
 
     ``thresholds`` are the three stages' face-probability cut-offs; ``factor`` the pyramid step. The
     P-net pyramid starts at ``12 / min_size``, so ``min_size`` is also the main speed knob. Runs on the
-    CPU with torch's intra-op threads.
+    CPU with ``threads`` OpenMP threads in the calling thread (None: torch's count): its many small
+    convolutions are faster on one thread than on two that wait on each other, above all beside a model
+    that holds the cores (bench/RESULTS.md "Every face").
     """
 
     name = "mtcnn"
 
     def __init__(self, min_size: int = 32, detect_height: Optional[int] = -1,
-                 thresholds: Sequence[float] = (0.6, 0.7, 0.7), factor: float = 0.709):
+                 thresholds: Sequence[float] = (0.6, 0.7, 0.7), factor: float = 0.709, threads: Optional[int] = 1):
         super().__init__(min_size, detect_height)
+        self.threads = threads
 
         self._mtcnn = mtcnn
         try:
@@ -212,18 +223,37 @@ class MTCNNDetector(FaceDetector):
         self.thresholds, self.factor = tuple(thresholds), float(factor)
 
     def _detect(self, rgb, min_size):
-        return self._mtcnn.detect(rgb, self._nets, max(12, min_size), self.thresholds, self.factor)
+        if self.threads is None:
+            return self._mtcnn.detect(rgb, self._nets, max(12, min_size), self.thresholds, self.factor)
+        with thread_openmp_threads(self.threads):
+            return self._mtcnn.detect(rgb, self._nets, max(12, min_size), self.thresholds, self.factor)
 
 
-def make_detector(name: str = "haar", min_size: int = 32, detect_height: Optional[int] = -1) -> FaceDetector:
-    """A detector by name (one of :data:`DETECTORS`); ``detect_height=-1`` keeps the detector's default.
+def resolve_detector(name: str, people: bool = False) -> str:
+    """The detector ``name`` stands for: ``auto`` is ``mtcnn`` when ``people`` (every person counts) and ``haar``
+    for one face per frame; any other name is itself."""
+    if name != AUTO:
+        return name
+    return "mtcnn" if people else "haar"
+
+
+def make_detector(name: str = "haar", min_size: int = 32, detect_height: Optional[int] = -1,
+                  people: bool = False) -> FaceDetector:
+    """A detector by name (one of :data:`DETECTORS`, or ``auto``: see :func:`resolve_detector`, with Haar
+    where MTCNN cannot load); ``detect_height=-1`` keeps the detector's default.
 
     Raises :class:`DetectorUnavailable` naming what to install when its package is missing.
     """
+    if name == AUTO:
+        try:
+            return make_detector(resolve_detector(name, people), min_size, detect_height)
+        except DetectorUnavailable as exc:
+            log.warning("detector auto: %s; using haar", exc)
+            return make_detector("haar", min_size, detect_height)
     classes = {"haar": HaarDetector, "dlib-cnn": DlibCNNDetector, "dlib-hog": DlibHOGDetector,
                "mtcnn": MTCNNDetector}
     if name not in classes:
-        raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
+        raise ValueError(f"unknown detector {name!r}; choose one of {', '.join((AUTO,) + DETECTORS)}")
     return classes[name](min_size=min_size, detect_height=detect_height)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..constants import CLASSES, CLIP_FPS
+from ..data.detectors import AUTO
 from ..data.video import (MAX_IMAGE_PIXELS, MediaDecodeError, VideoStream, image_size, is_url, open_source,
                           read_image, sample_positions, sniff_media)
 from ..models.caer_net import CAERNet
@@ -152,7 +153,8 @@ class Predictor:
         checkpoint: path or dict: ours (``model``, ``model_type``, ``model_args``, ``args``) or the
             community CAER-S one (``state_dict``; image model, default input sizes).
         device: "cpu" / "cuda" (default: CUDA if available).
-        detector: face detector name (see :mod:`caer_fast.data.detectors`), or an object with
+        detector: face detector name (see :mod:`caer_fast.data.detectors`; ``auto``: Haar for one face per
+            frame, MTCNN for every person), or an object with
             ``detect(rgb) -> [(x1, y1, x2, y2, score), …]``, or None for no detection (context only).
         detect_every: run the detector on every k-th sampled frame (10 fps → k=4 is 2.5 detections/s).
         max_frames: refuse videos with more decoded frames than this (None: no limit).
@@ -177,7 +179,7 @@ class Predictor:
         >>> r = p.predict_file("clip.avi"); r.emotion, r.probabilities          # doctest: +SKIP
     """
 
-    def __init__(self, checkpoint, device: Optional[str] = None, detector="haar", detect_every: int = 4,
+    def __init__(self, checkpoint, device: Optional[str] = None, detector=AUTO, detect_every: int = 4,
                  max_frames: Optional[int] = None, batch_size: int = 16, max_frame_pixels: Optional[int] = MAX_PIXELS,
                  max_pixels: Optional[int] = None, engine=None, stream_chunk: Optional[int] = None):
         ckpt = read_checkpoint(checkpoint)
@@ -202,8 +204,10 @@ class Predictor:
                                           self.is_video_model, detector, self._detect_every, self._stream_chunk)
         self._detector_name = detector if isinstance(detector, str) else (
             "none" if detector is None else getattr(detector, "name", type(detector).__name__))
-        if isinstance(detector, str):
-            self._preprocessor.get_detector()  # fail now (unknown name, missing package), not on the first request
+        if isinstance(detector, str):  # fail now (unknown name, missing package), not on the first request
+            self._preprocessor.get_detector()
+            if detector == AUTO:
+                self._preprocessor.get_detector(people=True)
 
     # -- the read-only surface ---------------------------------------------------------------------
     model_type = property(lambda self: self._model_type, doc='"caer" (video model) or "caers" (image model)')
@@ -274,7 +278,10 @@ class Predictor:
         """The result builder of one input (``detector``: the label the result gives, default the detector's;
         ``people`` other than "main": a :class:`~.stream.PeopleAccumulator` for :meth:`Preprocessor.people_chunks
         <caer_fast.serving.stream.Preprocessor.people_chunks>`)."""
-        cls = Accumulator if parse_people(people) == -1 else PeopleAccumulator
+        main = parse_people(people) == -1
+        cls = Accumulator if main else PeopleAccumulator
+        if detector is None and self._detector_name == AUTO:  # the detector that ran, not "auto"
+            detector = self._preprocessor.detector_label(people=not main)
         return cls(self, kind=source.kind, fps=source.fps if source.kind == "video" else None,
                    keep_frames=keep_frames, detector=detector)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..constants import CLIP_FPS, TEST_CLIP_STRIDE
-from ..data.detectors import best_face, make_detector
+from ..data.detectors import best_face, make_detector, resolve_detector
 from ..data.tracking import PersonTracker, person_inputs
 from ..ops import face_context
 from .clips import Chunk, ClipPooler, ClipSampler
@@ -223,15 +223,23 @@ class Preprocessor:
         self.__dict__.update(state)
         self._local = threading.local()
 
-    def get_detector(self):
+    def get_detector(self, people: bool = False):
+        """This thread's detector; ``people``: for :meth:`people_chunks` (``auto`` is MTCNN there, Haar for
+        :meth:`chunks`: :func:`~caer_fast.data.detectors.resolve_detector`)."""
         spec = self.detector
         if spec is None or not isinstance(spec, str):
             return spec
-        det = getattr(self._local, "detector", None)
+        name = resolve_detector(spec, people)
+        cache = self._local.__dict__.setdefault("detectors", {})
+        det = cache.get(name)
         if det is None:
-
-            det = self._local.detector = make_detector(spec)
+            det = cache[name] = make_detector(spec, people=people)
         return det
+
+    def detector_label(self, people: bool = False) -> str:
+        """The name of the detector :meth:`chunks` (``people`` False) or :meth:`people_chunks` runs."""
+        det = self.get_detector(people)
+        return "none" if det is None else getattr(det, "name", None) or type(det).__name__
 
     def chunks(self, frames: Iterable, known_boxes=None, keep_frames: bool = False,
                timer: Optional[StageTimer] = None, person: int = 0) -> Iterator[Chunk]:
@@ -298,7 +306,7 @@ class Preprocessor:
         found). Memory: O(chunk × people)."""
 
         timer = timer or StageTimer()
-        det = self.get_detector()
+        det = self.get_detector(people=True)
         every = max(1, int(self.detect_every))
         tracker = PersonTracker(max_people=max_people, fps=CLIP_FPS, detect_every=every, max_miss_s=max_miss_s)
         # after this many sampled frames unseen the tracker has dropped the track: the person is gone

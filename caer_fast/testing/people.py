@@ -11,6 +11,10 @@ LFW face of ``skimage.data.lfw_subset`` (25×25 grey, upscaled 4×). Each is pas
   never overlap: an occluded face is invisible to any detector, and "visible" would need a partial rule;
 - person 2 (LFW) enters from the right edge at t = 4 s, stays, and leaves to the right by t ≈ 14.3 s.
 
+Longer versions (``seconds`` > 15, for the benchmarks) play the 15 s choreography forwards, then backwards,
+and so on, so every motion stays continuous (no one jumps across the frame): in each 30 s, persons 0 and 1
+cross twice and person 2 leaves and comes back.
+
 It lives in tests/ (not caer_fast.data.synthetic): it needs test-only packages (scikit-image) and exists
 to score detectors and trackers against a known truth, which users have no use for.
 """
@@ -18,7 +22,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -74,6 +79,9 @@ def _lerp(t, t0, t1, a, b):
 
 def _positions(t: float, ps: List[Person]) -> List[Optional[Tuple[int, int]]]:
     """Top-left corner of each patch at time t (s), None while the person is off screen."""
+    t = t % (2 * SECONDS)
+    if t > SECONDS:  # the way back (longer videos); t < 15 s is the 15 s video unchanged
+        t = 2 * SECONDS - t
     h1 = ps[1].patch.shape[0]
     p0 = (_lerp(t, 0, SECONDS, 10, 640 - ps[0].patch.shape[1] - 10), 8 + 6 * np.sin(t * 1.3))
     # bottom lane, rising around the crossing (t = 7.8 s) so its face passes ~20 px under person 0's face
@@ -98,17 +106,15 @@ def _background() -> np.ndarray:
     return np.clip(g[..., None].astype(np.float32) * tint, 0, 255).astype(np.uint8)
 
 
-def render() -> Tuple[np.ndarray, List[Dict[int, Box]], List[Dict[int, Box]]]:
-    """Frames (N×H×W×3 uint8) and per frame the truth: ``{person: face box}`` for faces wholly inside the
-    frame, and ``{person: face box}`` of faces cut by the frame edge (neither required nor counted wrong)."""
+def frames(seconds: float = SECONDS, fps: int = FPS) -> Iterator[Tuple[np.ndarray, Dict[int, Box], Dict[int, Box]]]:
+    """``(frame, full, partial)`` one frame at a time (H×W×3 uint8; truth as :func:`render` gives it), at
+    ``fps`` for ``seconds``: memory does not grow with the length."""
     ps = people()
     bg = _background()
-    frames = np.empty((N_FRAMES, H, W, 3), np.uint8)
-    full, partial = [], []
-    for i in range(N_FRAMES):
+    for i in range(round(seconds * fps)):
         img = bg.copy()
         f, p = {}, {}
-        for pid, (person, pos) in enumerate(zip(ps, _positions(i / FPS, ps))):
+        for pid, (person, pos) in enumerate(zip(ps, _positions(i / fps, ps))):
             if pos is None:
                 continue
             x, y = pos
@@ -124,21 +130,42 @@ def render() -> Tuple[np.ndarray, List[Dict[int, Box]], List[Dict[int, Box]]]:
                 f[pid] = box
             elif box[2] > 0 and box[0] < W:
                 p[pid] = box
-        frames[i] = img
+        yield img, f, p
+
+
+def render(seconds: float = SECONDS, fps: int = FPS) -> Tuple[np.ndarray, List[Dict[int, Box]], List[Dict[int, Box]]]:
+    """Frames (N×H×W×3 uint8) and per frame the truth: ``{person: face box}`` for faces wholly inside the
+    frame, and ``{person: face box}`` of faces cut by the frame edge (neither required nor counted wrong)."""
+    n = round(seconds * fps)
+    out = np.empty((n, H, W, 3), np.uint8)
+    full, partial = [], []
+    for i, (img, f, p) in enumerate(frames(seconds, fps)):
+        out[i] = img
         full.append(f)
         partial.append(p)
-    return frames, full, partial
+    return out, full, partial
 
 
-def write_people_video(path, codec: str = "h264"):
-    """Render and encode the clip (PyAV, ``codec`` h264 or mjpeg, 640×360, 10 fps, 15 s); returns
-    ``(path, truth, partial)`` as :func:`render` describes them."""
-    from caer_fast.testing.media import write_clip
+def write_people_video(path, codec: str = "h264", seconds: float = SECONDS, fps: int = FPS, preset: str = "veryfast"):
+    """Render and encode the clip (PyAV, ``codec`` h264 or mjpeg, 640×360, ``fps``, ``seconds``; frame by
+    frame, so a 10-minute one needs no more memory than 15 s); returns ``(path, truth, partial)`` as
+    :func:`render` describes them."""
+    import av
 
-    frames, truth, partial = render()
-    options = {"crf": "18", "preset": "veryfast"} if codec in ("h264", "libx264") else None
-    write_clip(path, frames, codec, fps=FPS, options=options)
-    return path, truth, partial
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = {"crf": "18", "preset": preset} if codec in ("h264", "libx264") else {}
+    full, partial = [], []
+    with av.open(str(path), "w") as c:  # as caer_fast.testing.media.write_clip encodes, one frame at a time
+        s = c.add_stream(codec, rate=fps, options=options)
+        s.width, s.height = W, H
+        s.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        for img, f, p in frames(seconds, fps):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+            full.append(f)
+            partial.append(p)
+        c.mux(s.encode())
+    return path, full, partial
 
 
 def iou(a, b) -> float:

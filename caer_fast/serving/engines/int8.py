@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Tuple
@@ -120,6 +121,40 @@ def _digest(batches) -> str:
     return h.hexdigest()[:16]
 
 
+class _ThreadRoutedStdout:
+    """A ``sys.stdout`` that sends the writes of the threads in ``keep`` to ``real`` and all others to stderr."""
+
+    def __init__(self, real, keep):
+        self._real, self._keep = real, keep
+
+    def _target(self):
+        return self._real if threading.get_ident() in self._keep else sys.stderr
+
+    def write(self, text):
+        return self._target().write(text)
+
+    def flush(self):
+        return self._target().flush()
+
+    def __getattr__(self, name):
+        return getattr(self._target(), name)
+
+
+@contextlib.contextmanager
+def _stdout_of_this_thread_to_stderr():
+    """Within the block, what this thread (and any thread it starts) prints goes to stderr; threads already
+    running keep the real stdout. ``contextlib.redirect_stdout`` is process-wide: while ``auto`` quantized in
+    the background, it sent the answer ``predict --json`` printed meanwhile to stderr."""
+    real = sys.stdout
+    route = _ThreadRoutedStdout(real, {t.ident for t in threading.enumerate()} - {threading.get_ident()})
+    sys.stdout = route
+    try:
+        yield
+    finally:
+        if sys.stdout is route:
+            sys.stdout = real
+
+
 def build_video_int8(ctx: BuildContext, calibration) -> Engine:
     calib, held, where = _video_data(ctx, calibration)
     got = (tuple(calib[0][0].shape[1:]), tuple(calib[0][1].shape[1:]))
@@ -148,7 +183,7 @@ def build_video_int8(ctx: BuildContext, calibration) -> Engine:
             ctx.say(f"int8: quantizing the video model (NNCF, OpenVINO) on {sum(len(f) for f, _ in calib)} clips "
                     f"of {where} …")
             tq = time.perf_counter()
-            with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar: stdout is the answer's (--json)
+            with _stdout_of_this_thread_to_stderr():  # NNCF's progress bar: stdout is the answer's (--json)
                 model = quantize_openvino_int8(onnx_path, calib, save_to=xml)
             quantize_s = round(time.perf_counter() - tq, 2)
             inner = OpenVinoInt8Engine(model, threads=ctx.threads, cache_dir=blobs if man else None)
