@@ -4,6 +4,12 @@ answers to 1e-5.
 
     python tools/baseline_answers.py record OUT.json   # the code before the change
     python tools/baseline_answers.py compare OUT.json  # the code after
+
+Answers differ across CPUs by up to 4e-5 (the checkpoints are trained a few steps here, with each CPU's
+kernels), so compare with a file recorded on the same kind of CPU: baseline_answers_2408dd5.json was recorded
+on an Intel Xeon (AVX-512), baseline_answers_2408dd5_avx2.json on an AMD EPYC (AVX2 + FMA). At 2408dd5 the
+helpers lived in tests/serving_helpers.py: record there with this file's last import changed to
+``from serving_helpers import ...`` and ``PYTHONPATH=tests``.
 """
 import json
 import sys
