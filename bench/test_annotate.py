@@ -22,15 +22,15 @@ own daemons are not counted). Every run's ``videos.parquet`` must give the embed
 """
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from caer_fast.testing.ray_head import RAY_ENV, ray_head
 
 pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -38,11 +38,7 @@ psutil = pytest.importorskip("psutil")
 
 PER_CLASS = int(os.environ.get("CAER_BENCH_ANNOTATE_VIDEOS", "6"))
 ROUNDS = int(os.environ.get("CAER_BENCH_ANNOTATE_ROUNDS", "2"))
-RAY_CLI = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 RESULTS = {}
-# no token auth on this loopback cluster (else ray-local's ray.init writes ~/.ray/auth_token and later heads
-# and drivers must agree on it)
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 # the floor contenders' driver: Ray Data with our stages' shape and no work (argv[1]: head, [2]: n, [3]: 1 = torch)
@@ -89,19 +85,8 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def head():
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, **RAY_ENV)
-    subprocess.run([*RAY_CLI, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", f"--temp-dir={temp}", "--object-store-memory=300000000",
-                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=180)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([*RAY_CLI, "stop"], capture_output=True, env=env, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+    with ray_head() as h:  # stops this head alone (`ray stop` would stop every Ray here)
+        yield h.address
 
 
 def _job_rss(proc: psutil.Process) -> int:
