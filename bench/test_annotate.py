@@ -10,7 +10,11 @@ by default (42), with the demo's face boxes (``--boxes``); the checkpoint is a t
 - ``embedded``: the default run (2 decode processes feeding the model process);
 - ``ray-head``: ``--ray ADDRESS`` against a head started beforehand (``ray start --head --num-cpus=2`` on
   127.0.0.1, as a cluster would be); its start is not timed, its actors' start is;
-- ``ray-local``: ``--ray`` alone: Ray started and stopped for the job (timed).
+- ``ray-local``: ``--ray`` alone: Ray started and stopped for the job (timed);
+- ``ray-floor``: not ours: the same Ray Data pipeline against the same head (the corpus's paths in blocks of 4,
+  a decode actor pool of 1–2 → one model actor, ``num_cpus=1`` each) with actors that do nothing and a driver
+  that never imports torch: what Ray costs before any of our work;
+- ``ray-floor-torch``: the same with each actor importing torch in its constructor, as ours must.
 
 Each run is a subprocess with ``OMP_NUM_THREADS=1``; wall time from its start to its exit; peak memory is the
 largest sum of RSS over the CLI, its children and the job's Ray actor processes (sampled every 0.1 s; Ray's
@@ -18,15 +22,15 @@ own daemons are not counted). Every run's ``videos.parquet`` must give the embed
 """
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from caer_fast.testing.ray_head import RAY_ENV, ray_head
 
 pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -34,11 +38,31 @@ psutil = pytest.importorskip("psutil")
 
 PER_CLASS = int(os.environ.get("CAER_BENCH_ANNOTATE_VIDEOS", "6"))
 ROUNDS = int(os.environ.get("CAER_BENCH_ANNOTATE_ROUNDS", "2"))
-RAY_CLI = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 RESULTS = {}
-# no token auth on this loopback cluster (else ray-local's ray.init writes ~/.ray/auth_token and later heads
-# and drivers must agree on it)
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+# the floor contenders' driver: Ray Data with our stages' shape and no work (argv[1]: head, [2]: n, [3]: 1 = torch)
+FLOOR = """
+import sys
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+HEAVY = sys.argv[3] == "1"
+class Decode:
+    def __init__(self):
+        if HEAVY:
+            import torch  # noqa: F401
+    def __call__(self, row):
+        return [{"path": row["path"], "seq": 0}]
+class Model(Decode):
+    def __call__(self, batch):
+        return batch
+ray.data.DataContext.get_current().enable_progress_bars = False
+n = int(sys.argv[2])
+ds = ray.data.from_items([{"path": str(i)} for i in range(n)], override_num_blocks=-(-n // 4))
+ds = ds.flat_map(Decode, num_cpus=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
+ds = ds.map_batches(Model, batch_size=4, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
+assert sum(1 for _ in ds.iter_rows()) == n
+"""
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +85,8 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def head():
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, **RAY_ENV)
-    subprocess.run([*RAY_CLI, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", f"--temp-dir={temp}", "--object-store-memory=300000000",
-                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=180)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([*RAY_CLI, "stop"], capture_output=True, env=env, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+    with ray_head() as h:  # stops this head alone (`ray stop` would stop every Ray here)
+        yield h.address
 
 
 def _job_rss(proc: psutil.Process) -> int:
@@ -98,11 +111,14 @@ def _job_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_once(corpus, out: Path, extra) -> dict:
+def run_once(corpus, out: Path, extra, floor=None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", CAER_FAST_ENGINE="eager", **RAY_ENV)
     cmd = [sys.executable, "-m", "caer_fast.annotate", str(corpus["videos"]), "--checkpoint", str(corpus["ckpt"]),
            "--out", str(out), "--boxes", str(corpus["boxes"]), "--no-progress", *extra]
+    if floor is not None:
+        cmd = [sys.executable, "-c", FLOOR, *floor]
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep the loopback address, as run_ray does
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ps, peak = psutil.Process(p.pid), 0
@@ -112,25 +128,28 @@ def run_once(corpus, out: Path, extra) -> dict:
     wall = time.perf_counter() - t0
     stdout, stderr = p.communicate()
     assert p.returncode == 0, stderr
+    if floor is not None:
+        return {"wall": wall, "peak_mb": peak / 2 ** 20, "emotions": None}
     rows = pq.read_table(out / "videos.parquet").to_pylist()
     assert len(rows) == corpus["n"] and all(r["status"] == "ok" for r in rows)
     return {"wall": wall, "peak_mb": peak / 2 ** 20, "emotions": {r["path"]: r["emotion"] for r in rows}}
 
 
-@pytest.mark.parametrize("implementation", ["embedded", "ray-head", "ray-local"])
+@pytest.mark.parametrize("implementation", ["embedded", "ray-head", "ray-floor", "ray-floor-torch", "ray-local"])
 def test_annotate_corpus(benchmark, corpus, head, implementation):
     """All contenders run here, alternated, once the first parameter is reached; the other parameters
     report their share (one pytest-benchmark row per contender)."""
     if not RESULTS:
-        order = ["embedded", "ray-head"] * ROUNDS + ["ray-local"]
+        order = ["embedded", "ray-head", "ray-floor", "ray-floor-torch"] * ROUNDS + ["ray-local"]
         for i, name in enumerate(order):
-            extra = {"embedded": [], "ray-head": ["--ray", head], "ray-local": ["--ray"]}[name]
-            r = run_once(corpus, corpus["dir"] / f"out-{name}", extra)
+            extra = {"embedded": [], "ray-head": ["--ray", head], "ray-local": ["--ray"]}.get(name, [])
+            floor = {"ray-floor": [head, str(corpus["n"]), "0"], "ray-floor-torch": [head, str(corpus["n"]), "1"]}
+            r = run_once(corpus, corpus["dir"] / f"out-{name}", extra, floor.get(name))
             RESULTS.setdefault(name, []).append(r)
         ref = RESULTS["embedded"][0]["emotions"]
         for name, runs in RESULTS.items():
             for r in runs:
-                assert r["emotions"] == ref, name  # the same answers whichever way it ran
+                assert r["emotions"] in (ref, None), name  # the same answers whichever way it ran (floors: none)
     runs = RESULTS[implementation]
     best = min(r["wall"] for r in runs)
     benchmark.extra_info.update({"videos": corpus["n"], "walls_s": [round(r["wall"], 2) for r in runs],

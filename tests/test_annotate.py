@@ -5,12 +5,9 @@ The corpus: 40 demo videos (real .avi files, three codecs) in nested folders plu
 named .avi, an empty .mp4); a tiny CAER-Net checkpoint; the demo data's face boxes (``--boxes``).
 """
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import pytest
 from caer_fast.annotation import AnnotateError, find_inputs
 from caer_fast.predict import boxes_for
 from caer_fast.serving.inference import Predictor
+from caer_fast.testing.ray_head import RAY_ENV, ray_head as start_ray_head
 from caer_fast.testing.serving import make_checkpoint, write_png
 
 pq = pytest.importorskip("pyarrow.parquet")
@@ -31,11 +29,6 @@ def run_annotate(*args, timeout=300, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "caer_fast.annotate", *map(str, args), "--no-progress"],
                           capture_output=True, text=True, env=env, timeout=timeout, **kw)
-
-
-# A loopback test cluster without token auth: Ray 2.60 turns it on once ~/.ray/auth_token exists (any local
-# ray.init writes one), and a head and a driver that disagree about it cannot talk.
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def popen_annotate(*args):
@@ -206,28 +199,11 @@ def test_an_image_and_a_missing_file_from_a_manifest(corpus, tmp_path):
 
 
 # -- Ray ------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     pytest.importorskip("ray")
-    ray_cli = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]  # this venv's ray
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    port = _free_port()
-    env = dict(os.environ, **RAY_ENV)
-    cmd = [*ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-           "--include-dashboard=false", f"--temp-dir={temp}", "--object-store-memory=300000000",
-           "--disable-usage-stats"]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, timeout=180)
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([*ray_cli, "stop"], capture_output=True, env=env, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+    with start_ray_head() as head:  # stops this head alone (`ray stop` would stop every Ray here)
+        yield head.address
 
 
 def _ray_workers(name: str) -> set:
