@@ -7,7 +7,9 @@ against the model alone, each stage's share.
 Inputs are 640×360 25 fps H.264 (ultrafast) videos written with PyAV into a temp dir (never into git):
 a low-complexity scene (a gradient, a moving block, a face-like ellipse pair), so they encode and decode
 cheaply. The checkpoint is a full-size CAER-Net (16-frame clips, 96² faces, 112² context crops) from
-random init; the Haar detector runs on every 4th sampled frame.
+random init, with a ``calibration.pt`` beside it as ``train`` writes one (32 clips of the same kind of
+video), so the cold start's ``auto`` builds and measures the int8 engine too; the Haar detector runs on
+every 4th sampled frame.
 
 - ``test_peak_memory_vs_length``: ``python -m caer_fast.predict`` in a fresh subprocess per length; its
   peak is the process's own ``VmHWM`` (/proc/self/status), written by the process itself at exit. Not
@@ -87,10 +89,37 @@ def full_size_checkpoint(path: Path) -> Path:
     return path
 
 
+def write_calibration(ckpt: Path, video: Path, clips: int = 32, people: bool = False) -> Path:
+    """``calibration.pt`` beside ``ckpt``: the first ``clips`` model inputs of ``video`` (every person's with
+    ``people``), preprocessed as ``predict`` does (what ``train`` saves is its training clips, the same way)."""
+    from caer_fast.data.calibration import CALIBRATION_FILE, save_calibration_sample
+    from caer_fast.serving.inference import Predictor
+
+    p = Predictor(ckpt, device="cpu", detector="haar")
+    batches, n = [], 0
+    with p.open(video) as source:
+        pre = p.preprocessor()
+        for step in (pre.people_chunks(source.frames) if people else pre.chunks(source.frames)):
+            for c in (step if isinstance(step, list) else [step]):
+                if c.n:
+                    batches.append((c.face, c.context))
+                    n += c.n
+            if n >= clips:
+                break
+    face, context = torch.cat([b[0] for b in batches])[:clips], torch.cat([b[1] for b in batches])[:clips]
+    return save_calibration_sample(ckpt.parent / CALIBRATION_FILE, [(face, context)])
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench_stream")
-    return {"dir": d, "ckpt": full_size_checkpoint(d / "caer_full.pth")}
+    ckpt = full_size_checkpoint(d / "caer_full.pth")
+    # calibration.pt beside the checkpoint, as train writes one: the cold row's auto also builds and measures
+    # the int8 engine, which is what a user with a trained checkpoint gets
+    calib_video = write_long_video(d / "calibration.mp4", 45)
+    write_calibration(ckpt, calib_video)
+    calib_video.unlink()
+    return {"dir": d, "ckpt": ckpt}
 
 
 # Runs a module as `python -m` would, and at exit (atexit runs on sys.exit too) writes this process's own
