@@ -176,7 +176,11 @@ def test_peak_memory_vs_length(benchmark, media):
                          "x_real_time": minutes * 60 / wall, "clips": len(r["clips"]), "frames_used": r["frames_used"],
                          "file_mb": video.stat().st_size / 2**20, "encode_s": gen_s})
             video.unlink()
+            decisions = sorted(cache.rglob("decision-*.json"))
+            chosen = json.loads(decisions[-1].read_text())["chosen"] if decisions else "?"
+            rows[-1]["engine"] = chosen
             print(f"\nstreaming {minutes:g} min 640x360@25{' (cold: builds the engine)' if cold else ''}: "
+                  f"auto's decision {chosen}, result's engine {r.get('engine')}; "
                   f"peak RSS (own VmHWM) {rss / 2**20:.0f} MiB, {wall:.0f} s wall "
                   f"({minutes * 60 / wall:.2f}x real time incl. start-up), {len(r['clips'])} clips, "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
