@@ -319,7 +319,8 @@ def test_background_auto_swaps_after_measuring(caers, tmp_path):
 
 def test_background_auto_takes_turns_with_eager(caers, tmp_path, monkeypatch):
     """While measuring, eager's answers and the measured candidates take turns: no eager forward runs during
-    a candidate's timing (their memory peaks would add up: issue 24's cold streamed run)."""
+    a candidate's timing (their memory peaks would add up: issue 24's cold streamed run); eager runs a big
+    batch in slices of the largest measured batch, with the same answers."""
     caers = copy.deepcopy(caers)  # hooks below: not on the shared fixture
     fs, cs = engines.default_shapes(caers)
     timed, answered, starts = [], [], {}
@@ -338,14 +339,20 @@ def test_background_auto_takes_turns_with_eager(caers, tmp_path, monkeypatch):
                                 if threading.get_ident() == main else None)
     bg = build_engine(caers, "auto", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path,
                       background=True)
-    face, context = torch.randn(2, *fs), torch.randn(2, *cs)
+    face, context = torch.randn(3, *fs), torch.randn(3, *cs)
     with torch.inference_mode():
+        ref_logits, ref_details = caers(face, context, return_details=True)
+        n0 = len(answered)
         bg(face, context)  # starts the measurement
+        n_first = len(answered)
         while bg.state["state"] != "done":
-            bg(face, context)
+            logits, details = bg(face, context, return_details=True)  # in slices of 2 (the measured batch)
             time.sleep(0.01)
         assert bg.wait(600) is not None
-    during = [a for a in answered[1:] if a[0] < timed[-1][1]]
+    assert n_first - n0 == 2  # 3 inputs: slices of 2 and 1
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(details["attention"], ref_details["attention"])
+    during = [a for a in answered[n_first:] if a[0] < timed[-1][1]]
     assert timed and during, (timed, answered)
     overlaps = [(a, t) for a in answered for t in timed if a[0] < t[1] and t[0] < a[1]]
     assert not overlaps, overlaps

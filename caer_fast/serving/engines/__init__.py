@@ -112,8 +112,9 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
                                 calibration=calibration, check=check, out=out, turn=turn, **options)
         say("engine: no measured choice for this model and machine yet: answering with eager now and measuring "
             "the engines in the background (once; the next start reads the choice)")
+        sizes = auto.measured_batch_sizes(ctx.face_shape, ctx.context_shape, ctx.batch_sizes)
         return auto.BackgroundAuto(ctx.build("eager"), measure, say, memory_estimate=auto.measure_memory_estimate(
-            ctx.face_shape, ctx.context_shape, max(batch_sizes)), turn=turn)
+            ctx.face_shape, ctx.context_shape, ctx.batch_sizes), turn=turn, slice_batch=sizes[-1])
     with entry_lock(ctx.dir) if ctx.dir is not None else contextlib.nullcontext():
         eng = spec.build(ctx)
         if check and spec.fp32 and engine != "eager":

@@ -8,7 +8,7 @@ import importlib.util
 import json
 import threading
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -34,15 +34,33 @@ def auto_candidates() -> Tuple[str, ...]:
 MEASURE_INPUT_FACTOR, MEASURE_FIXED_BYTES = 32, 64 * 2**20
 
 
-def measure_memory_estimate(face_shape, context_shape, batch: int) -> int:
+# the largest batch auto times: its float32 inputs stay under this (the full-size video model: 4 clips). A
+# batch's per-sample time ranks the engines; timing eager on 16 full-size clips (predict --people all's
+# batches) cost ~1 GB more at the cold start's peak
+MEASURE_MAX_INPUT_BYTES = 16 * 2**20
+
+
+def _sample_bytes(face_shape, context_shape) -> int:
+    n = 0
+    for shape in (face_shape, context_shape):
+        k = 1
+        for d in shape:
+            k *= int(d)
+        n += k
+    return 4 * n
+
+
+def measured_batch_sizes(face_shape, context_shape, batch_sizes) -> List[int]:
+    """The batch sizes ``auto`` times: the smallest of ``batch_sizes`` and the largest, capped at
+    ``MEASURE_MAX_INPUT_BYTES`` of inputs."""
+    cap = max(1, MEASURE_MAX_INPUT_BYTES // _sample_bytes(face_shape, context_shape))
+    return sorted({int(batch_sizes[0]), min(int(batch_sizes[-1]), cap)})
+
+
+def measure_memory_estimate(face_shape, context_shape, batch_sizes) -> int:
     """Bytes ``auto``'s measurement may add to the process (a server reserves them in its memory budget)."""
-    elements = 1
-    for d in face_shape:
-        elements *= int(d)
-    other = 1
-    for d in context_shape:
-        other *= int(d)
-    return int(MEASURE_INPUT_FACTOR * 4 * (elements + other) * max(1, int(batch)) + MEASURE_FIXED_BYTES)
+    batch = measured_batch_sizes(face_shape, context_shape, batch_sizes)[-1]
+    return int(MEASURE_INPUT_FACTOR * _sample_bytes(face_shape, context_shape) * batch + MEASURE_FIXED_BYTES)
 
 
 def time_engine(engine: Callable, face_shape, context_shape, batch: int, repeats: int = 3,
@@ -121,7 +139,7 @@ def build_auto(ctx: BuildContext) -> Engine:
         eng.info.update(decision=decision, decision_cached=True)
         return eng
 
-    sizes = sorted({ctx.batch_sizes[0], ctx.batch_sizes[-1]})
+    sizes = measured_batch_sizes(ctx.face_shape, ctx.context_shape, ctx.batch_sizes)
     ctx.say(f"engine: measuring {', '.join(names)} at batch {sizes[0]} and {sizes[-1]} "
             f"({ctx.threads} threads; once per model and machine) …")
     results = {}
@@ -171,9 +189,9 @@ def build_auto(ctx: BuildContext) -> Engine:
         f"{r['error'] if 'error' in r else ''}"
         f"{', '.join(f'b{s} {v * 1e3:.0f} ms' for s, v in r.get('seconds', {}).items())}"
         for n, r in results.items()) + f" → {chosen}")
+    kept = best_engine if best_engine is not None and best_engine.name == chosen else None
     with turn:
-        eng = reference if chosen == "eager" else best_engine if best_engine is not None and best_engine.name == chosen \
-            else ctx.build(chosen)  # from the cache entry just written
+        eng = reference if chosen == "eager" else kept if kept is not None else ctx.build(chosen)  # cache entry
     eng.info.update(decision=decision, decision_cached=False, measure_s=round(time.perf_counter() - t0, 3))
     return eng
 
@@ -184,9 +202,10 @@ class BackgroundAuto(Engine):
 
     ``name`` is ``"eager (auto measuring)"`` until the swap, then the chosen engine's name; ``info`` is the
     running engine's, plus ``background`` (state, calls answered by eager, the error if measuring failed:
-    then eager keeps answering; the reason it never started). Every answer is the eager model's or a candidate's that passed the fp32
-    check (int8: its accuracy guard). The thread is not a daemon: a short ``predict`` prints its answer, then
-    finishes the measurement and writes the decision before the process exits, so the next start reads it.
+    then eager keeps answering; the reason it never started). Every answer is the eager model's or a
+    candidate's that passed the fp32 check (int8: its accuracy guard). The thread is not a daemon: a short
+    ``predict`` prints its answer, then finishes the measurement and writes the decision before the process
+    exits, so the next start reads it.
 
     ``admit`` (set by a server before the first call): called in the measuring thread with
     ``memory_estimate`` bytes; it returns once they are reserved (waiting while requests hold the memory)
@@ -196,8 +215,9 @@ class BackgroundAuto(Engine):
     MEASURING = "eager (auto measuring)"
 
     def __init__(self, eager: Engine, measure: Callable[[], Engine], say: Callable[[str], None] = log.info,
-                 memory_estimate: int = 0, turn: Optional[threading.Lock] = None):
+                 memory_estimate: int = 0, turn: Optional[threading.Lock] = None, slice_batch: int = 0):
         super().__init__(None)
+        self._slice = int(slice_batch)  # while measuring, eager runs bigger batches in slices of this many
         self._turn = turn or threading.Lock()  # held by eager's calls while measuring and by each candidate
         self.memory_estimate = int(memory_estimate)
         self.admit: Optional[Callable[[int], Callable[[], None]]] = None
@@ -226,8 +246,7 @@ class BackgroundAuto(Engine):
             if measuring:
                 self._state["eager_calls"] += 1
         if measuring:
-            with self._turn:
-                out = current(face, context, return_details=return_details)
+            out = self._eager_in_turns(current, face, context, return_details)
         else:
             out = current(face, context, return_details=return_details)
         if self._thread is None:
@@ -237,6 +256,20 @@ class BackgroundAuto(Engine):
                     self._thread = threading.Thread(target=self._run, name="caer_fast-auto-measure", daemon=False)
                     self._thread.start()
         return out
+
+    def _eager_in_turns(self, eager, face, context, return_details):
+        """Eager while measuring: slices of at most ``slice_batch`` inputs (eager on 16 full-size clips holds
+        ~1 GB of activations), each in its turn with the measured candidates."""
+        n = self._slice if 0 < self._slice < face.shape[0] else face.shape[0]
+        outs = []
+        for i in range(0, max(face.shape[0], 1), max(n, 1)):
+            with self._turn:
+                outs.append(eager(face[i:i + n], context[i:i + n], return_details=return_details))
+        if len(outs) == 1:
+            return outs[0]
+        if not return_details:
+            return torch.cat(outs)
+        return torch.cat([o[0] for o in outs]), {k: torch.cat([o[1][k] for o in outs]) for k in outs[0][1]}
 
     @property
     def state(self) -> dict:

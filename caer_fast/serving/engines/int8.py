@@ -76,10 +76,6 @@ def _read_calibration(ctx: BuildContext, root) -> list:
     return batches
 
 
-def _batches(calibration) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    return [(b[0].float().contiguous(), b[1].float().contiguous()) for b in calibration]
-
-
 def _clips(batches) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """One (face, context) batch per clip, views of ``batches`` where they are float32 already (no copy).
 
