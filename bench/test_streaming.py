@@ -34,6 +34,8 @@ import numpy as np
 import pytest
 import torch
 
+from caer_fast.testing.serving import full_size_checkpoint  # test_people imports it from here
+
 REPO = Path(__file__).resolve().parents[1]
 MINUTES = [float(m) for m in os.environ.get("CAER_BENCH_STREAM_MINUTES", "10,30").split(",")]
 # the cold row is long enough that auto's background measurement (~1 min) overlaps the streaming
@@ -73,19 +75,6 @@ def write_long_video(path: Path, seconds: float) -> Path:
                 c.mux(pkt)
         for pkt in s.encode():
             c.mux(pkt)
-    return path
-
-
-def full_size_checkpoint(path: Path) -> Path:
-    from caer_fast.constants import CLASSES
-    from caer_fast.models import CAERNet
-
-    torch.manual_seed(0)
-    model = CAERNet()
-    torch.save({"model": model.state_dict(), "epoch": 0, "model_type": "caer",
-                "model_args": {"use_face": True, "use_context": True, "frames": 16},
-                "args": {"face_size": [96, 96], "context_size": [128, 171], "crop": 112, "clip_frames": 16,
-                         "model": "caer"}, "classes": list(CLASSES)}, path)
     return path
 
 

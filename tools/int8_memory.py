@@ -50,12 +50,10 @@ def main() -> None:
     from caer_fast.serving import onnx as onnx_export
     from caer_fast.serving.engines import auto, engine_for_checkpoint
     from caer_fast.serving.engines import int8 as int8_engine
+    from caer_fast.testing.serving import full_size_checkpoint
 
     d = Path(args.workdir or tempfile.mkdtemp(prefix="int8mem-"))
     d.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # tool only: the bench's checkpoint
-    from test_streaming import full_size_checkpoint
-
     ckpt = d / "caer_full.pth"
     if not ckpt.is_file():
         full_size_checkpoint(ckpt)
