@@ -34,7 +34,7 @@ pytest.importorskip("skimage.data")
 pytest.importorskip("av")
 pytest.importorskip("supervision")
 
-from test_streaming import full_size_checkpoint, run_with_peak  # noqa: E402  (pytest puts bench/ on sys.path)
+from test_streaming import full_size_checkpoint, run_with_peak, write_calibration  # noqa: E402  (pytest puts bench/ on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = float(os.environ.get("CAER_BENCH_PEOPLE_SECONDS", "60"))
@@ -47,26 +47,6 @@ def cpu_flags_line() -> str:
 
     model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     return f"{model}, {os.cpu_count()} cores, flags {' '.join(sorted(cpu_flags()))}"
-
-
-def write_calibration(ckpt: Path, video: Path, clips: int = 32) -> Path:
-    """``calibration.pt`` beside ``ckpt``: the first ``clips`` model inputs of every person of ``video``,
-    preprocessed as ``predict --people all`` does (what ``train`` saves is its training clips, the same way)."""
-    from caer_fast.data.calibration import CALIBRATION_FILE, save_calibration_sample
-    from caer_fast.serving.inference import Predictor
-
-    p = Predictor(ckpt, device="cpu", detector="haar")
-    batches, n = [], 0
-    with p.open(video) as source:
-        for step in p.preprocessor().people_chunks(source.frames):
-            for c in step:
-                if c.n:
-                    batches.append((c.face, c.context))
-                    n += c.n
-            if n >= clips:
-                break
-    face, context = torch.cat([b[0] for b in batches])[:clips], torch.cat([b[1] for b in batches])[:clips]
-    return save_calibration_sample(ckpt.parent / CALIBRATION_FILE, [(face, context)])
 
 
 def run_people(video: Path, ckpt: Path, out: Path, cache: Path, extra=()):
@@ -92,7 +72,7 @@ def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench_people")
     ckpt = full_size_checkpoint(d / "caer_full.pth")
     video, _, _ = write_people_video(d / f"people_{SECONDS:g}s.mp4", seconds=SECONDS, fps=VIDEO_FPS)
-    write_calibration(ckpt, video)
+    write_calibration(ckpt, video, people=True)
     return {"dir": d, "ckpt": ckpt, "video": video, "cache": d / "cache"}
 
 

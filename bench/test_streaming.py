@@ -7,7 +7,9 @@ against the model alone, each stage's share.
 Inputs are 640×360 25 fps H.264 (ultrafast) videos written with PyAV into a temp dir (never into git):
 a low-complexity scene (a gradient, a moving block, a face-like ellipse pair), so they encode and decode
 cheaply. The checkpoint is a full-size CAER-Net (16-frame clips, 96² faces, 112² context crops) from
-random init; the Haar detector runs on every 4th sampled frame.
+random init, with a ``calibration.pt`` beside it as ``train`` writes one (32 clips of the same kind of
+video), so the cold start's ``auto`` builds and measures the int8 engine too; the Haar detector runs on
+every 4th sampled frame.
 
 - ``test_peak_memory_vs_length``: ``python -m caer_fast.predict`` in a fresh subprocess per length; its
   peak is the process's own ``VmHWM`` (/proc/self/status), written by the process itself at exit. Not
@@ -31,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from caer_fast.testing.serving import full_size_checkpoint  # test_people imports it from here
 
 REPO = Path(__file__).resolve().parents[1]
 MINUTES = [float(m) for m in os.environ.get("CAER_BENCH_STREAM_MINUTES", "10,30").split(",")]
@@ -74,23 +78,37 @@ def write_long_video(path: Path, seconds: float) -> Path:
     return path
 
 
-def full_size_checkpoint(path: Path) -> Path:
-    from caer_fast.constants import CLASSES
-    from caer_fast.models import CAERNet
+def write_calibration(ckpt: Path, video: Path, clips: int = 32, people: bool = False) -> Path:
+    """``calibration.pt`` beside ``ckpt``: the first ``clips`` model inputs of ``video`` (every person's with
+    ``people``), preprocessed as ``predict`` does (what ``train`` saves is its training clips, the same way)."""
+    from caer_fast.data.calibration import CALIBRATION_FILE, save_calibration_sample
+    from caer_fast.serving.inference import Predictor
 
-    torch.manual_seed(0)
-    model = CAERNet()
-    torch.save({"model": model.state_dict(), "epoch": 0, "model_type": "caer",
-                "model_args": {"use_face": True, "use_context": True, "frames": 16},
-                "args": {"face_size": [96, 96], "context_size": [128, 171], "crop": 112, "clip_frames": 16,
-                         "model": "caer"}, "classes": list(CLASSES)}, path)
-    return path
+    p = Predictor(ckpt, device="cpu", detector="haar")
+    batches, n = [], 0
+    with p.open(video) as source:
+        pre = p.preprocessor()
+        for step in (pre.people_chunks(source.frames) if people else pre.chunks(source.frames)):
+            for c in (step if isinstance(step, list) else [step]):
+                if c.n:
+                    batches.append((c.face, c.context))
+                    n += c.n
+            if n >= clips:
+                break
+    face, context = torch.cat([b[0] for b in batches])[:clips], torch.cat([b[1] for b in batches])[:clips]
+    return save_calibration_sample(ckpt.parent / CALIBRATION_FILE, [(face, context)])
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench_stream")
-    return {"dir": d, "ckpt": full_size_checkpoint(d / "caer_full.pth")}
+    ckpt = full_size_checkpoint(d / "caer_full.pth")
+    # calibration.pt beside the checkpoint, as train writes one: the cold row's auto also builds and measures
+    # the int8 engine, which is what a user with a trained checkpoint gets
+    calib_video = write_long_video(d / "calibration.mp4", 45)
+    write_calibration(ckpt, calib_video)
+    calib_video.unlink()
+    return {"dir": d, "ckpt": ckpt}
 
 
 # Runs a module as `python -m` would, and at exit (atexit runs on sys.exit too) writes this process's own
@@ -147,7 +165,11 @@ def test_peak_memory_vs_length(benchmark, media):
                          "x_real_time": minutes * 60 / wall, "clips": len(r["clips"]), "frames_used": r["frames_used"],
                          "file_mb": video.stat().st_size / 2**20, "encode_s": gen_s})
             video.unlink()
+            decisions = sorted(cache.rglob("decision-*.json"))
+            chosen = json.loads(decisions[-1].read_text())["chosen"] if decisions else "?"
+            rows[-1]["engine"] = chosen
             print(f"\nstreaming {minutes:g} min 640x360@25{' (cold: builds the engine)' if cold else ''}: "
+                  f"auto's decision {chosen}, result's engine {r.get('engine')}; "
                   f"peak RSS (own VmHWM) {rss / 2**20:.0f} MiB, {wall:.0f} s wall "
                   f"({minutes * 60 / wall:.2f}x real time incl. start-up), {len(r['clips'])} clips, "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)

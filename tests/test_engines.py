@@ -1,10 +1,13 @@
 """Inference engines (caer_fast.serving.engines): every engine against the eager model, the measured
 choice rejects a wrong engine, the on-disk cache makes a second start skip export and measurement, and
 predict / serve state the engine they run. Timings are in bench/test_engines.py, not here."""
+import copy
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -312,6 +315,47 @@ def test_background_auto_swaps_after_measuring(caers, tmp_path):
                          background=True)
     assert not isinstance(again, engines.BackgroundAuto) and again.name == chosen.name
     assert again.info["decision_cached"] is True
+
+
+def test_background_auto_takes_turns_with_eager(caers, tmp_path, monkeypatch):
+    """While measuring, eager's answers and the measured candidates take turns: no eager forward runs during
+    a candidate's timing (their memory peaks would add up: issue 24's cold streamed run); eager runs a big
+    batch in slices of the largest measured batch, with the same answers."""
+    caers = copy.deepcopy(caers)  # hooks below: not on the shared fixture
+    fs, cs = engines.default_shapes(caers)
+    timed, answered, starts = [], [], {}
+    real_time = auto.time_engine
+
+    def timing(*a, **kw):
+        t = time.perf_counter()
+        out = real_time(*a, **kw)
+        timed.append((t, time.perf_counter()))
+        return out
+    monkeypatch.setattr(auto, "time_engine", timing)
+    main = threading.get_ident()
+    # hooks see the forwards of this thread only (the measurement runs a deep copy, hooks included)
+    caers.register_forward_pre_hook(lambda m, i: starts.update({threading.get_ident(): time.perf_counter()}))
+    caers.register_forward_hook(lambda m, i, o: answered.append((starts[main], time.perf_counter()))
+                                if threading.get_ident() == main else None)
+    bg = build_engine(caers, "auto", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path,
+                      background=True)
+    face, context = torch.randn(3, *fs), torch.randn(3, *cs)
+    with torch.inference_mode():
+        ref_logits, ref_details = caers(face, context, return_details=True)
+        n0 = len(answered)
+        bg(face, context)  # starts the measurement
+        n_first = len(answered)
+        while bg.state["state"] != "done":
+            logits, details = bg(face, context, return_details=True)  # in slices of 2 (the measured batch)
+            time.sleep(0.01)
+        assert bg.wait(600) is not None
+    assert n_first - n0 == 2  # 3 inputs: slices of 2 and 1
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(details["attention"], ref_details["attention"])
+    during = [a for a in answered[n_first:] if a[0] < timed[-1][1]]
+    assert timed and during, (timed, answered)
+    overlaps = [(a, t) for a in answered for t in timed if a[0] < t[1] and t[0] < a[1]]
+    assert not overlaps, overlaps
 
 
 def test_predict_measures_the_batches_it_streams(tmp_path):

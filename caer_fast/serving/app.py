@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -34,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ..data.video import DECODER_MAX_FRAMES, MediaDecodeError, MediaTooLargeError, image_size, sniff_media
+from .engines.auto import BackgroundAuto
 from .inference import Predictor, is_image_file
 from .stream import concat_chunks, parse_people, split_outputs
 from .timeline import timeline_rows
@@ -132,7 +133,9 @@ class MemoryBudget:
     def available(self) -> int:
         return self.budget - self.base
 
-    async def acquire(self, n: int) -> None:
+    async def acquire(self, n: int, wait_s: Optional[float] = -1.0) -> None:
+        """Reserve ``n`` bytes, waiting up to ``wait_s`` (default: the budget's; None: as long as it takes)."""
+        wait_s = self.wait_s if wait_s is not None and wait_s < 0 else wait_s
         if n > self.available:
             raise MemoryError(f"needs about {n / 2**20:.0f} MiB, more than the server's memory budget allows "
                               f"({self.available / 2**20:.0f} MiB above its {self.base / 2**20:.0f} MiB at rest)")
@@ -140,7 +143,7 @@ class MemoryBudget:
             self._cond = asyncio.Condition()
         async with self._cond:
             try:
-                await asyncio.wait_for(self._cond.wait_for(lambda: self.reserved + n <= self.available), self.wait_s)
+                await asyncio.wait_for(self._cond.wait_for(lambda: self.reserved + n <= self.available), wait_s)
             except asyncio.TimeoutError:
                 raise TimeoutError("server busy: its memory budget is taken by other requests") from None
             self.reserved += n
@@ -150,6 +153,29 @@ class MemoryBudget:
         async with self._cond:
             self.reserved -= n
             self._cond.notify_all()
+
+
+def reserve_from_thread(memory: MemoryBudget, loop, pending: set) -> Callable[[int], Callable[[], None]]:
+    """``admit(n)`` for a thread that is not the server's loop (``auto``'s background measurement): reserves
+    ``n`` bytes in ``memory`` (waiting as long as requests hold them; ``MemoryError`` when they never fit)
+    and returns the release. ``pending``: the waits in flight, cancelled when the server stops."""
+
+    def admit(n: int) -> Callable[[], None]:
+        fut = asyncio.run_coroutine_threadsafe(memory.acquire(n, wait_s=None), loop)
+        pending.add(fut)
+        try:
+            fut.result()
+        finally:
+            pending.discard(fut)
+
+        def release() -> None:
+            if loop.is_closed() or not loop.is_running():
+                return  # the server has stopped: nothing to give back to
+            asyncio.run_coroutine_threadsafe(memory.release(n), loop).result(timeout=30)
+            trim_heap()
+            memory.base = max(memory.base, rss_bytes())  # the chosen engine now lives here at rest
+        return release
+    return admit
 
 
 class _Job:
@@ -369,12 +395,18 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
     budget_mb = float(memory_budget_mb or default_memory_budget_mb())
     # the model's activations at the largest batch are in the fixed part of every estimate: one batch runs at a time
     memory = MemoryBudget(int(budget_mb * 2**20), rss_bytes())
+    background = predictor.engine if isinstance(predictor.engine, BackgroundAuto) else None
+    measuring: set = set()
 
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
         memory.base = max(memory.base, rss_bytes())  # after imports and warm-up
+        if background is not None:  # auto measuring in the background reserves its peak like a request
+            background.admit = reserve_from_thread(memory, asyncio.get_running_loop(), measuring)
         yield
+        for fut in list(measuring):
+            fut.cancel()
         await batcher.stop()
         pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(tmp_root, ignore_errors=True)
@@ -393,6 +425,7 @@ def create_app(predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10
                 "detector": predictor.detector_name, "device": str(predictor.device),
                 "precision": "int8" if predictor.engine_name == "int8" else "fp32",
                 "engine": predictor.engine_name,
+                **({"engine_measurement": background.state} if background is not None else {}),
                 "limits": {"max_upload_bytes": limit, "max_frames": predictor.max_frames,
                            "max_frame_pixels": predictor.max_frame_pixels, "max_pixels": predictor.max_pixels,
                            "memory_budget_bytes": memory.budget, "body_timeout_s": body_timeout_s,

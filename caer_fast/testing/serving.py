@@ -50,6 +50,18 @@ def make_checkpoint(path, model_type: str = "caers", steps: int = 2, seed: int =
     return Path(path)
 
 
+def full_size_checkpoint(path) -> Path:
+    """A full-size CAER-Net (16-frame clips, 96² faces, 112² context crops) from random init, saved as train
+    saves it (the streaming and people benches, tools/int8_memory.py)."""
+    torch.manual_seed(0)
+    model = CAERNet()
+    torch.save({"model": model.state_dict(), "epoch": 0, "model_type": "caer",
+                "model_args": {"use_face": True, "use_context": True, "frames": 16},
+                "args": {"face_size": [96, 96], "context_size": [128, 171], "crop": 112, "clip_frames": 16,
+                         "model": "caer"}, "classes": list(CLASSES)}, path)
+    return Path(path)
+
+
 def write_png(path, seed: int = 0, size=(120, 160)) -> Path:
     from PIL import Image
 

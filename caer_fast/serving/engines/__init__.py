@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 import time
 from typing import Optional, Sequence, Tuple
 
@@ -100,14 +101,20 @@ def build_engine(model: nn.Module, engine: str = "auto", *, face_shape=None, con
     ctx = BuildContext(model, face_shape or default_face, context_shape or default_context, batch_sizes, threads,
                        cache_dir, say, dict(options, candidates=candidates, calibration=calibration), warn=warn)
     if engine == "auto" and background and auto.cached_decision(ctx) is None:
-        # a cold cache: answer with eager now, measure in a thread (on a copy: an ONNX export traces the model)
+        # a cold cache: answer with eager now, measure in a thread (on a copy: an ONNX export traces the model);
+        # eager's calls and the measurement's candidates take turns, so their memory peaks do not add up (and
+        # the timings are not of two models sharing the cores)
+        turn = threading.Lock()
+
         def measure() -> Engine:
             return build_engine(copy.deepcopy(model), "auto", face_shape=ctx.face_shape, context_shape=ctx.context_shape,
                                 batch_sizes=batch_sizes, threads=threads, candidates=candidates, cache_dir=cache_dir,
-                                calibration=calibration, check=check, out=out, **options)
+                                calibration=calibration, check=check, out=out, turn=turn, **options)
         say("engine: no measured choice for this model and machine yet: answering with eager now and measuring "
             "the engines in the background (once; the next start reads the choice)")
-        return auto.BackgroundAuto(ctx.build("eager"), measure, say)
+        sizes = auto.measured_batch_sizes(ctx.face_shape, ctx.context_shape, ctx.batch_sizes)
+        return auto.BackgroundAuto(ctx.build("eager"), measure, say, memory_estimate=auto.measure_memory_estimate(
+            ctx.face_shape, ctx.context_shape, ctx.batch_sizes), turn=turn, slice_batch=sizes[-1])
     with entry_lock(ctx.dir) if ctx.dir is not None else contextlib.nullcontext():
         eng = spec.build(ctx)
         if check and spec.fp32 and engine != "eager":

@@ -3,19 +3,19 @@ model, keep the fastest, and cache the decision (``decision-<candidates>.json`` 
 later start reads it back instead of measuring."""
 from __future__ import annotations
 
-import ctypes
-import gc
+import contextlib
 import importlib.util
 import json
 import threading
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from ...devices import cpu_flags
 from ...models.caer_net import CAERNet
-from .base import BuildContext, Engine, EngineError, compare, fp32_engine_names, log, random_inputs, register_engine
+from .base import (BuildContext, Engine, EngineError, compare, fp32_engine_names, log, random_inputs, register_engine,
+                   release_memory)
 from .cache import library_versions, write_json_atomic
 
 # what `auto` measures by default (openvino where it is installed): the compiled engine pays a compile in
@@ -27,6 +27,40 @@ AUTO_CANDIDATES = ("onnxruntime", "openvino", "eager")
 def auto_candidates() -> Tuple[str, ...]:
     """What ``auto`` measures by default here: ``AUTO_CANDIDATES``, less openvino where it is not installed."""
     return tuple(n for n in AUTO_CANDIDATES if n != "openvino" or importlib.util.find_spec("openvino") is not None)
+
+
+# auto's measurement at its peak, over the process before it started (tools/int8_memory.py --engine auto,
+# full-size CAER-Net at b1 and b4, int8 included: +543 MiB): about 32× the largest batch's input bytes + 64 MiB
+MEASURE_INPUT_FACTOR, MEASURE_FIXED_BYTES = 32, 64 * 2**20
+
+
+# the largest batch auto times: its float32 inputs stay under this (the full-size video model: 4 clips). A
+# batch's per-sample time ranks the engines; timing eager on 16 full-size clips (predict --people all's
+# batches) cost ~1 GB more at the cold start's peak
+MEASURE_MAX_INPUT_BYTES = 16 * 2**20
+
+
+def _sample_bytes(face_shape, context_shape) -> int:
+    n = 0
+    for shape in (face_shape, context_shape):
+        k = 1
+        for d in shape:
+            k *= int(d)
+        n += k
+    return 4 * n
+
+
+def measured_batch_sizes(face_shape, context_shape, batch_sizes) -> List[int]:
+    """The batch sizes ``auto`` times: the smallest of ``batch_sizes`` and the largest, capped at
+    ``MEASURE_MAX_INPUT_BYTES`` of inputs."""
+    cap = max(1, MEASURE_MAX_INPUT_BYTES // _sample_bytes(face_shape, context_shape))
+    return sorted({int(batch_sizes[0]), min(int(batch_sizes[-1]), cap)})
+
+
+def measure_memory_estimate(face_shape, context_shape, batch_sizes) -> int:
+    """Bytes ``auto``'s measurement may add to the process (a server reserves them in its memory budget)."""
+    batch = measured_batch_sizes(face_shape, context_shape, batch_sizes)[-1]
+    return int(MEASURE_INPUT_FACTOR * _sample_bytes(face_shape, context_shape) * batch + MEASURE_FIXED_BYTES)
 
 
 def time_engine(engine: Callable, face_shape, context_shape, batch: int, repeats: int = 3,
@@ -59,13 +93,7 @@ def _read_decision(ctx, path, names):
     return decision
 
 
-def _release() -> None:
-    """Give a dropped engine's memory back before the next one is built (the cold build's peak)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arenas otherwise
-    except (OSError, AttributeError):
-        pass
+_release = release_memory  # a dropped engine's memory back before the next one is built
 
 
 def candidate_names(ctx: BuildContext):
@@ -111,31 +139,35 @@ def build_auto(ctx: BuildContext) -> Engine:
         eng.info.update(decision=decision, decision_cached=True)
         return eng
 
-    sizes = sorted({ctx.batch_sizes[0], ctx.batch_sizes[-1]})
+    sizes = measured_batch_sizes(ctx.face_shape, ctx.context_shape, ctx.batch_sizes)
     ctx.say(f"engine: measuring {', '.join(names)} at batch {sizes[0]} and {sizes[-1]} "
             f"({ctx.threads} threads; once per model and machine) …")
     results = {}
     reference, best_engine = ctx.build("eager"), None
     # eager first, then one candidate alive at a time: only the numbers are kept, the winner is rebuilt
     # at the end from the cache (the cold build's peak is then one engine, not all of them)
+    # with BackgroundAuto: one candidate's build, check and timing at a time between eager's answers
+    turn = ctx.options.get("turn") or contextlib.nullcontext()
     for n in ["eager"] + [n for n in names if n != "eager"]:
         if n not in names:
             continue
-        try:
-            eng = reference if n == "eager" else ctx.build(n)
-        except Exception as exc:  # a missing package, a failed export, a failed int8 guard: not a candidate here
-            results[n] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-            continue
-        if n == "eager":
-            cmp = {"max_abs": 0.0, "max_abs_details": 0.0, "agreement": 1.0, "ok": True}
-        elif n == "int8":
-            cmp = dict(eng.info["guard"])  # int8 is not fp32: its check is the guard on held-out real clips
-        else:
-            cmp = compare(reference, eng, ctx.face_shape, ctx.context_shape)
-        r = {"check": cmp}
-        if cmp["ok"]:
-            r["seconds"] = {str(s): time_engine(eng, ctx.face_shape, ctx.context_shape, s) for s in sizes}
-            r["score"] = sum(v / int(s) for s, v in r["seconds"].items())  # per-sample seconds, summed
+        with turn:
+            try:
+                eng = reference if n == "eager" else ctx.build(n)
+            except Exception as exc:  # a missing package, a failed export, a failed int8 guard: not a candidate
+                results[n] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                _release()
+                continue
+            if n == "eager":
+                cmp = {"max_abs": 0.0, "max_abs_details": 0.0, "agreement": 1.0, "ok": True}
+            elif n == "int8":
+                cmp = dict(eng.info["guard"])  # int8 is not fp32: its check is the guard on held-out real clips
+            else:
+                cmp = compare(reference, eng, ctx.face_shape, ctx.context_shape)
+            r = {"check": cmp}
+            if cmp["ok"]:
+                r["seconds"] = {str(s): time_engine(eng, ctx.face_shape, ctx.context_shape, s) for s in sizes}
+                r["score"] = sum(v / int(s) for s, v in r["seconds"].items())  # per-sample seconds, summed
         results[n] = r
         if n != "eager" and ctx.dir is None and pick(results) == n:
             best_engine = eng  # no cache to rebuild it from cheaply: keep the best so far
@@ -157,8 +189,9 @@ def build_auto(ctx: BuildContext) -> Engine:
         f"{r['error'] if 'error' in r else ''}"
         f"{', '.join(f'b{s} {v * 1e3:.0f} ms' for s, v in r.get('seconds', {}).items())}"
         for n, r in results.items()) + f" → {chosen}")
-    eng = reference if chosen == "eager" else best_engine if best_engine is not None and best_engine.name == chosen \
-        else ctx.build(chosen)  # from the cache entry just written
+    kept = best_engine if best_engine is not None and best_engine.name == chosen else None
+    with turn:
+        eng = reference if chosen == "eager" else kept if kept is not None else ctx.build(chosen)  # cache entry
     eng.info.update(decision=decision, decision_cached=False, measure_s=round(time.perf_counter() - t0, 3))
     return eng
 
@@ -169,15 +202,25 @@ class BackgroundAuto(Engine):
 
     ``name`` is ``"eager (auto measuring)"`` until the swap, then the chosen engine's name; ``info`` is the
     running engine's, plus ``background`` (state, calls answered by eager, the error if measuring failed:
-    then eager keeps answering). Every answer is the eager model's or a candidate's that passed the fp32
-    check (int8: its accuracy guard). The thread is not a daemon: a short ``predict`` prints its answer, then
-    finishes the measurement and writes the decision before the process exits, so the next start reads it.
+    then eager keeps answering; the reason it never started). Every answer is the eager model's or a
+    candidate's that passed the fp32 check (int8: its accuracy guard). The thread is not a daemon: a short
+    ``predict`` prints its answer, then finishes the measurement and writes the decision before the process
+    exits, so the next start reads it.
+
+    ``admit`` (set by a server before the first call): called in the measuring thread with
+    ``memory_estimate`` bytes; it returns once they are reserved (waiting while requests hold the memory)
+    and returns the release, or raises ``MemoryError`` when they can never fit: eager then keeps answering.
     """
 
     MEASURING = "eager (auto measuring)"
 
-    def __init__(self, eager: Engine, measure: Callable[[], Engine], say: Callable[[str], None] = log.info):
+    def __init__(self, eager: Engine, measure: Callable[[], Engine], say: Callable[[str], None] = log.info,
+                 memory_estimate: int = 0, turn: Optional[threading.Lock] = None, slice_batch: int = 0):
         super().__init__(None)
+        self._slice = int(slice_batch)  # while measuring, eager runs bigger batches in slices of this many
+        self._turn = turn or threading.Lock()  # held by eager's calls while measuring and by each candidate
+        self.memory_estimate = int(memory_estimate)
+        self.admit: Optional[Callable[[int], Callable[[], None]]] = None
         self._current: Engine = eager
         self._measure, self._say = measure, say
         self._lock = threading.Lock()
@@ -190,7 +233,8 @@ class BackgroundAuto(Engine):
         if "_lock" not in self.__dict__:  # during Engine.__init__
             return self.MEASURING
         with self._lock:
-            return self._current.name if self._state["state"] == "done" else self.MEASURING
+            state = self._state["state"]
+            return self._current.name if state == "done" else "eager" if state == "not measuring" else self.MEASURING
 
     @name.setter
     def name(self, value) -> None:  # Engine.__init__ assigns it; the property decides
@@ -201,7 +245,10 @@ class BackgroundAuto(Engine):
             current, measuring = self._current, self._state["state"] != "done"
             if measuring:
                 self._state["eager_calls"] += 1
-        out = current(face, context, return_details=return_details)
+        if measuring:
+            out = self._eager_in_turns(current, face, context, return_details)
+        else:
+            out = current(face, context, return_details=return_details)
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
@@ -210,7 +257,45 @@ class BackgroundAuto(Engine):
                     self._thread.start()
         return out
 
+    def _eager_in_turns(self, eager, face, context, return_details):
+        """Eager while measuring: slices of at most ``slice_batch`` inputs (eager on 16 full-size clips holds
+        ~1 GB of activations), each in its turn with the measured candidates."""
+        n = self._slice if 0 < self._slice < face.shape[0] else face.shape[0]
+        outs = []
+        for i in range(0, max(face.shape[0], 1), max(n, 1)):
+            with self._turn:
+                outs.append(eager(face[i:i + n], context[i:i + n], return_details=return_details))
+        if len(outs) == 1:
+            return outs[0]
+        if not return_details:
+            return torch.cat(outs)
+        return torch.cat([o[0] for o in outs]), {k: torch.cat([o[1][k] for o in outs]) for k in outs[0][1]}
+
+    @property
+    def state(self) -> dict:
+        """The measurement's state (a copy): state, eager_calls, memory_bytes, error / reason."""
+        with self._lock:
+            return dict(self._state)
+
     def _run(self) -> None:
+        release = None
+        if self.admit is not None:
+            with self._lock:
+                self._state.update(state="waiting for memory", memory_bytes=self.memory_estimate)
+            try:
+                release = self.admit(self.memory_estimate)
+            except MemoryError as exc:
+                with self._lock:
+                    self._state.update(state="not measuring", reason=f"the measurement does not fit: {exc}")
+                self._say(f"engine: not measuring the engines: it needs about {self.memory_estimate / 2**20:.0f} MiB "
+                          f"({exc}); staying with eager (a larger --memory-budget-mb lets it measure)")
+                return
+            except Exception as exc:  # the server stopped while it waited
+                with self._lock:
+                    self._state.update(state="not measuring", reason=f"{type(exc).__name__}: {exc}"[:300])
+                return
+            with self._lock:
+                self._state["state"] = "measuring"
         t = time.perf_counter()
         try:
             eng = self._measure()
@@ -219,6 +304,9 @@ class BackgroundAuto(Engine):
                 self._state.update(state="failed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
             self._say(f"engine: measuring failed ({type(exc).__name__}: {exc}); staying with eager")
             return
+        finally:
+            if release is not None:
+                release()
         with self._lock:
             self._current = eng
             self._state.update(state="done", measure_s=round(time.perf_counter() - t, 2))

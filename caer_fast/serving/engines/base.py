@@ -3,6 +3,8 @@
 :func:`compare` (an engine's outputs against the eager model's)."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import tempfile
 import time
@@ -18,6 +20,15 @@ from .. import onnx as onnx_export
 from .cache import Manifest, engine_key, model_hash
 
 log = logging.getLogger("caer_fast.engines")
+
+
+def release_memory() -> None:
+    """Give dropped objects' memory back to the OS before the next big step (the cold build's peak)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arenas otherwise
+    except (OSError, AttributeError):
+        pass
 
 # fp32 engines must agree with the eager reference this closely (max |Δ| over logits, attention, weights)
 FP32_ATOL, FP32_RTOL = 1e-3, 1e-3

@@ -32,7 +32,7 @@ from ...data.calibration import calibration_batches, load_calibration_sample, vi
 from ...models.caer_net import CAERNet
 from ...models.openvino_int8 import MIN_AGREEMENT, OpenVinoInt8Engine, compile_int8, int8_guard, quantize_openvino_int8
 from ...models.quantize import QuantizationUnavailable, check_quantizable, quantize_int8
-from .base import BuildContext, Engine, EngineError, register_engine
+from .base import BuildContext, Engine, EngineError, register_engine, release_memory
 from .cache import write_json_atomic
 from .torch_engines import TorchEngine
 
@@ -76,20 +76,25 @@ def _read_calibration(ctx: BuildContext, root) -> list:
     return batches
 
 
-def _batches(calibration) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    return [(b[0].float().contiguous(), b[1].float().contiguous()) for b in calibration]
+def _clips(batches) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """One (face, context) batch per clip, views of ``batches`` where they are float32 already (no copy).
+
+    Batches of one: NNCF's statistics collection holds the activations of every quantized layer for a whole
+    batch at once (+500 MiB at batch 4 for the full-size model), and the guard runs the eager model beside."""
+    return [(f[i:i + 1].float().contiguous(), c[i:i + 1].float().contiguous()) for f, c, *_ in batches
+            for i in range(len(f))]
 
 
 def _video_data(ctx: BuildContext, calibration) -> Tuple[list, list, str]:
-    """(calibration batches, held-out batches, where they came from) for the video model."""
+    """(calibration clips, held-out clips, where they came from) for the video model, one clip a batch."""
     if isinstance(calibration, (str, os.PathLike)):
         path = Path(calibration)
         if path.is_file():
-            batches, where = load_calibration_sample(path, batch_size=4), str(path)
+            clips, where = _clips(load_calibration_sample(path, batch_size=1)), str(path)  # views of the file's tensors
         else:
             face, context, crop = _sizes(ctx)
             kw = dict(clip_frames=int(ctx.face_shape[1]), face_size=face, context_size=context, crop=crop,
-                      batch_size=4)
+                      batch_size=1)
             samples = int(ctx.options.get("calibration_samples") or 32)
             t = time.perf_counter()
             calib = video_calibration_batches(path, samples, **kw)
@@ -97,19 +102,16 @@ def _video_data(ctx: BuildContext, calibration) -> Tuple[list, list, str]:
                 held = video_calibration_batches(path, samples, split="test", **kw)
             except (FileNotFoundError, ValueError):
                 held = video_calibration_batches(path, max(samples // 4, 1), offset=1, **kw)
-            ctx.say(f"int8: read {sum(len(f) for f, _ in calib)} calibration and {sum(len(f) for f, _ in held)} "
-                    f"held-out clips from {path} in {time.perf_counter() - t:.1f}s")
-            return _batches(calib), _batches(held), str(path)
+            ctx.say(f"int8: read {len(calib)} calibration and {len(held)} held-out clips from {path} in "
+                    f"{time.perf_counter() - t:.1f}s")
+            return _clips(calib), _clips(held), str(path)
     else:
-        batches, where = _batches(calibration), "the given batches"
+        clips, where = _clips(calibration), "the given batches"
     # one sample (calibration.pt, or batches): every 4th clip is held out for the guard, the rest calibrate
-    face = torch.cat([f for f, _ in batches])
-    context = torch.cat([c for _, c in batches])
-    held = torch.arange(len(face)) % 4 == 3
-    if held.sum() == 0 or (~held).sum() == 0:
-        raise EngineError(f"int8: {where} has {len(face)} clips; give at least 4 (train saves 32)")
-    split = lambda m: [(face[m][i:i + 4], context[m][i:i + 4]) for i in range(0, int(m.sum()), 4)]  # noqa: E731
-    return split(~held), split(held), where
+    held = clips[3::4]
+    if not held or len(held) == len(clips):
+        raise EngineError(f"int8: {where} has {len(clips)} clips; give at least 4 (train saves 32)")
+    return [c for i, c in enumerate(clips) if i % 4 != 3], held, where
 
 
 def _digest(batches) -> str:
@@ -180,13 +182,16 @@ def build_video_int8(ctx: BuildContext, calibration) -> Engine:
                 cached = False  # a stricter threshold now: guard again below
         if not cached:
             onnx_path, _ = ctx.onnx_file()
+            release_memory()  # the export's graph and buffers, before NNCF's peak
             ctx.say(f"int8: quantizing the video model (NNCF, OpenVINO) on {sum(len(f) for f, _ in calib)} clips "
                     f"of {where} …")
             tq = time.perf_counter()
             with _stdout_of_this_thread_to_stderr():  # NNCF's progress bar: stdout is the answer's (--json)
                 model = quantize_openvino_int8(onnx_path, calib, save_to=xml)
             quantize_s = round(time.perf_counter() - tq, 2)
+            release_memory()  # NNCF's statistics
             inner = OpenVinoInt8Engine(model, threads=ctx.threads, cache_dir=blobs if man else None)
+            del model
             guard = int8_guard(ctx.model, inner, held, min_agreement)
             inner.info.update(guard=guard, quantize_s=quantize_s)
             if guard["ok"] and man is not None:
