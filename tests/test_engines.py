@@ -3,6 +3,7 @@ choice rejects a wrong engine, the on-disk cache makes a second start skip expor
 predict / serve state the engine they run. Timings are in bench/test_engines.py, not here."""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -93,6 +94,27 @@ def test_onnx_engines_on_awkward_inputs(engine, caers, tmp_path):
             eng(torch.randn(2, 3, 64, 64), torch.randn(2, *cs))
         with pytest.raises(ValueError, match="built for"):
             eng(torch.randn(2, *fs), torch.randn(3, *cs))
+
+
+def test_openvino_runs_big_batches_in_slices_with_the_same_answers(caers, tmp_path, monkeypatch):
+    """A batch over MAX_INPUT_BYTES (the people steps: 3 people x 4 clips) runs as slices of at most that many
+    bytes (its peak grows with the batch), and answers exactly as the model does for every sample."""
+    pytest.importorskip("openvino")
+    from caer_fast.serving.engines import openvino_engine
+
+    fs, cs = IMAGE
+    eng = build_engine(caers, "openvino", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
+    per_sample = 4 * (math.prod(fs) + math.prod(cs))
+    monkeypatch.setattr(openvino_engine, "MAX_INPUT_BYTES", 2 * per_sample)  # slices of 2
+    calls = []
+    infer = eng.request.infer
+    monkeypatch.setattr(eng, "request", type("R", (), {"infer": lambda self, feed: calls.append(
+        len(next(iter(feed.values())))) or infer(feed)})())
+    face, context = torch.randn(5, *fs), torch.randn(5, *cs)
+    with torch.inference_mode():
+        got = eng(face, context, return_details=True)
+        _close(caers(face, context, return_details=True), got)
+    assert calls == [2, 2, 1], calls
 
 
 def test_openvino_rebuilds_over_a_damaged_cache(caers, tmp_path):
