@@ -1,8 +1,8 @@
 """Build and install caer_fast.
 
 Install with ``pip install --no-build-isolation -e .`` (build isolation would pull a CUDA torch).
-The extension ``caer_fast._C`` (the op schemas, csrc/ops.cpp, and the CPU kernels, csrc/cpu/*.cpp) is
-built on every machine; importing it registers the ops with torch. The CUDA kernels (csrc/cuda/*.cu)
+The extension ``caer_fast._C`` (the op schemas, csrc/ops.cpp, their autograd formulas, csrc/autograd.cpp, and
+the CPU kernels, csrc/cpu/*.cpp) is built on every machine; importing it registers the ops with torch. The CUDA kernels (csrc/cuda/*.cu)
 are compiled in only where a CUDA build of torch and nvcc exist; set
 ``CAER_FAST_BUILD_CUDA=0`` to skip them, ``CAER_FAST_BUILD_EXT=0`` to build no extension at all.
 """
@@ -21,7 +21,7 @@ def extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     build_cuda = (os.environ.get("CAER_FAST_BUILD_CUDA", "1") != "0" and torch.version.cuda is not None
                   and shutil.which("nvcc") is not None)

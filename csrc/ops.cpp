@@ -1,8 +1,9 @@
 // The schemas of caer_fast's ops, each defined once. Kernels register under their dispatch keys
 // in their own files: TORCH_LIBRARY_IMPL(caer_fast, CPU, m) in csrc/cpu/<op>.cpp and
-// TORCH_LIBRARY_IMPL(caer_fast, CUDA, m) in csrc/cuda/bindings.cu. The fake (meta) implementations
-// and the autograd formulas are registered once, in Python (caer_fast/ops/<op>.py); the Triton
-// kernels (kernels/<op>.py) take the CUDA key's place while the backend is "triton".
+// TORCH_LIBRARY_IMPL(caer_fast, CUDA, m) in csrc/cuda/bindings.cu; the autograd formulas under the
+// Autograd key in csrc/autograd.cpp. The fake (meta) implementations are registered once, in Python
+// (caer_fast/ops/<op>.py); the Triton kernels (kernels/<op>.py) take the CUDA key's place while the
+// backend is "triton".
 //
 // Contracts the kernels share (caer_fast/ops/<op>.py checks the user's inputs before any of them):
 // - attention_pool: features N×C×(S…), logits N×S or N×1×(S…) (S values per sample), one floating

@@ -347,55 +347,15 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 
 
 # ---- calling an op ------------------------------------------------------------------------------
-def register_autograd(op: str, saved):
-    """Register the autograd formula of ``caer_fast::<op>``: save ``saved(inputs, output)`` (the state
-    every backend's ``<op>_backward`` takes), and in backward call
-    ``caer_fast::<op>_backward(*output_grads, *saved)``.
-
-    Returns the same formula as an ``autograd.Function`` for :func:`call`'s eager calls: it skips the
-    Python dispatch of the registered autograd kernel, which costs about as much as a small kernel
-    (bench/RESULTS.md, "op layer"). One class per op, so ``apply`` takes the op's tensors only.
-    """
-    if not HAS_OPS:
-        return None
-    forward_op = getattr(torch.ops.caer_fast, op).default
-    backward_op = getattr(torch.ops.caer_fast, f"{op}_backward").default
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*saved(inputs, output))
-
-    def backward(ctx, *grads):
-        return backward_op(*grads, *ctx.saved_tensors)
-
-    torch.library.register_autograd(f"caer_fast::{op}", backward, setup_context=setup_context)
-
-    def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = forward_op(*args)
-        setup_context(ctx, args, output)
-        return output
-
-    return type(f"{op}_eager", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward), "__module__": __name__})
-
-
-# bound at import: the eager path of call() below runs on every op call
+# bound at import: call() below runs on every op call
 _is_compiling = torch.compiler.is_compiling
-_is_grad_enabled = torch.is_grad_enabled
-_BelowAutograd = torch._C._AutoDispatchBelowAutograd
 
 
-def call(op, *args, eager=None):
-    """``op(*args)``; ``eager`` is the op's formula from :func:`register_autograd` (if it has one).
-
-    Under ``torch.compile`` the op itself is traced (its fake implementation and registered formula);
-    eager calls that need gradients run ``eager``, the others the op below autograd (``op._op``: the
-    overload's C++ entry, without ``OpOverload.__call__``'s Python frame)."""
+def call(op, *args):
+    """``op(*args)``. Under ``torch.compile`` the overload itself is traced (its fake implementation
+    and its autograd formula, csrc/autograd.cpp); eager calls go to ``op._op``, the overload's C++ entry,
+    without ``OpOverload.__call__``'s Python frame: the dispatcher runs the autograd kernel (which
+    records the backward only where an input needs gradients) and then the chosen backend's kernel."""
     if _is_compiling():
         return op(*args)
-    if eager is not None and _is_grad_enabled():
-        for a in args:  # a loop, not any(<generator>): this runs on every eager call
-            if isinstance(a, torch.Tensor) and a.requires_grad:
-                return eager.apply(*args)
-    with _BelowAutograd():
-        return op._op(*args)
+    return op._op(*args)

@@ -1,8 +1,8 @@
 """`adaptive_fusion`: two-way softmax over the stream scores, then the weighted concatenation.
 
 The op ``caer_fast::adaptive_fusion(face, context, face_score, context_score) -> (out, weights)`` and
-its backward are defined in csrc/ops.cpp; this file checks the inputs, promotes them to one dtype,
-registers the fake implementation and the autograd formula, and holds the torch reference.
+its backward are defined in csrc/ops.cpp, its autograd formula in csrc/autograd.cpp; this file checks
+the inputs, promotes them to one dtype, registers the fake implementation, and holds the torch reference.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def adaptive_fusion(face: torch.Tensor, context: torch.Tensor, face_score: torch
         return adaptive_fusion_reference(*args, return_weights)
     if mixed:
         args = tuple(t if t.dtype == dtype else t.to(dtype) for t in args)  # differentiable casts
-    out, weights = _dispatch.call(_OP, *args, eager=_eager)
+    out, weights = _dispatch.call(_OP, *args)
     if not return_weights:
         return out
     if mixed:
@@ -91,11 +91,9 @@ class AdaptiveFusion(nn.Module):
         return adaptive_fusion(face, context, face_score, context_score, return_weights=True)
 
 
-# ---- the op's fake implementation and autograd formula ----------------------------------------
+# ---- the op's fake implementation (its autograd formula is csrc/autograd.cpp's) ----------------
 # d face = w_f g_f;  d w_f = g_f·face + gw_f (likewise context);  softmax over two:
 # d face_score = −d context_score = w_f w_c (d w_f − d w_c). Every backend saves (face, context, weights).
-_eager = _dispatch.register_autograd(
-    "adaptive_fusion", saved=lambda inputs, output: (inputs[0], inputs[1], output[1]))
 _OP = torch.ops.caer_fast.adaptive_fusion.default if _dispatch.HAS_OPS else None  # bound once, not per call
 
 if _dispatch.HAS_OPS:

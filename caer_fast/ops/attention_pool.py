@@ -4,8 +4,9 @@ out[n, c] = mean_s softmax(logits[n, 0, :])[s] * features[n, c, s] — exactly t
 model's ``context * softmax(attention)`` followed by ``avg_pool2d`` over the whole map.
 
 The op ``caer_fast::attention_pool(features N×C×(S…), logits N×1×(S…)) -> (out N×C, attention in the
-logits' shape)`` and its backward are defined in csrc/ops.cpp; this file checks the inputs, registers
-the fake implementation and the autograd formula, and holds the torch reference.
+logits' shape)`` and its backward are defined in csrc/ops.cpp, its autograd formula in
+csrc/autograd.cpp; this file checks the inputs, registers the fake implementation, and holds the torch
+reference.
 
 Non-finite logits follow ``torch.softmax`` on every backend: a ``-inf`` logit gives its position
 weight 0; a ``+inf`` or NaN logit, or all ``-inf``, make that sample's attention and output NaN.
@@ -95,7 +96,7 @@ def attention_pool(features: torch.Tensor, logits: torch.Tensor, return_attentio
     if logits.dtype != dtype:
         logits = logits.to(dtype)  # differentiable
     # the kernels take N×C×(S…) as it comes and return the attention map in the logits' shape
-    out, attention = _dispatch.call(_OP, features, logits, eager=_eager)
+    out, attention = _dispatch.call(_OP, features, logits)
     return (out, attention) if return_attention else out
 
 
@@ -106,12 +107,10 @@ class AttentionPool(nn.Module):
         return attention_pool(features, logits, return_attention=True)
 
 
-# ---- the op's fake implementation and autograd formula ----------------------------------------
+# ---- the op's fake implementation (its autograd formula is csrc/autograd.cpp's) ----------------
 # a = softmax(x), out_c = mean_s a_s f_cs:
 #   d f_cs = g_c a_s / S;   d x_s = a_s (Σ_c g_c f_cs / S − Σ_c g_c out_c + ga_s − Σ_t a_t ga_t)
 # (ga: the gradient reaching the returned attention map). Every backend saves (features, attention, out).
-_eager = _dispatch.register_autograd(
-    "attention_pool", saved=lambda inputs, output: (inputs[0], output[1], output[0]))
 _OP = torch.ops.caer_fast.attention_pool.default if _dispatch.HAS_OPS else None  # bound once, not per call
 
 if _dispatch.HAS_OPS:

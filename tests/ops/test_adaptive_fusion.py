@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import caer_fast.ops as ops
+from caer_fast.ops.adaptive_fusion import adaptive_fusion_reference
 from caer_fast.testing.op_checks import aot_recorder, check_adaptive_fusion, junk_filled_allocations
 
 from .conftest import interpreted
@@ -132,3 +133,32 @@ def test_non_finite_scores_follow_softmax(backend):
     for i in (1, 2, 3):
         assert w[i].isnan().all() and out[i].isnan().all(), i
         assert ref_w[i].isnan().all(), i
+
+
+@pytest.mark.parametrize("used", ["out", "weights", "both"])
+def test_gradient_through_one_output(backend, used):
+    """The C++ formula (csrc/autograd.cpp) gets no gradient for an output that was not used: the fused
+    vector alone, the weights alone, or both, each against the float64 reference's gradients."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(4)
+    inputs64 = [torch.randn(3, 6, generator=gen, dtype=torch.float64), torch.randn(3, 5, generator=gen,
+                                                                                  dtype=torch.float64),
+                torch.randn(3, 1, generator=gen, dtype=torch.float64), torch.randn(3, 1, generator=gen,
+                                                                                  dtype=torch.float64)]
+    g_out, g_w = torch.randn(3, 11, generator=gen, dtype=torch.float64), torch.randn(3, 2, generator=gen,
+                                                                                    dtype=torch.float64)
+
+    def loss(fn, inputs):
+        out, w = fn(*inputs, return_weights=True)
+        return {"out": (out * g_out.to(out)).sum(), "weights": (w * g_w.to(w)).sum(),
+                "both": (out * g_out.to(out)).sum() + (w * g_w.to(w)).sum()}[used], out
+
+    inputs = [t.float().to(device).requires_grad_() for t in inputs64]
+    got, out = loss(ops.adaptive_fusion, inputs)
+    if name != "torch":
+        assert "AdaptiveFusion" in out.grad_fn.name(), out.grad_fn.name()  # one C++ node, no Python frame
+    got = torch.autograd.grad(got, inputs, materialize_grads=True)
+    ref_inputs = [t.clone().requires_grad_() for t in inputs64]
+    want = torch.autograd.grad(loss(adaptive_fusion_reference, ref_inputs)[0], ref_inputs, materialize_grads=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-6)

@@ -188,3 +188,30 @@ def test_non_tensor_inputs_are_a_type_error(backend):
     for args in ((f.tolist(), x), (f, x.cpu().numpy()), (None, x)):
         with pytest.raises(TypeError, match="attention_pool: features and logits must be tensors"):
             ops.attention_pool(*args)
+
+
+@pytest.mark.parametrize("used", ["out", "attention", "both"])
+def test_gradient_through_one_output(backend, used):
+    """The C++ formula (csrc/autograd.cpp) gets no gradient for an output that was not used: the pooled
+    output alone, the attention map alone, or both, each against the float64 reference's gradients."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(3)
+    f64, x64 = torch.randn(2, 5, 3, 4, generator=gen, dtype=torch.float64), torch.randn(2, 1, 3, 4, generator=gen,
+                                                                                       dtype=torch.float64)
+    g_out, g_att = torch.randn(2, 5, generator=gen, dtype=torch.float64), torch.randn(2, 1, 3, 4, generator=gen,
+                                                                                     dtype=torch.float64)
+
+    def loss(fn, f, x):
+        out, att = fn(f, x, True)
+        return {"out": (out * g_out.to(out)).sum(), "attention": (att * g_att.to(att)).sum(),
+                "both": (out * g_out.to(out)).sum() + (att * g_att.to(att)).sum()}[used], out
+
+    f, x = f64.float().to(device).requires_grad_(), x64.float().to(device).requires_grad_()
+    got, out = loss(ops.attention_pool, f, x)
+    if name != "torch":
+        assert "AttentionPool" in out.grad_fn.name(), out.grad_fn.name()  # one C++ node, no Python frame
+    got = torch.autograd.grad(got, (f, x), materialize_grads=True)
+    fr, xr = f64.clone().requires_grad_(), x64.clone().requires_grad_()
+    want = torch.autograd.grad(loss(attention_pool_reference, fr, xr)[0], (fr, xr), materialize_grads=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-6)

@@ -39,8 +39,8 @@ def test_always_list_counts_and_files():
     stated = int(re.search(r"Always \((\d+) files\)", ALWAYS).group(1))
     files = [_first_path(item) for item in items]  # each item is one file
     assert len(files) == len(set(files)) == stated, files
-    assert re.search(r"Five files \(four source, one test\)", RECIPE)
-    assert sum(f.startswith("tests/") for f in files) == 1 and len(files) - 1 == 4
+    assert re.search(r"Six files \(five source, one test", RECIPE)
+    assert sum(f.startswith("tests/") for f in files) == 1 and len(files) - 1 == 5
 
 
 @pytest.mark.parametrize("op", _dispatch.OPS)
@@ -54,6 +54,9 @@ def test_every_listed_file_exists_for_every_op(op):
     assert f'm.impl("{op}"' in (ROOT / "csrc/cuda/bindings.cu").read_text()
     assert f'"{op}_kernels.cu"' in (ROOT / "tests/test_cuda_sources.py").read_text()
     assert f'm.impl("{op}"' in (ROOT / f"csrc/cpu/{op}.cpp").read_text()
+    # an op with a backward has its formula under the Autograd key, one without has none there
+    has_backward = f'm.def("{op}_backward(' in (ROOT / "csrc/ops.cpp").read_text()
+    assert (f'm.impl("{op}"' in (ROOT / "csrc/autograd.cpp").read_text()) == has_backward, op
 
 
 def test_per_backend_counts_and_total():
