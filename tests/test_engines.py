@@ -3,7 +3,6 @@ choice rejects a wrong engine, the on-disk cache makes a second start skip expor
 predict / serve state the engine they run. Timings are in bench/test_engines.py, not here."""
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -96,25 +95,28 @@ def test_onnx_engines_on_awkward_inputs(engine, caers, tmp_path):
             eng(torch.randn(2, *fs), torch.randn(3, *cs))
 
 
-def test_openvino_runs_big_batches_in_slices_with_the_same_answers(caers, tmp_path, monkeypatch):
-    """A batch over MAX_INPUT_BYTES (the people steps: 3 people x 4 clips) runs as slices of at most that many
-    bytes (its peak grows with the batch), and answers exactly as the model does for every sample."""
-    pytest.importorskip("openvino")
-    from caer_fast.serving.engines import openvino_engine
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_cpu_engines_run_big_batches_in_slices_with_the_same_answers(caers, tmp_path, monkeypatch, engine):
+    """A batch over MAX_BATCH_INPUT_BYTES (the people steps: 3 people x 4 clips) runs as slices of at most that
+    many bytes (a call's peak grows with its batch), and answers exactly as the model does for every sample."""
+    pytest.importorskip(engine)
+    from caer_fast.serving.engines import base
 
     fs, cs = IMAGE
-    eng = build_engine(caers, "openvino", face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
-    per_sample = 4 * (math.prod(fs) + math.prod(cs))
-    monkeypatch.setattr(openvino_engine, "MAX_INPUT_BYTES", 2 * per_sample)  # slices of 2
+    eng = build_engine(caers, engine, face_shape=fs, context_shape=cs, batch_sizes=(1, 2), cache_dir=tmp_path)
+    monkeypatch.setattr(base, "MAX_BATCH_INPUT_BYTES", 2 * base.sample_input_bytes(fs, cs))  # slices of 2
     calls = []
-    infer = eng.request.infer
-    monkeypatch.setattr(eng, "request", type("R", (), {"infer": lambda self, feed: calls.append(
-        len(next(iter(feed.values())))) or infer(feed)})())
+    run = eng.run
+    monkeypatch.setattr(eng, "run", lambda face, context: calls.append(len(face)) or run(face, context))
     face, context = torch.randn(5, *fs), torch.randn(5, *cs)
     with torch.inference_mode():
         got = eng(face, context, return_details=True)
         _close(caers(face, context, return_details=True), got)
-    assert calls == [2, 2, 1], calls
+        assert calls == [2, 2, 1], calls
+        calls.clear()
+        monkeypatch.setattr(base, "MAX_BATCH_INPUT_BYTES", 5 * base.sample_input_bytes(fs, cs))
+        torch.testing.assert_close(eng(face, context), caers(face, context), atol=1e-4, rtol=1e-4)
+    assert calls == [5], calls
 
 
 def test_openvino_rebuilds_over_a_damaged_cache(caers, tmp_path):

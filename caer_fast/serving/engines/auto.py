@@ -14,8 +14,8 @@ import torch
 
 from ...devices import cpu_flags
 from ...models.caer_net import CAERNet
-from .base import (BuildContext, Engine, EngineError, compare, fp32_engine_names, log, random_inputs, register_engine,
-                   release_memory)
+from .base import (BuildContext, Engine, EngineError, batch_limit, compare, fp32_engine_names, log, random_inputs,
+                   register_engine, release_memory, run_in_slices, sample_input_bytes)
 from .cache import library_versions, write_json_atomic
 
 # what `auto` measures by default (openvino where it is installed): the compiled engine pays a compile in
@@ -34,33 +34,17 @@ def auto_candidates() -> Tuple[str, ...]:
 MEASURE_INPUT_FACTOR, MEASURE_FIXED_BYTES = 32, 64 * 2**20
 
 
-# the largest batch auto times: its float32 inputs stay under this (the full-size video model: 4 clips). A
-# batch's per-sample time ranks the engines; timing eager on 16 full-size clips (predict --people all's
-# batches) cost ~1 GB more at the cold start's peak
-MEASURE_MAX_INPUT_BYTES = 16 * 2**20
-
-
-def _sample_bytes(face_shape, context_shape) -> int:
-    n = 0
-    for shape in (face_shape, context_shape):
-        k = 1
-        for d in shape:
-            k *= int(d)
-        n += k
-    return 4 * n
-
-
 def measured_batch_sizes(face_shape, context_shape, batch_sizes) -> List[int]:
-    """The batch sizes ``auto`` times: the smallest of ``batch_sizes`` and the largest, capped at
-    ``MEASURE_MAX_INPUT_BYTES`` of inputs."""
-    cap = max(1, MEASURE_MAX_INPUT_BYTES // _sample_bytes(face_shape, context_shape))
-    return sorted({int(batch_sizes[0]), min(int(batch_sizes[-1]), cap)})
+    """The batch sizes ``auto`` times: the smallest of ``batch_sizes`` and the largest, capped at the batch
+    one engine call runs at once (:func:`~caer_fast.serving.engines.base.batch_limit`: timing eager on 16
+    full-size clips, predict --people all's batches, cost ~1 GB more at the cold start's peak)."""
+    return sorted({int(batch_sizes[0]), min(int(batch_sizes[-1]), batch_limit(face_shape, context_shape))})
 
 
 def measure_memory_estimate(face_shape, context_shape, batch_sizes) -> int:
     """Bytes ``auto``'s measurement may add to the process (a server reserves them in its memory budget)."""
     batch = measured_batch_sizes(face_shape, context_shape, batch_sizes)[-1]
-    return int(MEASURE_INPUT_FACTOR * _sample_bytes(face_shape, context_shape) * batch + MEASURE_FIXED_BYTES)
+    return int(MEASURE_INPUT_FACTOR * sample_input_bytes(face_shape, context_shape) * batch + MEASURE_FIXED_BYTES)
 
 
 def time_engine(engine: Callable, face_shape, context_shape, batch: int, repeats: int = 3,
@@ -260,16 +244,14 @@ class BackgroundAuto(Engine):
     def _eager_in_turns(self, eager, face, context, return_details):
         """Eager while measuring: slices of at most ``slice_batch`` inputs (eager on 16 full-size clips holds
         ~1 GB of activations), each in its turn with the measured candidates."""
-        n = self._slice if 0 < self._slice < face.shape[0] else face.shape[0]
-        outs = []
-        for i in range(0, max(face.shape[0], 1), max(n, 1)):
+        def run_in_turn(f, c):
             with self._turn:
-                outs.append(eager(face[i:i + n], context[i:i + n], return_details=return_details))
-        if len(outs) == 1:
-            return outs[0]
-        if not return_details:
-            return torch.cat(outs)
-        return torch.cat([o[0] for o in outs]), {k: torch.cat([o[1][k] for o in outs]) for k in outs[0][1]}
+                return eager.run(f, c)
+
+        logits, attention, weights = run_in_slices(run_in_turn, face, context, self._slice)
+        if return_details:
+            return logits, {"attention": attention, "fusion_weights": weights}
+        return logits
 
     @property
     def state(self) -> dict:

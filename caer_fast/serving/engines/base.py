@@ -34,6 +34,39 @@ def release_memory() -> None:
 FP32_ATOL, FP32_RTOL = 1e-3, 1e-3
 
 
+# the most float32 input bytes one call of a CPU engine runs at once: 4 full-size video clips. A call's peak
+# grows with its batch (full-size CAER-Net in OpenVINO fp32: +300 MiB at 4 clips, +800 MiB at 12, a 3-person
+# `--people all` step; eager on 16 clips ~1 GB), and the per-clip time is the same at 4 (bench/RESULTS.md
+# "Quiet machine, end of the stop"); auto times no bigger batch
+MAX_BATCH_INPUT_BYTES = 16 * 2**20
+
+
+def sample_input_bytes(face_shape, context_shape) -> int:
+    """float32 bytes of one sample's inputs (shapes without the batch dimension)."""
+    n = 0
+    for shape in (face_shape, context_shape):
+        k = 1
+        for d in shape:
+            k *= int(d)
+        n += k
+    return 4 * n
+
+
+def batch_limit(face_shape, context_shape) -> int:
+    """The largest batch of these inputs one call runs at once (:data:`MAX_BATCH_INPUT_BYTES`), at least 1."""
+    return max(1, MAX_BATCH_INPUT_BYTES // sample_input_bytes(face_shape, context_shape))
+
+
+def run_in_slices(run: Callable, face: torch.Tensor, context: torch.Tensor, most: int) -> Tuple[torch.Tensor, ...]:
+    """``run(face, context)``'s output tuple, computed on slices of at most ``most`` samples and concatenated
+    (the same answers: every engine computes each sample on its own)."""
+    n = face.shape[0]
+    if most <= 0 or n <= most:
+        return run(face, context)
+    parts = [run(face[i:i + most], context[i:i + most]) for i in range(0, n, most)]
+    return tuple(torch.cat(outs) for outs in zip(*parts))
+
+
 class EngineError(RuntimeError):
     """An engine cannot be built here (missing package, wrong device, bad option)."""
 
@@ -44,6 +77,8 @@ class Engine(nn.Module):
     name = "engine"
     #: (face, context) sizes without the batch dimension, for engines built for one size (the ONNX ones)
     input_shapes: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None
+    #: a batch over :data:`MAX_BATCH_INPUT_BYTES` runs in slices (the CPU engines; False: the whole batch at once)
+    sliced = False
 
     def __init__(self, name: Optional[str] = None):
         super().__init__()
@@ -63,7 +98,11 @@ class Engine(nn.Module):
                     f"the {self.name} engine was built for face N×{'×'.join(map(str, want_face))} and context "
                     f"N×{'×'.join(map(str, want_context))}; got {tuple(face.shape)} and {tuple(context.shape)} "
                     "(build an engine for these sizes)")
-        logits, attention, weights = self.run(face, context)
+        if self.sliced:
+            logits, attention, weights = run_in_slices(self.run, face, context,
+                                                       batch_limit(face.shape[1:], context.shape[1:]))
+        else:
+            logits, attention, weights = self.run(face, context)
         if return_details:
             return logits, {"attention": attention, "fusion_weights": weights}
         return logits

@@ -19,6 +19,7 @@ class OnnxRuntimeEngine(Engine):
     loaded instead of the plain export, with the optimisations already applied (no work at start-up)."""
 
     name = "onnxruntime"
+    sliced = True
 
     def __init__(self, onnx_path: Path, threads: Optional[int] = None, optimized: Optional[Path] = None):
         super().__init__()

@@ -19,6 +19,7 @@ class OpenVinoEngine(Engine):
     OpenVINO's own cache of compiled models: a second start imports the compiled blob instead of compiling."""
 
     name = "openvino"
+    sliced = True
 
     def __init__(self, onnx_path: Path, threads: Optional[int] = None, cache_dir: Optional[Path] = None):
         super().__init__()
@@ -54,22 +55,11 @@ class OpenVinoEngine(Engine):
             logits, attention, weights = self.run(face.new_zeros((1, *face.shape[1:])),
                                                   context.new_zeros((1, *context.shape[1:])))
             return logits[:0], attention[:0], weights[:0]
-        per_sample = 4 * (face[:1].numel() + context[:1].numel())
-        most = max(1, MAX_INPUT_BYTES // per_sample)
-        if n > most:  # the activations grow with the batch: bigger batches run in slices, same answers
-            parts = [self.run(face[i:i + most], context[i:i + most]) for i in range(0, n, most)]
-            return tuple(torch.cat(outs) for outs in zip(*parts))
         feed = onnx_feed(face, context)
         with self._lock:
             result = self.request.infer(feed)
             # copies: the request reuses its output buffers on the next call
             return tuple(torch.from_numpy(result[o].copy()) for o in self.outputs)
-
-
-# the largest batch one infer call takes, in input bytes: 4 full-size video clips. A call's peak grows with its
-# batch (full-size CAER-Net, fp32: +300 MiB at 4 clips, +800 MiB at 12, a 3-person `--people all` step), and
-# the per-clip time is the same at 4 (bench/RESULTS.md "Quiet machine, end of the stop")
-MAX_INPUT_BYTES = 16 * 2**20
 
 
 @register_engine("openvino", description="our ONNX export compiled by OpenVINO for this CPU (fp32)")
