@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import logging
 import tempfile
 import time
@@ -71,14 +72,23 @@ class EngineError(RuntimeError):
     """An engine cannot be built here (missing package, wrong device, bad option)."""
 
 
+def need_package(module: str, engine: str, hint: str):
+    """``import module`` for an engine that cannot run without it; an :class:`EngineError` saying how to
+    install it otherwise (the optional packages are imported only by the engines that use them)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise EngineError(f"the {engine} engine needs {module} ({hint}): {exc}") from exc
+
+
 class Engine(nn.Module):
     """Base: ``name``, ``info`` (what was built, how long it took, cache hits), the model's call signature."""
 
     name = "engine"
     #: (face, context) sizes without the batch dimension, for engines built for one size (the ONNX ones)
     input_shapes: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None
-    #: a batch over :data:`MAX_BATCH_INPUT_BYTES` runs in slices (the CPU engines; False: the whole batch at once)
-    sliced = False
+    #: a batch over :data:`MAX_BATCH_INPUT_BYTES` runs in slices (False: the whole batch in one call)
+    sliced = True
 
     def __init__(self, name: Optional[str] = None):
         super().__init__()

@@ -49,8 +49,6 @@ class Int8Engine(TorchEngine):
 class OpenVinoInt8VideoEngine(Engine):
     """The video model quantized by NNCF, compiled by OpenVINO (:class:`OpenVinoInt8Engine`) as an engine."""
 
-    sliced = True
-
     def __init__(self, inner: OpenVinoInt8Engine):
         super().__init__("int8")
         self.inner = inner

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .base import BuildContext, Engine, EngineError, log, onnx_feed, register_engine
+from .base import BuildContext, Engine, EngineError, log, need_package, onnx_feed, register_engine
 
 
 class OnnxRuntimeEngine(Engine):
@@ -19,14 +19,10 @@ class OnnxRuntimeEngine(Engine):
     loaded instead of the plain export, with the optimisations already applied (no work at start-up)."""
 
     name = "onnxruntime"
-    sliced = True
 
     def __init__(self, onnx_path: Path, threads: Optional[int] = None, optimized: Optional[Path] = None):
         super().__init__()
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise EngineError(f"the onnxruntime engine needs onnxruntime (pinned in requirements.txt): {exc}") from exc
+        ort = need_package("onnxruntime", "onnxruntime", "pinned in requirements.txt")
         t = time.perf_counter()
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or torch.get_num_threads())

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .base import BuildContext, Engine, EngineError, onnx_feed, register_engine
+from .base import BuildContext, Engine, EngineError, need_package, onnx_feed, register_engine
 
 
 class OpenVinoEngine(Engine):
@@ -19,15 +19,10 @@ class OpenVinoEngine(Engine):
     OpenVINO's own cache of compiled models: a second start imports the compiled blob instead of compiling."""
 
     name = "openvino"
-    sliced = True
 
     def __init__(self, onnx_path: Path, threads: Optional[int] = None, cache_dir: Optional[Path] = None):
         super().__init__()
-        try:
-            import openvino as ov
-        except ImportError as exc:
-            raise EngineError(f"the openvino engine needs openvino (optional: pip install openvino==2026.4.1): {exc}") \
-                from exc
+        ov = need_package("openvino", "openvino", "optional: pip install openvino==2026.4.1")
         t = time.perf_counter()
         threads = int(threads or torch.get_num_threads())
         config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}

@@ -12,6 +12,8 @@ from .base import BuildContext, Engine, register_engine
 class TorchEngine(Engine):
     """``eager`` (the model) or ``compiled`` (:func:`caer_fast.optimize`), under ``inference_mode``."""
 
+    sliced = False  # the caller's batch as it comes: on a GPU, slices would leave it idle
+
     def __init__(self, model: nn.Module, compiled: bool = False):
         super().__init__("compiled" if compiled else "eager")
         self.model = optimize(model, "inference") if compiled else model.eval()
