@@ -11,6 +11,7 @@ A bad file is an error row naming its problem; a rerun with the same --out does 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -43,6 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="DIR/videos.parquet, DIR/clips.parquet (+ .csv), DIR/parts/ (the resumable part files)")
     for action in predict_parser()._actions:
         if action.dest in SHARED:
+            if action.dest == "detector":  # predict's text speaks of --people, which annotate does not have
+                action = copy.copy(action)
+                action.help = ("face detector. auto: haar (one face per frame, the largest: predict's default "
+                               "answers). none: context only")
             p._add_action(action)
     add_engine_arguments(p)  # --engine, --int8 (= --engine int8), --calibrate…
     p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
@@ -67,7 +72,8 @@ def main(argv=None) -> int:
         parser.error("--workers, --model-actors, --batch-size and --part-videos must be >= 1")
     try:
         device = None if args.device is None else str(resolve_device(args.device))
-        opts = Options(str(args.checkpoint), device=device, detector=None if args.detector == "none" else resolve_detector(args.detector),
+        detector = None if args.detector == "none" else resolve_detector(args.detector)
+        opts = Options(str(args.checkpoint), device=device, detector=detector,
                        detect_every=args.detect_every, boxes=args.boxes, engine=args.engine,
                        calibrate=None if args.calibrate is None else str(args.calibrate),
                        calibrate_samples=args.calibrate_samples, batch_size=args.batch_size)

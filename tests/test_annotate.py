@@ -249,3 +249,14 @@ def test_ray_run_with_a_worker_killed_gives_the_embedded_answers(corpus, embedde
     keys = [(c["path"], c["clip"]) for c in clips]
     assert len(keys) == len(set(keys)) == sum(r["clips"] for r in videos.values())
     print(f"embedded {embedded['wall']:.1f} s, ray (one worker killed) {wall:.1f} s")
+
+
+def test_help_speaks_of_annotate_options_only():
+    """annotate shares predict's --detector, but not predict's text about --people (annotate has no such flag);
+    predict's own help keeps it."""
+    from caer_fast.annotate import get_args_parser as annotate_parser
+    from caer_fast.predict import get_args_parser as predict_parser
+
+    annotate_help, predict_help = annotate_parser().format_help(), predict_parser().format_help()
+    assert "--people" not in annotate_help and "--people" in predict_help
+    assert "--detector" in annotate_help and "auto: haar" in " ".join(annotate_help.split())
