@@ -155,3 +155,46 @@ def test_quantizing_in_the_background_leaves_the_answer_on_stdout(capfd):
     time.sleep(0.01)
     out, err = capfd.readouterr()
     assert out == '{"emotion": "Happy"}\n' and "progress bar" in err and "progress refresh" in err
+
+
+def test_warm_start_finds_the_int8_entry_without_reading_calibration_pt(demo_root, tmp_path, monkeypatch):
+    """The cache remembers calibration.pt's digest by the file's size, mtime and inode: a second build loads the
+    int8 model without reading the clips (~130 MiB for the full-size model); a touched file is read and digested
+    again (same clips: still the cached model); other clips quantize again."""
+    import os
+
+    from caer_fast.serving.engines import build_engine
+    from caer_fast.serving.engines import int8 as int8_engine
+    from caer_fast.testing.serving import TINY_VIDEO_ARGS
+
+    model = trained_model("caer", steps=3)[0]
+    a = TINY_VIDEO_ARGS
+    sizes = dict(clip_frames=a["clip_frames"], face_size=tuple(a["face_size"]), context_size=tuple(a["context_size"]),
+                 crop=a["crop"])
+    path = cal.save_calibration_sample(tmp_path / cal.CALIBRATION_FILE, cal.video_calibration_batches(demo_root, 16,
+                                                                                                      **sizes))
+    reads = []
+    load = int8_engine.load_calibration_sample
+    monkeypatch.setattr(int8_engine, "load_calibration_sample", lambda *args, **kw: reads.append(1) or load(*args, **kw))
+    fs, cs = (3, 8, 48, 48), (3, 8, 56, 56)
+
+    def build():
+        reads.clear()
+        return build_engine(model, "int8", face_shape=fs, context_shape=cs, batch_sizes=(1,), calibration=path,
+                            cache_dir=tmp_path / "cache", min_agreement=0.0)
+
+    first = build()
+    assert first.info["loaded_from_cache"] is False and reads == [1]
+    second = build()
+    assert second.info["loaded_from_cache"] is True and reads == [], "the warm start read calibration.pt"
+    assert second.info["calibration_digest"] == first.info["calibration_digest"]
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: read and digested again
+    third = build()
+    assert third.info["loaded_from_cache"] is True and reads == [1]
+    assert third.info["calibration_digest"] == first.info["calibration_digest"]
+    cal.save_calibration_sample(path, cal.video_calibration_batches(demo_root, 16, offset=1, **sizes))  # other clips
+    fourth = build()
+    assert fourth.info["loaded_from_cache"] is False and reads == [1]
+    assert fourth.info["calibration_digest"] != first.info["calibration_digest"]
+    assert fourth.info["guard"]["n"] > 0 and first.info["guard"]["n"] > 0  # each build guarded its own clips

@@ -187,6 +187,33 @@ class Manifest:
             del self.doc["files"][k]
         self.save()
 
+    # -- digests of source files (calibration.pt) by their stat, so a warm start need not read them ---------
+    @staticmethod
+    def _stat_key(path: Path):
+        st = Path(path).stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def source_digest(self, path: Path) -> Optional[str]:
+        """The digest :meth:`remember_source` recorded for ``path``, while its size, mtime and inode are
+        unchanged; None otherwise (then the caller reads the file and digests it)."""
+        sources = self.doc.get("sources")
+        rec = sources.get(str(Path(path).resolve())) if isinstance(sources, dict) else None
+        try:
+            same = isinstance(rec, dict) and rec.get("stat") == self._stat_key(path)
+        except OSError:
+            return None
+        return str(rec["digest"]) if same and isinstance(rec.get("digest"), str) else None
+
+    def remember_source(self, path: Path, digest: str) -> None:
+        try:
+            stat = self._stat_key(path)
+        except OSError:
+            return
+        if not isinstance(self.doc.get("sources"), dict):
+            self.doc["sources"] = {}
+        self.doc["sources"][str(Path(path).resolve())] = {"stat": stat, "digest": digest}
+        self.save()
+
     def save(self) -> None:
         try:
             write_json_atomic(self.path, self.doc)

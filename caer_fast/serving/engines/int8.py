@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -157,49 +157,86 @@ def _stdout_of_this_thread_to_stderr():
             sys.stdout = real
 
 
-def build_video_int8(ctx: BuildContext, calibration) -> Engine:
-    calib, held, where = _video_data(ctx, calibration)
-    got = (tuple(calib[0][0].shape[1:]), tuple(calib[0][1].shape[1:]))
-    if got != (ctx.face_shape, ctx.context_shape):
-        raise EngineError(f"int8: the calibration clips of {where} are face {got[0]} / context {got[1]}; the model "
-                          f"here takes {ctx.face_shape} / {ctx.context_shape} (calibrate at the checkpoint's sizes)")
-    digest = _digest(calib + held)
-    min_agreement = float(ctx.options.get("min_agreement", MIN_AGREEMENT))
-    work = ctx.workdir()
-    xml, report_file = work / f"int8-{digest}.xml", work / f"int8-{digest}.json"
-    blobs = work / "openvino-int8"
+def _calibration_file(calibration) -> Optional[Path]:
+    """``calibration`` as a file (a ``calibration.pt``), or None (a tree, or batches)."""
+    if isinstance(calibration, (str, os.PathLike)) and Path(calibration).is_file():
+        return Path(calibration)
+    return None
+
+
+def _cached_int8(ctx: BuildContext, digest: str, min_agreement: float):
+    """The int8 engine the cache entry holds for calibration data of ``digest`` (its IR, compiled blobs and
+    guard report, all as recorded in the manifest, and a guard that passed at ``min_agreement``), or None."""
     man = ctx.manifest
-    if man is not None:
-        man.check_tree(blobs)
-    cached = man is not None and all(man.check(p) for p in (xml, xml.with_suffix(".bin"), report_file))
+    if man is None:
+        return None
+    work = ctx.workdir()
+    xml, report_file, blobs = work / f"int8-{digest}.xml", work / f"int8-{digest}.json", work / "openvino-int8"
+    man.check_tree(blobs)
+    if not all(man.check(p) for p in (xml, xml.with_suffix(".bin"), report_file)):
+        return None
+    report = json.loads(report_file.read_text())
+    if not report["guard"]["ok"] or report["guard"]["agreement"] < min_agreement:
+        return None  # a stricter threshold now: guard again
+    inner = OpenVinoInt8Engine(compile_int8(xml, ctx.threads, blobs), threads=ctx.threads)
+    inner.info.update(guard=report["guard"], quantize_s=report.get("quantize_s"))
+    return inner
+
+
+def _quantized_int8(ctx: BuildContext, calib: list, held: list, where: str, digest: str, min_agreement: float):
+    """Quantize (NNCF), compile (OpenVINO) and guard the video model; the IR, blobs and report go into the
+    cache entry when the guard passed."""
+    man = ctx.manifest
+    work = ctx.workdir()
+    xml, report_file, blobs = work / f"int8-{digest}.xml", work / f"int8-{digest}.json", work / "openvino-int8"
+    onnx_path, _ = ctx.onnx_file()
+    release_memory()  # the export's graph and buffers, before NNCF's peak
+    ctx.say(f"int8: quantizing the video model (NNCF, OpenVINO) on {sum(len(f) for f, _ in calib)} clips "
+            f"of {where} …")
+    tq = time.perf_counter()
+    with _stdout_of_this_thread_to_stderr():  # NNCF's progress bar: stdout is the answer's (--json)
+        model = quantize_openvino_int8(onnx_path, calib, save_to=xml)
+    quantize_s = round(time.perf_counter() - tq, 2)
+    release_memory()  # NNCF's statistics
+    inner = OpenVinoInt8Engine(model, threads=ctx.threads, cache_dir=blobs if man else None)
+    del model
+    guard = int8_guard(ctx.model, inner, held, min_agreement)
+    inner.info.update(guard=guard, quantize_s=quantize_s)
+    if guard["ok"] and man is not None:
+        write_json_atomic(report_file, {"guard": guard, "quantize_s": quantize_s, "calibration": where,
+                                        "calibration_digest": digest})
+        man.record(xml, xml.with_suffix(".bin"), report_file)
+    if man is not None and blobs.is_dir():
+        man.record(blobs)  # what OpenVINO compiled now (what was there before passed check_tree)
+    return inner
+
+
+def build_video_int8(ctx: BuildContext, calibration) -> Engine:
+    min_agreement = float(ctx.options.get("min_agreement", MIN_AGREEMENT))
+    man = ctx.manifest
+    source = _calibration_file(calibration)
     t = time.perf_counter()
     try:
-        if cached:
-            report = json.loads(report_file.read_text())
-            inner = OpenVinoInt8Engine(compile_int8(xml, ctx.threads, blobs if man else None), threads=ctx.threads)
-            inner.info.update(guard=report["guard"], quantize_s=report.get("quantize_s"))
-            if not report["guard"]["ok"] or report["guard"]["agreement"] < min_agreement:
-                cached = False  # a stricter threshold now: guard again below
-        if not cached:
-            onnx_path, _ = ctx.onnx_file()
-            release_memory()  # the export's graph and buffers, before NNCF's peak
-            ctx.say(f"int8: quantizing the video model (NNCF, OpenVINO) on {sum(len(f) for f, _ in calib)} clips "
-                    f"of {where} …")
-            tq = time.perf_counter()
-            with _stdout_of_this_thread_to_stderr():  # NNCF's progress bar: stdout is the answer's (--json)
-                model = quantize_openvino_int8(onnx_path, calib, save_to=xml)
-            quantize_s = round(time.perf_counter() - tq, 2)
-            release_memory()  # NNCF's statistics
-            inner = OpenVinoInt8Engine(model, threads=ctx.threads, cache_dir=blobs if man else None)
-            del model
-            guard = int8_guard(ctx.model, inner, held, min_agreement)
-            inner.info.update(guard=guard, quantize_s=quantize_s)
-            if guard["ok"] and man is not None:
-                write_json_atomic(report_file, {"guard": guard, "quantize_s": quantize_s, "calibration": where,
-                                                "calibration_digest": digest})
-                man.record(xml, xml.with_suffix(".bin"), report_file)
-        if man is not None and blobs.is_dir():
-            man.record(blobs)  # what OpenVINO compiled now (what was there before passed check_tree)
+        # a warm start with an unchanged calibration.pt finds its digest by the file's stat: the ~130 MiB of
+        # clips are read only to quantize (or when the cache has nothing for them)
+        digest = man.source_digest(source) if man is not None and source is not None else None
+        inner = _cached_int8(ctx, digest, min_agreement) if digest is not None else None
+        cached, where = inner is not None, str(source)
+        if inner is None:
+            calib, held, where = _video_data(ctx, calibration)
+            got = (tuple(calib[0][0].shape[1:]), tuple(calib[0][1].shape[1:]))
+            if got != (ctx.face_shape, ctx.context_shape):
+                raise EngineError(f"int8: the calibration clips of {where} are face {got[0]} / context {got[1]}; the "
+                                  f"model here takes {ctx.face_shape} / {ctx.context_shape} (calibrate at the "
+                                  "checkpoint's sizes)")
+            digest = _digest(calib + held)
+            inner = _cached_int8(ctx, digest, min_agreement)
+            cached = inner is not None
+            if inner is None:
+                inner = _quantized_int8(ctx, calib, held, where, digest, min_agreement)
+            del calib, held
+            if man is not None and source is not None and inner.info["guard"]["ok"]:
+                man.remember_source(source, digest)
     except ImportError as exc:
         raise EngineError(str(exc).splitlines()[0]) from exc
     guard = inner.info["guard"]
@@ -209,7 +246,8 @@ def build_video_int8(ctx: BuildContext, calibration) -> Engine:
     ctx.say(f"int8: {'loaded from the cache' if cached else 'quantized'} in {time.perf_counter() - t:.1f}s; "
             f"agreement with fp32 {guard['agreement']:.1%} on {guard['n']} held-out clips")
     eng = OpenVinoInt8VideoEngine(inner)
-    eng.info.update(calibration=where, calibration_digest=digest, loaded_from_cache=cached, ir=str(xml))
+    eng.info.update(calibration=where, calibration_digest=digest, loaded_from_cache=cached,
+                    ir=str(ctx.workdir() / f"int8-{digest}.xml"))
     eng.input_shapes = (ctx.face_shape, ctx.context_shape)
     return eng
 
