@@ -76,3 +76,41 @@ def test_the_measurement_reserves_its_peak_in_the_budget(files):
         assert end["memory"]["reserved_bytes"] == 0 and end["engine"] != "eager (auto measuring)", end
     finally:
         srv.close()
+
+
+def test_the_budget_serves_waiters_in_arrival_order():
+    """A big reservation waiting for room (auto's measurement, a large video) is not overtaken by small ones
+    that would fit beside the current holders: otherwise a steady stream of small requests starves it. A
+    waiter that gives up leaves the line, and the next one goes."""
+    import asyncio
+
+    from caer_fast.serving.app import MemoryBudget
+
+    async def scenario():
+        budget = MemoryBudget(budget_bytes=100, base_bytes=0, wait_s=5.0)
+        order = []
+
+        async def take(name, n, wait_s=-1.0):
+            await budget.acquire(n, wait_s)
+            order.append(name)
+
+        await take("a", 60)
+        big = asyncio.create_task(take("big", 50, wait_s=None))  # does not fit beside a
+        await asyncio.sleep(0.01)
+        small = asyncio.create_task(take("small", 30))  # would fit beside a, but big came first
+        await asyncio.sleep(0.05)
+        assert order == ["a"], order
+        await budget.release(60)
+        await asyncio.wait_for(asyncio.gather(big, small), 5)
+        assert order == ["a", "big", "small"] and budget.reserved == 80, (order, budget.reserved)
+
+        # a waiter at the head that times out leaves the line: the one behind it is served
+        impatient = asyncio.create_task(take("impatient", 70, wait_s=0.1))  # 80 + 70 > 100
+        await asyncio.sleep(0.01)
+        patient = asyncio.create_task(take("patient", 20))  # fits, after impatient gives up
+        with pytest.raises(TimeoutError, match="server busy"):
+            await impatient
+        await asyncio.wait_for(patient, 5)
+        assert order[-1] == "patient" and budget.reserved == 100 and not budget._line, order
+
+    asyncio.run(scenario())

@@ -24,9 +24,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional
+from typing import Callable, Deque, List, Optional
 
 import torch
 
@@ -121,13 +121,16 @@ def trim_heap() -> None:
 
 class MemoryBudget:
     """Admission control: requests reserve their estimated peak; one that does not fit waits (up to
-    ``wait_s``) for others to finish, one that could never fit is refused."""
+    ``wait_s``) for others to finish, one that could never fit is refused. Waiters are served in arrival
+    order: a big reservation (a large video, ``auto``'s measurement) is not overtaken for ever by a stream
+    of small ones that each fit beside the others."""
 
     def __init__(self, budget_bytes: int, base_bytes: int, wait_s: float = 30.0):
         self.budget, self.base, self.wait_s = int(budget_bytes), int(base_bytes), float(wait_s)
         self.reserved = 0
         self.peak_reserved = 0
         self._cond: Optional[asyncio.Condition] = None
+        self._line: Deque[object] = deque()  # the waiting acquirers' tickets, first come first
 
     @property
     def available(self) -> int:
@@ -142,10 +145,16 @@ class MemoryBudget:
         if self._cond is None:
             self._cond = asyncio.Condition()
         async with self._cond:
+            ticket = object()
+            self._line.append(ticket)
             try:
-                await asyncio.wait_for(self._cond.wait_for(lambda: self.reserved + n <= self.available), wait_s)
+                await asyncio.wait_for(self._cond.wait_for(
+                    lambda: self._line[0] is ticket and self.reserved + n <= self.available), wait_s)
             except asyncio.TimeoutError:
                 raise TimeoutError("server busy: its memory budget is taken by other requests") from None
+            finally:  # served, timed out or cancelled: out of the line, and the next one may fit now
+                self._line.remove(ticket)
+                self._cond.notify_all()
             self.reserved += n
             self.peak_reserved = max(self.peak_reserved, self.reserved)
 
