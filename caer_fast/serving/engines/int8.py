@@ -164,14 +164,19 @@ def _calibration_file(calibration) -> Optional[Path]:
     return None
 
 
+def _int8_files(ctx: BuildContext, digest: str) -> Tuple[Path, Path, Path]:
+    """(IR, guard report, OpenVINO's compiled blobs) of the int8 model for calibration data of ``digest``."""
+    work = ctx.workdir()
+    return work / f"int8-{digest}.xml", work / f"int8-{digest}.json", work / "openvino-int8"
+
+
 def _cached_int8(ctx: BuildContext, digest: str, min_agreement: float):
     """The int8 engine the cache entry holds for calibration data of ``digest`` (its IR, compiled blobs and
     guard report, all as recorded in the manifest, and a guard that passed at ``min_agreement``), or None."""
     man = ctx.manifest
     if man is None:
         return None
-    work = ctx.workdir()
-    xml, report_file, blobs = work / f"int8-{digest}.xml", work / f"int8-{digest}.json", work / "openvino-int8"
+    xml, report_file, blobs = _int8_files(ctx, digest)
     man.check_tree(blobs)
     if not all(man.check(p) for p in (xml, xml.with_suffix(".bin"), report_file)):
         return None
@@ -187,8 +192,7 @@ def _quantized_int8(ctx: BuildContext, calib: list, held: list, where: str, dige
     """Quantize (NNCF), compile (OpenVINO) and guard the video model; the IR, blobs and report go into the
     cache entry when the guard passed."""
     man = ctx.manifest
-    work = ctx.workdir()
-    xml, report_file, blobs = work / f"int8-{digest}.xml", work / f"int8-{digest}.json", work / "openvino-int8"
+    xml, report_file, blobs = _int8_files(ctx, digest)
     onnx_path, _ = ctx.onnx_file()
     release_memory()  # the export's graph and buffers, before NNCF's peak
     ctx.say(f"int8: quantizing the video model (NNCF, OpenVINO) on {sum(len(f) for f, _ in calib)} clips "
@@ -247,7 +251,7 @@ def build_video_int8(ctx: BuildContext, calibration) -> Engine:
             f"agreement with fp32 {guard['agreement']:.1%} on {guard['n']} held-out clips")
     eng = OpenVinoInt8VideoEngine(inner)
     eng.info.update(calibration=where, calibration_digest=digest, loaded_from_cache=cached,
-                    ir=str(ctx.workdir() / f"int8-{digest}.xml"))
+                    ir=str(_int8_files(ctx, digest)[0]))
     eng.input_shapes = (ctx.face_shape, ctx.context_shape)
     return eng
 
