@@ -527,3 +527,15 @@ def test_auto_keeps_int8_only_where_faster(demo_root, tmp_path, monkeypatch):
     # without calibration data int8 is not a candidate
     eng = build_engine(model, "auto", candidates=("eager",), cache_dir=tmp_path, **shapes)
     assert set(eng.info["decision"]["candidates"]) == {"eager"}
+
+
+@pytest.mark.parametrize("digest", ["../../elsewhere", "", 42, None])
+def test_a_source_record_names_files_of_the_entry_only(tmp_path, digest):
+    """An edited manifest's calibration record that is not a hex digest is ignored (it names the entry's files)."""
+    src = tmp_path / "calibration.pt"
+    src.write_bytes(b"clips")
+    man = cache.Manifest(tmp_path / "entry", "model", warn=lambda msg: None)
+    man.remember_source(src, "0123abcd0123abcd")
+    assert man.source_digest(src) == "0123abcd0123abcd"
+    man.doc["sources"][str(src.resolve())]["digest"] = digest
+    assert man.source_digest(src) is None

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -202,7 +203,9 @@ class Manifest:
             same = isinstance(rec, dict) and rec.get("stat") == self._stat_key(path)
         except OSError:
             return None
-        return str(rec["digest"]) if same and isinstance(rec.get("digest"), str) else None
+        digest = rec.get("digest") if same else None
+        # it names files in the entry: a hex digest only (an edited manifest cannot point elsewhere)
+        return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{8,64}", digest) else None
 
     def remember_source(self, path: Path, digest: str) -> None:
         try:
