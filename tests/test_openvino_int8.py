@@ -198,4 +198,3 @@ def test_warm_start_finds_the_int8_entry_without_reading_calibration_pt(demo_roo
     assert fourth.info["loaded_from_cache"] is False and reads == [1]
     assert fourth.info["calibration_digest"] != first.info["calibration_digest"]
     assert fourth.info["guard"]["n"] > 0 and first.info["guard"]["n"] > 0  # each build guarded its own clips
-
