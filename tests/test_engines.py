@@ -539,3 +539,36 @@ def test_a_source_record_names_files_of_the_entry_only(tmp_path, digest):
     assert man.source_digest(src) == "0123abcd0123abcd"
     man.doc["sources"][str(src.resolve())]["digest"] = digest
     assert man.source_digest(src) is None
+
+
+_MEASURE_PEAK = """
+import sys, tempfile, gc, torch
+from caer_fast.models import CAERSNet
+from caer_fast.serving.engines import auto, build_engine
+def rss_hwm():
+    d = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(("VmRSS", "VmHWM"))}
+    return d["VmRSS"], d["VmHWM"]
+torch.manual_seed(0)
+bs, fs, cs = (1, int(sys.argv[1])), (3, 96, 96), (3, 112, 112)
+model = CAERSNet().eval()
+with torch.inference_mode():  # eager has answered a full batch: the server at rest
+    model(torch.randn(bs[-1], *fs), torch.randn(bs[-1], *cs))
+gc.collect()
+rest = rss_hwm()[0]
+with tempfile.TemporaryDirectory() as d:
+    build_engine(model, "auto", face_shape=fs, context_shape=cs, batch_sizes=bs, cache_dir=d, out=sys.stderr)
+print(rss_hwm()[1] - rest, auto.measure_memory_estimate(fs, cs, bs))
+"""
+
+
+@pytest.mark.parametrize("batch", [4, 8])
+def test_the_measurement_memory_estimate_covers_the_image_model(batch):
+    """The bytes a server reserves for auto's measurement (``measure_memory_estimate``) cover what measuring
+    ONNX Runtime and OpenVINO really adds to a fresh process (its VmHWM over its rest), for CAER-Net-S at the
+    server's small batches (the full-size video model's figure is in bench/RESULTS.md)."""
+    pytest.importorskip("openvino")
+    proc = subprocess.run([sys.executable, "-c", _MEASURE_PEAK, str(batch)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak, estimate = map(int, proc.stdout.split())
+    assert 0 < peak <= estimate, f"measuring added {peak / 2**20:.0f} MiB, the estimate is {estimate / 2**20:.0f} MiB"

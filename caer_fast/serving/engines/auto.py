@@ -29,9 +29,10 @@ def auto_candidates() -> Tuple[str, ...]:
     return tuple(n for n in AUTO_CANDIDATES if n != "openvino" or importlib.util.find_spec("openvino") is not None)
 
 
-# auto's measurement at its peak, over the process before it started (tools/int8_memory.py --engine auto,
-# full-size CAER-Net at b1 and b4, int8 included: +543 MiB): about 32× the largest batch's input bytes + 64 MiB
-MEASURE_INPUT_FACTOR, MEASURE_FIXED_BYTES = 32, 64 * 2**20
+# auto's measurement at its peak, over the process before it started: full-size CAER-Net at b1 and b4, int8
+# included, +543 MiB (tools/int8_memory.py --engine auto); CAER-Net-S at (1, 4) / (1, 8) / (1, 32), +163 / +166 /
+# +232 MiB (bench/RESULTS.md "auto's memory estimate"). 32× the largest batch's input bytes + 160 MiB covers both
+MEASURE_INPUT_FACTOR, MEASURE_FIXED_BYTES = 32, 160 * 2**20
 
 
 def measured_batch_sizes(face_shape, context_shape, batch_sizes) -> List[int]:
