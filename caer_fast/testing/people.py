@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -150,22 +149,18 @@ def write_people_video(path, codec: str = "h264", seconds: float = SECONDS, fps:
     """Render and encode the clip (PyAV, ``codec`` h264 or mjpeg, 640×360, ``fps``, ``seconds``; frame by
     frame, so a 10-minute one needs no more memory than 15 s); returns ``(path, truth, partial)`` as
     :func:`render` describes them."""
-    import av
+    from caer_fast.testing.media import write_clip
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    options = {"crf": "18", "preset": preset} if codec in ("h264", "libx264") else {}
+    options = {"crf": "18", "preset": preset} if codec in ("h264", "libx264") else None
     full, partial = [], []
-    with av.open(str(path), "w") as c:  # as caer_fast.testing.media.write_clip encodes, one frame at a time
-        s = c.add_stream(codec, rate=fps, options=options)
-        s.width, s.height = W, H
-        s.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+
+    def images():
         for img, f, p in frames(seconds, fps):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
             full.append(f)
             partial.append(p)
-        c.mux(s.encode())
-    return path, full, partial
+            yield img
+
+    return write_clip(path, images(), codec, fps=fps, options=options), full, partial
 
 
 def iou(a, b) -> float:
