@@ -25,6 +25,7 @@ confidence (comparable within one detector only).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -223,9 +224,7 @@ class MTCNNDetector(FaceDetector):
         self.thresholds, self.factor = tuple(thresholds), float(factor)
 
     def _detect(self, rgb, min_size):
-        if self.threads is None:
-            return self._mtcnn.detect(rgb, self._nets, max(12, min_size), self.thresholds, self.factor)
-        with thread_openmp_threads(self.threads):
+        with contextlib.nullcontext() if self.threads is None else thread_openmp_threads(self.threads):
             return self._mtcnn.detect(rgb, self._nets, max(12, min_size), self.thresholds, self.factor)
 
 

@@ -78,9 +78,6 @@ def _read_decision(ctx, path, names):
     return decision
 
 
-_release = release_memory  # a dropped engine's memory back before the next one is built
-
-
 def candidate_names(ctx: BuildContext):
     """What ``auto`` measures for ``ctx``: ``candidates`` (default :func:`auto_candidates`), plus ``int8``
     for the video model when calibration data is at hand (the image model's int8 compiles in every process)."""
@@ -141,7 +138,7 @@ def build_auto(ctx: BuildContext) -> Engine:
                 eng = reference if n == "eager" else ctx.build(n)
             except Exception as exc:  # a missing package, a failed export, a failed int8 guard: not a candidate
                 results[n] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                _release()
+                release_memory()
                 continue
             if n == "eager":
                 cmp = {"max_abs": 0.0, "max_abs_details": 0.0, "agreement": 1.0, "ok": True}
@@ -158,7 +155,7 @@ def build_auto(ctx: BuildContext) -> Engine:
             best_engine = eng  # no cache to rebuild it from cheaply: keep the best so far
         if n != "eager":
             del eng
-            _release()
+            release_memory()
     chosen = pick(results)
     decision = {"chosen": chosen, "model": ctx.model_digest, "candidates": results, "batch_sizes": sizes, "threads": ctx.threads,
                 "cpu_flags": cpu_flags(), "versions": library_versions(),
