@@ -545,19 +545,17 @@ _MEASURE_PEAK = """
 import sys, tempfile, gc, torch
 from caer_fast.models import CAERSNet
 from caer_fast.serving.engines import auto, build_engine
-def rss_hwm():
-    d = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(("VmRSS", "VmHWM"))}
-    return d["VmRSS"], d["VmHWM"]
+from caer_fast.testing.serving import proc_status_bytes
 torch.manual_seed(0)
 bs, fs, cs = (1, int(sys.argv[1])), (3, 96, 96), (3, 112, 112)
 model = CAERSNet().eval()
 with torch.inference_mode():  # eager has answered a full batch: the server at rest
     model(torch.randn(bs[-1], *fs), torch.randn(bs[-1], *cs))
 gc.collect()
-rest = rss_hwm()[0]
+rest = proc_status_bytes("VmRSS")
 with tempfile.TemporaryDirectory() as d:
     build_engine(model, "auto", face_shape=fs, context_shape=cs, batch_sizes=bs, cache_dir=d, out=sys.stderr)
-print(rss_hwm()[1] - rest, auto.measure_memory_estimate(fs, cs, bs))
+print(proc_status_bytes("VmHWM") - rest, auto.measure_memory_estimate(fs, cs, bs))
 """
 
 

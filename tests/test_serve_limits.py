@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 av = pytest.importorskip("av")
 
-from caer_fast.testing.serving import Server, make_checkpoint, write_video  # noqa: E402
+from caer_fast.testing.serving import Server, make_checkpoint, proc_status_bytes, write_video  # noqa: E402
 
 BUDGET_MB = 1300
 # the hostile-uploads server: a 4096² upload reserves ~936 MiB (its decoder sized for the largest frame allowed)
@@ -43,10 +43,7 @@ def encode(frames: int, size, fmt: str = "matroska", codec: str = "libx264", fps
 
 def status_mb(pid: int, key: str) -> float:
     """A memory line of /proc/PID/status (VmHWM: peak RSS, VmRSS: RSS now), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no {key}")
+    return proc_status_bytes(key, pid) / 2**20
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -89,6 +89,14 @@ def write_video(path, frames: int = 24, fps: int = 20, size=(96, 128), codec: st
     return write_clip(path, clip, codec, fps, pix_fmt="yuv420p")
 
 
+def proc_status_bytes(key: str, pid="self") -> int:
+    """A memory line of /proc/PID/status in bytes (VmHWM: the peak resident set, VmRSS: the resident set now)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
