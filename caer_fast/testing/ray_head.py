@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from caer_fast.testing.serving import free_port
+
 # this interpreter's ray, whatever `ray` is on PATH
 RAY_CLI = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 # A loopback test cluster without token auth: Ray 2.60 turns it on once ~/.ray/auth_token exists (any local
@@ -31,12 +33,6 @@ class RayHead:
     port: int
     temp_dir: str
     pid: int  # the `ray start --block` process; also its process group
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _procs():
