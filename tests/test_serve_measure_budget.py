@@ -38,7 +38,7 @@ def files(tmp_path_factory):
 
 
 def test_a_measurement_that_never_fits_stays_eager_and_says_so(files):
-    # at batch 64 the measurement's estimate (32× a batch's inputs + 160 MiB ≈ 680 MiB) exceeds what a 700 MiB
+    # at batch 64 the measurement's estimate (32× a batch's inputs + 256 MiB ≈ 766 MiB) exceeds what a 700 MiB
     # budget leaves above the server at rest (≈ 350-400 MiB); a small image's request (≈ 96 MiB) fits
     srv = Server(files["ck_small"], "--engine", "auto", "--max-batch", 64, "--memory-budget-mb", 700,
                  "--threads", 1, cwd=files["dir"])
@@ -69,7 +69,7 @@ def test_the_measurement_reserves_its_peak_in_the_budget(files):
         m = end["engine_measurement"]
         assert m["state"] == "done", m
         est = m["memory_bytes"]
-        # the image request alone reserves ≈ 96 MiB; the measurement ≈ 224 MiB at batch 8
+        # the image request alone reserves ≈ 96 MiB; the measurement ≈ 320 MiB at batch 8
         assert end["memory"]["peak_reserved_bytes"] >= est > 100 * 2**20, end["memory"]
         during = [h for h in seen if h["engine_measurement"]["state"] == "measuring"]
         assert all(h["memory"]["reserved_bytes"] >= est for h in during), [h["memory"] for h in during]
