@@ -95,11 +95,12 @@ def test_onnx_engines_on_awkward_inputs(engine, caers, tmp_path):
             eng(torch.randn(2, *fs), torch.randn(3, *cs))
 
 
-@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime", "eager"])
 def test_cpu_engines_run_big_batches_in_slices_with_the_same_answers(caers, tmp_path, monkeypatch, engine):
     """A batch over MAX_BATCH_INPUT_BYTES (the people steps: 3 people x 4 clips) runs as slices of at most that
     many bytes (a call's peak grows with its batch), and answers exactly as the model does for every sample."""
-    pytest.importorskip(engine)
+    if engine != "eager":
+        pytest.importorskip(engine)
     from caer_fast.serving.engines import base
 
     fs, cs = IMAGE
@@ -117,6 +118,39 @@ def test_cpu_engines_run_big_batches_in_slices_with_the_same_answers(caers, tmp_
         monkeypatch.setattr(base, "MAX_BATCH_INPUT_BYTES", 5 * base.sample_input_bytes(fs, cs))
         torch.testing.assert_close(eng(face, context), caers(face, context), atol=1e-4, rtol=1e-4)
     assert calls == [5], calls
+
+
+def test_a_predictor_without_an_engine_slices_like_eager(tmp_path, monkeypatch):
+    """``Predictor(checkpoint)`` (no engine) runs the eager engine, not the bare model: a people step's batch
+    runs in slices too, with the model's answers."""
+    from caer_fast.serving.engines import base
+    from caer_fast.serving.inference import Predictor
+
+    p = Predictor(make_checkpoint(tmp_path / "ck.pth", "caers", steps=1), device="cpu", detector=None)
+    assert p.engine_name == "eager" and p.engine.sliced
+    fs, cs = p.input_shapes
+    monkeypatch.setattr(base, "MAX_BATCH_INPUT_BYTES", 2 * base.sample_input_bytes(fs, cs))
+    calls = []
+    run = p.engine.run
+    monkeypatch.setattr(p.engine, "run", lambda face, context: calls.append(len(face)) or run(face, context))
+    face, context = torch.randn(5, *fs), torch.randn(5, *cs)
+    probs, attention, weights = p.forward(face, context)
+    assert calls == [2, 2, 1], calls
+    with torch.inference_mode():
+        logits, details = p.model(face, context, return_details=True)
+    torch.testing.assert_close(probs, torch.softmax(logits, dim=-1))
+    torch.testing.assert_close(attention, details["attention"])
+    torch.testing.assert_close(weights, details["fusion_weights"])
+
+
+def test_eager_on_a_gpu_takes_the_batch_as_it_comes(caers):
+    """Off the CPU (a GPU; here the meta device stands in for the placement) eager does not slice: slices
+    would leave a GPU idle."""
+    fs, cs = IMAGE
+    eng = build_engine(copy.deepcopy(caers), "eager", face_shape=fs, context_shape=cs, batch_sizes=(1, 2))
+    assert eng.sliced
+    eng.model.to("meta")
+    assert not eng.sliced
 
 
 def test_openvino_rebuilds_over_a_damaged_cache(caers, tmp_path):

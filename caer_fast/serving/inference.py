@@ -36,6 +36,7 @@ from ..data.video import (MAX_IMAGE_PIXELS, MediaDecodeError, VideoStream, image
 from ..models.caer_net import CAERNet
 from ..models.checkpoint import input_sizes, load_checkpoint, read_checkpoint
 from .clips import clip_starts, sample_indices  # noqa: F401  (re-exported: the test protocol's rules)
+from .engines.torch_engines import TorchEngine
 from .stream import Accumulator, PeopleAccumulator, Prediction, Preprocessor, StageTimer, parse_people, run_stream
 
 MAX_PIXELS = MAX_IMAGE_PIXELS  # refuse frames larger than this (memory: a decoded frame is H·W·3 bytes)
@@ -164,7 +165,7 @@ class Predictor:
             from the header and while decoding.
         engine: what runs the model: an object called like the model, ``engine(face, context,
             return_details=True) -> (logits, {"attention", "fusion_weights"})``, with ``.name`` and ``.info``
-            (:mod:`caer_fast.serving.engines`); None: the loaded model itself (``engine_name`` "eager").
+            (:mod:`caer_fast.serving.engines`); None: the ``eager`` engine of the loaded model.
         stream_chunk: model inputs per chunk of the streaming pipeline (clips for the video model,
             frames for the image model; default: 4 clips / ``batch_size`` frames).
 
@@ -198,6 +199,7 @@ class Predictor:
         self._batch_size = max(1, int(batch_size))
         self._max_frame_pixels, self._max_pixels = max_frame_pixels, max_pixels
         self._engine = engine
+        self._eager = TorchEngine(self._model)  # what runs without an engine: slices big CPU batches like one
         self._stream_chunk = max(1, int(stream_chunk)) if stream_chunk else (
             min(4, self._batch_size) if self.is_video_model else self._batch_size)
         self._preprocessor = Preprocessor(self._face_size, self._context_size, self._crop, self._clip_frames,
@@ -242,8 +244,8 @@ class Predictor:
 
     @property
     def engine(self) -> Callable:
-        """What :meth:`forward` calls: the engine passed in, else the loaded model."""
-        return self._engine if self._engine is not None else self._model
+        """What :meth:`forward` calls: the engine passed in, else the ``eager`` engine of the loaded model."""
+        return self._engine if self._engine is not None else self._eager
 
     @property
     def engine_name(self) -> str:

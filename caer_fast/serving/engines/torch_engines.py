@@ -12,11 +12,16 @@ from .base import BuildContext, Engine, register_engine
 class TorchEngine(Engine):
     """``eager`` (the model) or ``compiled`` (:func:`caer_fast.optimize`), under ``inference_mode``."""
 
-    sliced = False  # the caller's batch as it comes: on a GPU, slices would leave it idle
-
     def __init__(self, model: nn.Module, compiled: bool = False):
         super().__init__("compiled" if compiled else "eager")
         self.model = optimize(model, "inference") if compiled else model.eval()
+
+    @property
+    def sliced(self) -> bool:
+        """On the CPU a big batch runs in slices like every engine (a call's peak grows with its batch); on a
+        GPU the caller's batch as it comes (slices would leave it idle)."""
+        weight = next(self.model.parameters(), None)
+        return weight is None or weight.device.type == "cpu"
 
     def run(self, face, context):
         with torch.inference_mode():
