@@ -157,31 +157,41 @@ def test_quantizing_in_the_background_leaves_the_answer_on_stdout(capfd):
     assert out == '{"emotion": "Happy"}\n' and "progress bar" in err and "progress refresh" in err
 
 
+def _write_calibration_pt(demo_root, path, offset=0):
+    """calibration.pt of 16 demo clips at the test checkpoints' sizes (``offset``: other clips)."""
+    from caer_fast.testing.serving import TINY_VIDEO_ARGS
+
+    a = TINY_VIDEO_ARGS
+    sizes = dict(clip_frames=a["clip_frames"], face_size=tuple(a["face_size"]), context_size=tuple(a["context_size"]),
+                 crop=a["crop"])
+    return cal.save_calibration_sample(path, cal.video_calibration_batches(demo_root, 16, offset=offset, **sizes))
+
+
+def _build_int8_from(model, path, cache_dir, out=None):
+    """The int8 engine (guard off) the way `predict --engine int8` builds it from calibration.pt."""
+    from caer_fast.serving.engines import build_engine
+
+    return build_engine(model, "int8", face_shape=(3, 8, 48, 48), context_shape=(3, 8, 56, 56), batch_sizes=(1,),
+                        calibration=path, cache_dir=cache_dir, min_agreement=0.0, out=out)
+
+
 def test_warm_start_finds_the_int8_entry_without_reading_calibration_pt(demo_root, tmp_path, monkeypatch):
     """The cache remembers calibration.pt's digest by the file's size, mtime and inode: a second build loads the
     int8 model without reading the clips (~130 MiB for the full-size model); a touched file is read and digested
     again (same clips: still the cached model); other clips quantize again."""
     import os
 
-    from caer_fast.serving.engines import build_engine
     from caer_fast.serving.engines import int8 as int8_engine
-    from caer_fast.testing.serving import TINY_VIDEO_ARGS
 
     model = trained_model("caer", steps=3)[0]
-    a = TINY_VIDEO_ARGS
-    sizes = dict(clip_frames=a["clip_frames"], face_size=tuple(a["face_size"]), context_size=tuple(a["context_size"]),
-                 crop=a["crop"])
-    path = cal.save_calibration_sample(tmp_path / cal.CALIBRATION_FILE, cal.video_calibration_batches(demo_root, 16,
-                                                                                                      **sizes))
+    path = _write_calibration_pt(demo_root, tmp_path / cal.CALIBRATION_FILE)
     reads = []
     load = int8_engine.load_calibration_sample
     monkeypatch.setattr(int8_engine, "load_calibration_sample", lambda *args, **kw: reads.append(1) or load(*args, **kw))
-    fs, cs = (3, 8, 48, 48), (3, 8, 56, 56)
 
     def build():
         reads.clear()
-        return build_engine(model, "int8", face_shape=fs, context_shape=cs, batch_sizes=(1,), calibration=path,
-                            cache_dir=tmp_path / "cache", min_agreement=0.0)
+        return _build_int8_from(model, path, tmp_path / "cache")
 
     first = build()
     assert first.info["loaded_from_cache"] is False and reads == [1]
@@ -193,8 +203,32 @@ def test_warm_start_finds_the_int8_entry_without_reading_calibration_pt(demo_roo
     third = build()
     assert third.info["loaded_from_cache"] is True and reads == [1]
     assert third.info["calibration_digest"] == first.info["calibration_digest"]
-    cal.save_calibration_sample(path, cal.video_calibration_batches(demo_root, 16, offset=1, **sizes))  # other clips
+    _write_calibration_pt(demo_root, path, offset=1)  # other clips
     fourth = build()
     assert fourth.info["loaded_from_cache"] is False and reads == [1]
     assert fourth.info["calibration_digest"] != first.info["calibration_digest"]
     assert fourth.info["guard"]["n"] > 0 and first.info["guard"]["n"] > 0  # each build guarded its own clips
+
+
+def test_a_damaged_int8_blob_is_compiled_again_and_recorded(demo_root, tmp_path):
+    """A warm start that finds OpenVINO's compiled int8 blob damaged removes it and compiles the cached IR again;
+    the new blob is recorded, so the next start trusts it instead of warning and compiling once more."""
+    import io
+
+    model = trained_model("caer", steps=3)[0]
+    path = _write_calibration_pt(demo_root, tmp_path / cal.CALIBRATION_FILE)
+
+    def build():
+        out = io.StringIO()
+        return _build_int8_from(model, path, tmp_path / "cache", out=out), out.getvalue()
+
+    first, _ = build()
+    blobs = [f for f in (tmp_path / "cache").rglob("openvino-int8/*") if f.is_file()]
+    assert first.info["loaded_from_cache"] is False and blobs, "OpenVINO wrote no compiled int8 model into the cache"
+    for b in blobs:
+        b.write_bytes(b"not a compiled model" * 4)
+    second, said = build()
+    assert second.info["loaded_from_cache"] is True and "rebuilding it" in said, said
+    assert [f for f in (tmp_path / "cache").rglob("openvino-int8/*") if f.is_file()], "no blob compiled again"
+    third, said = build()
+    assert third.info["loaded_from_cache"] is True and "warning" not in said, said

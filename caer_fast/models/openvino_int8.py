@@ -98,6 +98,15 @@ def compile_int8(model, threads: Optional[int] = None, cache_dir=None):
     return core.compile_model(source, "CPU", config)
 
 
+def loaded_from_cache(compiled) -> Optional[bool]:
+    """Whether OpenVINO loaded ``compiled`` from its CACHE_DIR instead of compiling it (None where this
+    OpenVINO lacks the property)."""
+    try:
+        return bool(compiled.get_property("LOADED_FROM_CACHE"))
+    except Exception:
+        return None
+
+
 class OpenVinoInt8Engine(nn.Module):
     """The int8 model as an engine: ``run(face, context) -> (logits, attention, fusion_weights)`` torch
     tensors; called like the model (``forward(face, context, return_details=False)``). ``info`` says what

@@ -30,7 +30,8 @@ import torch.nn as nn
 
 from ...data.calibration import calibration_batches, load_calibration_sample, video_calibration_batches
 from ...models.caer_net import CAERNet
-from ...models.openvino_int8 import MIN_AGREEMENT, OpenVinoInt8Engine, compile_int8, int8_guard, quantize_openvino_int8
+from ...models.openvino_int8 import (MIN_AGREEMENT, OpenVinoInt8Engine, compile_int8, int8_guard, loaded_from_cache,
+                                     quantize_openvino_int8)
 from ...models.quantize import QuantizationUnavailable, check_quantizable, quantize_int8
 from .base import BuildContext, Engine, EngineError, register_engine, release_memory
 from .cache import write_json_atomic
@@ -183,7 +184,10 @@ def _cached_int8(ctx: BuildContext, digest: str, min_agreement: float):
     report = json.loads(report_file.read_text())
     if not report["guard"]["ok"] or report["guard"]["agreement"] < min_agreement:
         return None  # a stricter threshold now: guard again
-    inner = OpenVinoInt8Engine(compile_int8(xml, ctx.threads, blobs), threads=ctx.threads)
+    compiled = compile_int8(xml, ctx.threads, blobs)
+    if not loaded_from_cache(compiled):
+        man.record(blobs)  # compiled again (a damaged blob was removed, other threads): trusted at the next start
+    inner = OpenVinoInt8Engine(compiled, threads=ctx.threads)
     inner.info.update(guard=report["guard"], quantize_s=report.get("quantize_s"))
     return inner
 

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from ...models.openvino_int8 import loaded_from_cache
 from .base import BuildContext, Engine, EngineError, need_package, onnx_feed, register_engine
 
 
@@ -36,12 +37,8 @@ class OpenVinoEngine(Engine):
         self.request = self.compiled.create_infer_request()
         self.outputs = list(self.compiled.outputs)
         self._lock = threading.Lock()  # one infer request: one call at a time
-        try:
-            from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE"))
-        except Exception:  # a property this OpenVINO does not have
-            from_cache = None
         self.info.update(onnx=str(onnx_path), cache_dir=str(cache_dir) if cache_dir else None, threads=threads,
-                         loaded_from_cache=from_cache, session_s=round(time.perf_counter() - t, 3),
+                         loaded_from_cache=loaded_from_cache(self.compiled), session_s=round(time.perf_counter() - t, 3),
                          version=ov.get_version())
 
     def run(self, face, context):
