@@ -26,6 +26,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from .media import write_clip
+
 W, H, FPS, SECONDS = 640, 360, 10, 15
 N_FRAMES = FPS * SECONDS
 
@@ -149,8 +151,6 @@ def write_people_video(path, codec: str = "h264", seconds: float = SECONDS, fps:
     """Render and encode the clip (PyAV, ``codec`` h264 or mjpeg, 640×360, ``fps``, ``seconds``; frame by
     frame, so a 10-minute one needs no more memory than 15 s); returns ``(path, truth, partial)`` as
     :func:`render` describes them."""
-    from caer_fast.testing.media import write_clip
-
     options = {"crf": "18", "preset": preset} if codec in ("h264", "libx264") else None
     full, partial = [], []
 
