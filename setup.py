@@ -1,9 +1,9 @@
 """Build and install caer_fast.
 
 Install with ``pip install --no-build-isolation -e .`` (build isolation would pull a CUDA torch).
-The extension ``caer_fast._C`` (the op schemas, csrc/ops.cpp, their autograd formulas, csrc/autograd.cpp, and
-the CPU kernels, csrc/cpu/*.cpp) is built on every machine; importing it registers the ops with torch. The CUDA kernels (csrc/cuda/*.cu)
-are compiled in only where a CUDA build of torch and nvcc exist; set
+The extension ``caer_fast._C`` (the op schemas, csrc/ops.cpp, their autograd formulas, csrc/autograd.cpp,
+and the CPU kernels, csrc/cpu/*.cpp) is built on every machine; importing it registers the ops with torch.
+The CUDA kernels (csrc/cuda/*.cu) are compiled in only where a CUDA build of torch and nvcc exist; set
 ``CAER_FAST_BUILD_CUDA=0`` to skip them, ``CAER_FAST_BUILD_EXT=0`` to build no extension at all.
 """
 import glob
